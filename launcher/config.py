@@ -1,0 +1,219 @@
+"""One typed run configuration, merged once: dataclass defaults <- YAML file <- CLI ``key=value``.
+
+Unknown keys and wrong types fail naming the key; the resolved config is written into the run
+directory, and the DeepSpeed JSON is derived from it (never edited by hand beside it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_pipeline.config import DataConfig
+from models.config import ConfigError, ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps in the whole run
+    micro_batch_size: int = 8  # sequences per rank per forward
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    zero_stage: int = 1
+    precision: str = "auto"  # auto: bf16 on GPUs that support it, fp32 elsewhere
+    log_every: int = 1
+    eval_every: int = 100  # 0: never
+    eval_batches: int = 4  # micro-batches per rank per evaluation
+    save_every: int = 100  # 0: only at the end
+    keep_checkpoints: int = 3  # newest N kept on disk
+
+    def validate(self) -> None:
+        for name in ("steps", "micro_batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be 'auto', 'fp32' or 'bf16', got '{self.precision}'")
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel sizes; data parallelism takes the rest of the world size."""
+
+    tensor: int = 1
+    pipeline: int = 1
+
+    def validate(self) -> None:
+        for name in ("tensor", "pipeline"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"parallel.{name} must be a positive integer, got {getattr(self, name)}")
+
+    def check_world(self, world_size: int) -> int:
+        """Return the data-parallel size, or raise ConfigError if the sizes do not divide the world."""
+        model_parallel = self.tensor * self.pipeline
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"parallel.tensor ({self.tensor}) x parallel.pipeline ({self.pipeline}) = {model_parallel} "
+                f"does not divide the world size {world_size}; expected a world size that is a multiple of it"
+            )
+        if model_parallel > 1:
+            raise ConfigError(
+                f"parallel.tensor={self.tensor}, parallel.pipeline={self.pipeline}: tensor and pipeline "
+                "parallelism are not available yet (tracked in issue 5); set both to 1"
+            )
+        return world_size // model_parallel
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    run_dir: str = ""  # empty: runs/<name>
+    seed: int = 1234
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name must be a non-empty string without '/', got '{self.name}'")
+        self.model.validate()
+        self.train.validate()
+        self.parallel.validate()
+        if self.data.seq_len <= 0:
+            raise ConfigError(f"data.seq_len must be a positive integer, got {self.data.seq_len}")
+        if self.data.vocab_size < 64:
+            raise ConfigError(f"data.vocab_size must be at least 64, got {self.data.vocab_size}")
+        if not 0.0 <= self.data.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        if self.model.vocab_size and self.model.vocab_size < self.data.vocab_size and not self.data.tokenizer:
+            raise ConfigError(
+                f"model.vocab_size ({self.model.vocab_size}) is smaller than data.vocab_size "
+                f"({self.data.vocab_size}); expected model.vocab_size >= data.vocab_size, or 0 to match"
+            )
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` if it fits ``annotation`` (ints pass as floats), else raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        return [_check_type(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _check_type(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} must be {annotation}, got {type(value).__name__} {value!r}")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"{key} must be int, got bool {value!r}")
+    if annotation is str and value is None:
+        return ""
+    if not isinstance(value, annotation):
+        raise ConfigError(f"{key} must be {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(obj: Any, values: dict, prefix: str, source: str) -> None:
+    """Set fields of dataclass ``obj`` from ``values``, recursing into nested dataclasses."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'} in {source} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{full}' in {source}{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{full}.", source)
+        else:
+            setattr(obj, key, _check_type(full, value, hints[key]))
+
+
+def parse_override(text: str) -> dict:
+    """``'train.steps=10'`` -> ``{'train': {'steps': 10}}`` with the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. train.steps=10")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: dict = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults <- YAML at ``path`` <- ``overrides``; validated. Raises ConfigError on any problem."""
+    cfg = RunConfig()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(
+                f"config file '{path}' does not exist; expected a YAML file such as configs/debug_hybrid.yaml"
+            )
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        _merge(cfg, values, "", path)
+    for text in overrides:
+        _merge(cfg, parse_override(text), "", f"override '{text}'")
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg: RunConfig, run_dir: Path) -> Path:
+    """Write the fully resolved config next to the run's outputs, so a run can be reproduced from it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.yaml"
+    out.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return out

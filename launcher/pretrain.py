@@ -1,0 +1,170 @@
+"""Pretrain a language model: ``deepspeed launcher/pretrain.py --config configs/debug_hybrid.yaml``.
+
+Reads like a table of contents: load config -> start process groups -> build data -> build model
+-> wrap in the DeepSpeed engine -> loop. Each step lives in its own library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+from pathlib import Path
+
+from data_pipeline.errors import DataError
+from launcher.config import RunConfig, load_config, save_resolved
+from models.config import ConfigError
+
+USER_ERRORS = (ConfigError, DataError)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Pretrain a hybrid H3-attention (or other pattern) language model with DeepSpeed.",
+        epilog="Example: deepspeed --num_gpus 2 launcher/pretrain.py --config configs/debug_hybrid.yaml "
+        "train.steps=50 model.layers=HAHH",
+    )
+    parser.add_argument("--config", help="YAML config (see configs/); defaults apply when omitted")
+    parser.add_argument("--data", help="shorthand for data.path=...: .jsonl.zst files/globs, a PG-19 folder or "
+                        ".txt files, comma-separated; omitted: the embedded standard-library corpus")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run dir that already has checkpoints (they are deleted)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print parameter count and per-rank memory estimate, allocate nothing, exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --dry-run: ranks to estimate for (default: WORLD_SIZE or 1)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.steps=10")
+    return parser.parse_args(argv)
+
+
+def dry_run(cfg: RunConfig, world_size: int) -> None:
+    """Shapes only: build the model on the meta device and account memory per rank."""
+    from models.lm import count_parameters
+    from parallel.engine import resolve_precision
+    from training.memory import estimate_memory, format_bytes
+
+    dp = cfg.parallel.check_world(world_size)
+    vocab = cfg.model.vocab_size or cfg.data.vocab_size
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
+    n = count_parameters(model_cfg)
+    precision = resolve_precision(cfg.train.precision)
+    mem = estimate_memory(n, model_cfg, cfg.train, cfg.data.seq_len, vocab, dp, precision)
+    print(f"config: {cfg.name}  layers: {cfg.model.layers}  d_model: {cfg.model.d_model}  vocab: {vocab}")
+    print(f"parameters: {n:,} ({n / 1e6:.1f}M)")
+    print(f"per-rank memory estimate ({world_size} ranks, DP={dp}, ZeRO-{cfg.train.zero_stage}, {precision}, "
+          f"micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens):")
+    for key, value in mem.items():
+        print(f"  {key:<18}{format_bytes(value):>12}")
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    """Check the run dir against --resume/--overwrite (main rank) before anything is written."""
+    from training.checkpoint import latest_tag
+
+    run_dir = cfg.run_path
+    ckpt = run_dir / "checkpoints"
+    has_ckpt = latest_tag(ckpt) is not None
+    if resume and not has_ckpt:
+        raise ConfigError(f"--resume given but {ckpt} holds no checkpoint; run without --resume to start")
+    if not resume and has_ckpt:
+        if not overwrite:
+            raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue, --overwrite to "
+                              "start afresh, or choose another run_dir=... / name=...")
+        shutil.rmtree(ckpt)
+        for stale in ("metrics.jsonl", "summary.json", "loss.png", "throughput.png", "tensorboard"):
+            path = run_dir / stale
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    save_resolved(cfg, run_dir)
+    return run_dir
+
+
+def train(cfg: RunConfig, resume: bool, overwrite: bool) -> dict:
+    import torch
+
+    from data_pipeline import PreparedData, RankBatches, eval_batches, prepare_data
+    from models.lm import LanguageModel
+    from parallel import engine as ds_engine
+    from parallel import groups
+    from training import checkpoint, loop
+    from training.optimizer import param_groups, warmup_cosine
+
+    ctx = groups.initialize(cfg.parallel)
+    try:
+        run_dir = groups.run_on_main(lambda: prepare_run_dir(cfg, resume, overwrite), user_errors=USER_ERRORS)
+        data_dir = run_dir / "data"
+        groups.run_on_main(lambda: prepare_data(cfg.data, data_dir), user_errors=USER_ERRORS)
+        data = PreparedData.load(data_dir)
+
+        model_cfg = cfg.model
+        if model_cfg.vocab_size == 0:
+            model_cfg.vocab_size = data.vocab_size
+        elif model_cfg.vocab_size < data.vocab_size:
+            raise ConfigError(f"model.vocab_size ({model_cfg.vocab_size}) is smaller than the tokenizer's "
+                              f"vocabulary ({data.vocab_size}); expected >= {data.vocab_size} or 0")
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = LanguageModel(model_cfg)
+
+        t = cfg.train
+        engine = ds_engine.initialize(
+            model,
+            param_groups(model, t.lr, t.weight_decay),
+            ds_engine.deepspeed_config(t, ctx.dp_size),
+            warmup_cosine(t.warmup_steps, t.steps, t.min_lr_ratio),
+        )
+        batches = RankBatches(data.train, t.micro_batch_size, ctx.dp_rank, ctx.dp_size, cfg.seed)
+        val = list(eval_batches(data.val, t.micro_batch_size, ctx.dp_rank, ctx.dp_size, t.eval_batches))
+        start_step = start_tokens = 0
+        if resume:
+            state = checkpoint.load(engine, run_dir / "checkpoints")
+            start_step, start_tokens = state["step"], state["tokens"]
+            batches.load_state_dict(state["data"])
+            if ctx.is_main:
+                print(f"resumed from step {start_step} ({run_dir / 'checkpoints'})", flush=True)
+        if ctx.is_main:
+            n = sum(p.numel() for p in model.parameters())
+            print(f"model: {n / 1e6:.2f}M parameters, layers '{model_cfg.layers}'; data: {len(data.train)} train "
+                  f"sequences of {cfg.data.seq_len} tokens; ranks: {ctx.world_size} (DP={ctx.dp_size}) on "
+                  f"{ctx.device.type}; run dir: {run_dir}", flush=True)
+        settings = loop.LoopSettings(
+            steps=t.steps, grad_accum=t.grad_accum, log_every=t.log_every, eval_every=t.eval_every,
+            eval_batches=t.eval_batches, save_every=t.save_every, keep_checkpoints=t.keep_checkpoints,
+            tokens_per_step=t.micro_batch_size * t.grad_accum * cfg.data.seq_len * ctx.dp_size,
+        )
+        summary = loop.run(engine, batches, val, settings, run_dir, ctx.is_main, groups.data_parallel_group(),
+                           start_step, start_tokens)
+        if ctx.is_main and summary["first_loss"] is not None:
+            print(f"done: step {summary['final_step']}, loss {summary['first_loss']:.3f} -> "
+                  f"{summary['last10_mean_loss']:.3f} (mean of last 10); outputs in {run_dir}", flush=True)
+        return summary
+    finally:
+        groups.destroy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from parallel.groups import PeerFailed, launched_rank
+
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.dry_run:
+            import os
+
+            if launched_rank() == 0:
+                dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", 1)))
+            return 0
+        train(cfg, args.resume, args.overwrite)
+        return 0
+    except USER_ERRORS as e:
+        if launched_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except PeerFailed:
+        return 1  # rank 0 printed the traceback
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Model hyper-parameters: one typed dataclass, validated once, shared by every model family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message names the field and what was expected."""
+
+
+@dataclass
+class ModelConfig:
+    """Shapes of a language model built from a layer pattern.
+
+    `layers` is the hybrid stack as one string, one symbol per layer (see `models.pattern`), with
+    `|` marking pipeline-stage cuts; `ffn` gives the per-layer feed-forward kind (`D` dense MLP),
+    empty meaning all dense.
+    """
+
+    vocab_size: int = 0  # 0: take the tokenizer's vocabulary size at training time
+    d_model: int = 256
+    n_heads: int = 4  # attention heads
+    layers: str = "HHAH"
+    ffn: str = ""
+    d_ffn: int = 0  # 0: 4 * d_model
+    max_seq_len: int = 2048  # longest sequence attention caches and rotary tables must hold
+    rotary_dim: int = 0  # 0: no positional encoding in attention (H3 layers carry position)
+    h3_d_state: int = 64  # state size of the H3 shift and diagonal SSMs
+    h3_head_dim: int = 1  # H3 multi-head size; 1 is the paper's released models
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ffn or 4 * self.d_model
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first inconsistent field."""
+        from models.pattern import parse_pattern
+
+        for name in ("d_model", "n_heads", "h3_d_state", "h3_head_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.vocab_size < 0:
+            raise ConfigError(f"model.vocab_size must be >= 0 (0 = from tokenizer), got {self.vocab_size}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})"
+            )
+        if self.d_model % self.h3_head_dim:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be divisible by model.h3_head_dim ({self.h3_head_dim})"
+            )
+        if self.rotary_dim % 2 or self.rotary_dim > self.d_model // self.n_heads:
+            raise ConfigError(
+                f"model.rotary_dim must be even and at most the head size {self.d_model // self.n_heads}, "
+                f"got {self.rotary_dim}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        parse_pattern(self.layers, self.ffn)

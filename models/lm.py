@@ -1,0 +1,115 @@
+"""Decoder-only language model over a hybrid stack of mixers, e.g. H3 with a few attention layers.
+
+token embedding -> Block x n_layers (from the ``cfg.layers`` pattern) -> LayerNorm -> LM head.
+There is no positional embedding: H3's shift and diagonal SSMs are causal convolutions and so
+already encode order; attention layers may add rotary embeddings (``cfg.rotary_dim``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.block import Block
+from models.config import ConfigError, ModelConfig
+from models.pattern import parse_pattern
+from models.registry import build_ffn, build_mixer
+from parallel.linear import column_linear
+
+IGNORE_INDEX = -100
+RESIDUAL_OUT_PROJECTIONS = ("out_proj.weight", "down_proj.weight")  # weights that write into the residual stream
+
+
+class LanguageModel(nn.Module):
+    """Causal LM: ``forward(input_ids (B, L), labels=None)``; generation via ``allocate_state``/``step``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        if cfg.vocab_size <= 0:
+            raise ConfigError(
+                f"model.vocab_size must be set (> 0) to build a LanguageModel, got {cfg.vocab_size}; "
+                "take it from the tokenizer before building"
+            )
+        self.cfg = cfg
+        self.plan = parse_pattern(cfg.layers, cfg.ffn)
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Block(
+                build_mixer(layer.mixer, cfg, i),
+                build_ffn(layer.ffn, cfg, i),
+                nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps),
+                nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps),
+                dropout=cfg.dropout,
+            )
+            for i, layer in enumerate(self.plan.layers)
+        )
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        # Tied: the head reuses the embedding matrix (saves V x D parameters, GPT-2 practice).
+        self.lm_head = None if cfg.tie_embeddings else column_linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: projections and embedding ~ N(0, init_std), biases 0, residual outputs / sqrt(2 n_layers).
+
+        Also the way to materialise a model built on the meta device: ``to_empty(device=...)`` then this.
+        Submodules (norms, SSMs) first apply their own init; projections are then overwritten.
+        """
+        std = self.cfg.init_std
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, std=std)
+                    if getattr(module, "bias", None) is not None:
+                        nn.init.zeros_(module.bias)
+            # Each layer adds two branches to the residual stream; this keeps its variance O(1) with depth.
+            residual_std = std / math.sqrt(2 * len(self.blocks))
+            for name, p in self.named_parameters():
+                if name.endswith(RESIDUAL_OUT_PROJECTIONS):
+                    nn.init.normal_(p, std=residual_std)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm(h)
+        return F.linear(h, self.embedding.weight) if self.lm_head is None else self.lm_head(h)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (B, L) token ids.
+
+        Returns logits (B, L, V) when `labels` is None; otherwise the mean fp32 cross-entropy over
+        positions whose label is not -100. `labels` (B, L) is aligned with the logits: labels[:, t] is
+        the token to predict after input_ids[:, t] (the data pipeline does the shift).
+        """
+        h = self.drop(self.embedding(input_ids))  # (B, L, D)
+        for block in self.blocks:
+            h = block(h)
+        logits = self._logits(h)  # (B, L, V)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    def allocate_state(
+        self, batch_size: int, max_len: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> list:
+        """Per-block recurrent states for generating up to `max_len` tokens."""
+        return [block.allocate_state(batch_size, max_len, device=device, dtype=dtype) for block in self.blocks]
+
+    def step(self, input_ids: torch.Tensor, state: list) -> torch.Tensor:
+        """input_ids: (B,) the next token per sequence -> logits (B, V) for the token after it."""
+        h = self.drop(self.embedding(input_ids))  # (B, D)
+        for block, block_state in zip(self.blocks, state):
+            h = block.step(h, block_state)
+        return self._logits(h)
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Number of distinct parameters (tied weights once), counted on the meta device without allocating."""
+    with torch.device("meta"):
+        model = LanguageModel(cfg)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,79 @@
+"""H3: Hungry Hungry Hippos (Fu et al. 2023), the SSM layer that recalls and compares tokens.
+
+    q, k, v = W_q x, W_k x, W_v x                   (column projections)
+    k       = ShiftSSM(k)                            remember the last few keys
+    kv      = k ⊙ v   (per head: outer product k vᵀ)  bind keys to values
+    y       = q ⊙ DiagonalSSM(kv)                    read the long memory with the query
+    out     = W_o y                                  (row projection)
+
+Like linear attention with a shift and a decay: the diagonal SSM accumulates kv over the whole
+past, the query reads it out. With head_dim d > 1 each head keeps a d x d memory; channel layouts
+follow the reference code (HazyResearch/H3, ``src/models/ssm/h3.py``): input channel c = h*d + i,
+output channel c = j*H + h.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig
+from models.mixers.ssm import DiagonalSSM, ShiftSSM
+from parallel.linear import column_linear, row_linear
+
+
+class H3(nn.Module):
+    """H3 mixer: ``forward(x (B, L, D)) -> (B, L, D)``; recurrent ``allocate_state``/``step``."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.d_model, self.head_dim = cfg.d_model, cfg.h3_head_dim
+        self.n_heads = cfg.d_model // cfg.h3_head_dim
+        self.q_proj = column_linear(self.d_model, self.d_model)
+        self.k_proj = column_linear(self.d_model, self.d_model)
+        self.v_proj = column_linear(self.d_model, self.d_model)
+        self.shift_ssm = ShiftSSM(self.d_model, cfg.h3_d_state)
+        self.diag_ssm = DiagonalSSM(self.n_heads, cfg.h3_d_state)
+        self.out_proj = row_linear(self.d_model, self.d_model)
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, D, ...) -> (B, d, H, ...): channel h*d + i goes to [i, h]."""
+        B, _, *rest = t.shape
+        return t.reshape(B, self.n_heads, self.head_dim, *rest).transpose(1, 2)  # (B, d, H, ...)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, D) -> (B, L, D)."""
+        B, L, _ = x.shape
+        d, H = self.head_dim, self.n_heads
+        q, k, v = (proj(x).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, D, L)
+        k = self.shift_ssm(k)  # (B, D, L)
+        kv = self._split(k).unsqueeze(2) * self._split(v).unsqueeze(1)  # (B, d_i, d_j, H, L)
+        y = self.diag_ssm(kv.reshape(B * d * d, H, L)).view(B, d, d, H, L)  # (B, d_i, d_j, H, L)
+        y = (y * self._split(q).unsqueeze(2)).sum(1)  # (B, d_j, H, L): sum_i q_i (kv memory)_ij
+        y = y.reshape(B, self.d_model, L).transpose(1, 2)  # (B, L, D)
+        return self.out_proj(y)
+
+    def allocate_state(
+        self, batch_size: int, max_len: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> dict:
+        """Recurrent state, constant in sequence length (`max_len` is accepted for a uniform interface).
+
+        shift: (B, D, N) last N keys; diag: (B, d, d, H, N/2) complex memory of kv.
+        """
+        device = device or self.q_proj.weight.device
+        d = self.head_dim
+        return {
+            "shift": self.shift_ssm.allocate_state(batch_size, device=device, dtype=dtype),
+            "diag": self.diag_ssm.allocate_state((batch_size, d, d), device=device),
+        }
+
+    def step(self, x_t: torch.Tensor, state: dict) -> torch.Tensor:
+        """x_t: (B, D) -> y_t: (B, D); replaces the entries of `state` with the next state."""
+        B = x_t.shape[0]
+        q, k, v = self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t)  # (B, D)
+        k, state["shift"] = self.shift_ssm.step(k, state["shift"])
+        kv = self._split(k).unsqueeze(2) * self._split(v).unsqueeze(1)  # (B, d_i, d_j, H)
+        y, state["diag"] = self.diag_ssm.step(kv, state["diag"])  # (B, d_i, d_j, H)
+        y = (y * self._split(q).unsqueeze(2)).sum(1)  # (B, d_j, H)
+        return self.out_proj(y.reshape(B, self.d_model))

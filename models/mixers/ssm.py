@@ -1,0 +1,146 @@
+"""The two state-space models inside H3 (Fu et al. 2023, "Hungry Hungry Hippos", Sec. 3).
+
+Both are linear time-invariant SSMs ``x_t = A x_{t-1} + B u_t, y_t = C x_t + D u_t`` run
+independently per channel. Training evaluates them as a causal convolution with the kernel
+``K[l] = C A^l B`` (via ``kernels.fftconv``); generation runs the recurrence one step at a time.
+
+- ``ShiftSSM``: A is the shift matrix and B = e1, so the state is the last N inputs and the kernel
+  is just C (a learnable causal filter of length N). It lets H3 compare tokens with their recent past.
+- ``DiagonalSSM``: A is diagonal complex (S4D-Lin init), discretised with zero-order hold, so the
+  state is an exponentially decaying, oscillating summary of the whole past (the "memory").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.fftconv import fftconv
+
+SSM_OPTIM = {"weight_decay": 0.0, "lr": 1e-3}  # S4 recipe: A and dt train slowly and without decay
+DT_MIN, DT_MAX = 1e-3, 1e-1
+
+
+def _real_dtype(t: torch.Tensor) -> torch.dtype:
+    """SSM kernels and states need at least fp32: A^l over thousands of steps loses bf16 precision."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _expm1(z: torch.Tensor) -> torch.Tensor:
+    """exp(z) - 1 for complex z without cancellation: |dt A| is ~1e-3, where exp(z) - 1 loses 3 digits in fp32."""
+    a, b = z.real, z.imag
+    real = torch.expm1(a) * torch.cos(b) - 2 * torch.sin(b / 2) ** 2
+    return torch.complex(real, torch.exp(a) * torch.sin(b))
+
+
+class ShiftSSM(nn.Module):
+    """Shift SSM: A = shift matrix, B = e1 (fixed), learnable C (H, N), skip D (H,).
+
+    With B = e1 the state after step t is (u_t, u_{t-1}, ..., u_{t-N+1}), so y_t = sum_n C_n u_{t-n}:
+    the convolution kernel is C itself, zero beyond length N. B and A are therefore not stored.
+    """
+
+    def __init__(self, channels: int, d_state: int) -> None:
+        super().__init__()
+        self.channels, self.d_state = channels, d_state
+        self.C = nn.Parameter(torch.empty(channels, d_state))
+        self.D = nn.Parameter(torch.empty(channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # As the reference code: C like a Conv1d weight of fan-in N (kaiming_uniform, a=sqrt(5)), D ~ N(0, 1).
+        bound = 1.0 / math.sqrt(self.d_state)
+        with torch.no_grad():
+            nn.init.uniform_(self.C, -bound, bound)
+            nn.init.normal_(self.D)
+
+    def kernel(self, length: int) -> torch.Tensor:
+        """Convolution kernel K[l] = C A^l B = C[:, l], cut or zero-padded to `length`: (H, length)."""
+        return F.pad(self.C, (0, max(0, length - self.d_state)))[:, :length]
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u: (B, H, L) -> y: (B, H, L)."""
+        return fftconv(u, self.kernel(u.shape[-1]), self.D)
+
+    def allocate_state(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Zero state (B, H, N): the last N inputs, most recent first."""
+        return torch.zeros(
+            batch_size, self.channels, self.d_state, device=device or self.C.device, dtype=dtype or self.C.dtype
+        )
+
+    def step(self, u_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u_t: (B, H), state: (B, H, N) -> (y_t (B, H), next state (B, H, N))."""
+        state = torch.cat([u_t.unsqueeze(-1).to(state.dtype), state[..., :-1]], dim=-1)  # x = A x + B u
+        y_t = (state * self.C).sum(-1) + self.D * u_t
+        return y_t.to(u_t.dtype), state
+
+
+class DiagonalSSM(nn.Module):
+    """Diagonal complex SSM (S4D), one per channel, with N/2 complex modes standing for N real states.
+
+    Modes come in conjugate pairs, so only half are stored and the output is 2 Re(C x). The input
+    matrix B is folded into C (only their product enters the kernel and the recurrence).
+    Parameters: log_dt (H,), A as log(-Re A) (H, N/2) and Im A (H, N/2), C as (re, im) (H, N/2, 2), D (H,).
+    """
+
+    def __init__(self, channels: int, d_state: int) -> None:
+        super().__init__()
+        if d_state < 2:
+            raise ValueError(f"DiagonalSSM needs d_state >= 2 (conjugate pairs), got {d_state}")
+        self.channels, self.n_modes = channels, d_state // 2
+        self.log_dt = nn.Parameter(torch.empty(channels))
+        self.log_A_real = nn.Parameter(torch.empty(channels, self.n_modes))  # Re A = -exp(.) stays negative: stable
+        self.A_imag = nn.Parameter(torch.empty(channels, self.n_modes))
+        self.C = nn.Parameter(torch.empty(channels, self.n_modes, 2))
+        self.D = nn.Parameter(torch.empty(channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # S4D-Lin: A_n = -1/2 + i*pi*n; dt log-uniform in [DT_MIN, DT_MAX]; C ~ complex N(0, 1); D ~ N(0, 1).
+        with torch.no_grad():
+            nn.init.uniform_(self.log_dt, math.log(DT_MIN), math.log(DT_MAX))
+            nn.init.constant_(self.log_A_real, math.log(0.5))
+            n = torch.arange(self.n_modes, device=self.A_imag.device, dtype=self.A_imag.dtype)
+            self.A_imag.copy_(math.pi * n.expand_as(self.A_imag))
+            nn.init.normal_(self.C, std=math.sqrt(0.5))
+            nn.init.normal_(self.D)
+        for p in (self.log_dt, self.log_A_real, self.A_imag):
+            p._optim = dict(SSM_OPTIM)  # re-attached here so a meta-built model keeps them after to_empty()
+
+    def discretize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Zero-order hold: dA = exp(dt A), dB = (exp(dt A) - 1) / A. Returns (dtA, dB, C), each complex (H, N/2)."""
+        dtype = _real_dtype(self.log_dt)
+        dt = self.log_dt.to(dtype).exp().unsqueeze(-1)  # (H, 1)
+        A = torch.complex(-self.log_A_real.to(dtype).exp(), self.A_imag.to(dtype))  # (H, N/2)
+        dtA = dt * A
+        dB = _expm1(dtA) / A
+        C = torch.view_as_complex(self.C.to(dtype).contiguous())  # (H, N/2)
+        return dtA, dB, C
+
+    def kernel(self, length: int) -> torch.Tensor:
+        """K[l] = 2 Re(sum_n C_n dB_n exp(dtA_n l)), l = 0 .. length-1: (H, length) in fp32 (fp64 for fp64 params)."""
+        dtA, dB, C = self.discretize()
+        steps = torch.arange(length, device=dtA.device, dtype=dtA.real.dtype)
+        vandermonde = torch.exp(dtA.unsqueeze(-1) * steps)  # (H, N/2, L)
+        return 2 * torch.einsum("hn,hnl->hl", C * dB, vandermonde).real
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u: (B, H, L) -> y: (B, H, L)."""
+        return fftconv(u, self.kernel(u.shape[-1]), self.D)
+
+    def allocate_state(self, batch_shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+        """Zero complex state (*batch_shape, H, N/2)."""
+        cdtype = torch.complex128 if _real_dtype(self.log_dt) == torch.float64 else torch.complex64
+        return torch.zeros(*batch_shape, self.channels, self.n_modes, device=device or self.C.device, dtype=cdtype)
+
+    def step(self, u_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u_t: (..., H), state: (..., H, N/2) complex -> (y_t (..., H), next state)."""
+        dtA, dB, C = self.discretize()
+        state = dtA.exp() * state + dB * u_t.unsqueeze(-1).to(dB.dtype)  # x_t = dA x_{t-1} + dB u_t
+        y_t = 2 * (C * state).sum(-1).real + self.D * u_t
+        return y_t.to(u_t.dtype), state

@@ -1,0 +1,1 @@
+"""Parallelism wraps models: process groups, projection roles, and the DeepSpeed engine bridge."""

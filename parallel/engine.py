@@ -1,0 +1,53 @@
+"""The DeepSpeed bridge: the engine's JSON is derived from our RunConfig, never written by hand."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' means bf16 where the GPU supports it and fp32 elsewhere (CPU bf16 is slower than fp32)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def deepspeed_config(train: Any, dp_size: int) -> dict:
+    """The DeepSpeed JSON for a TrainConfig at data-parallel size ``dp_size``."""
+    precision = resolve_precision(train.precision)
+    return {
+        "train_batch_size": train.micro_batch_size * train.grad_accum * dp_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": train.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            # torch's AdamW: DeepSpeed's fused Adam would JIT-compile for ~40 s on CPU and needs CUDA to pay off
+            "params": {"lr": train.lr, "betas": list(train.betas), "eps": 1e-8,
+                       "weight_decay": train.weight_decay, "torch_adam": True},
+        },
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict,
+               lr_lambda: Callable[[int], float]) -> Any:
+    """Wrap ``model`` in a DeepSpeed engine with our parameter groups and LR multiplier schedule."""
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups,
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+    )
+    return engine

@@ -1,0 +1,139 @@
+"""Process groups: torch.distributed via DeepSpeed, model-parallel groups via megatron-core.
+
+megatron-core's ``parallel_state`` is the one source of tensor/pipeline/data-parallel groups, so
+later parallel layers (its ColumnParallelLinear etc.) and our own code agree on who is who.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+_MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_rank() -> int:
+    """This process's global rank as the launcher set it, before any process group exists."""
+    for var in ("RANK", *_MPI_RANK_VARS):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    """Plain `python launcher/pretrain.py` runs as a world of one, without a launcher or MPI."""
+    if "RANK" in os.environ or any(v in os.environ for v in _MPI_RANK_VARS):
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+
+
+def initialize(parallel) -> ParallelContext:
+    """Start torch.distributed (NCCL on GPUs, gloo on CPU) and megatron-core's model-parallel groups.
+
+    ``parallel`` is a ParallelConfig; its sizes are checked against the world before megatron-core
+    (which would only assert) sees them.
+    """
+    import deepspeed
+
+    _single_process_env()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        parallel.check_world(world)
+    except Exception:
+        dist.destroy_process_group()
+        raise
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    with warnings.catch_warnings():  # megatron-core warns that Apex/TE are absent; we do not use them
+        warnings.simplefilter("ignore")
+        from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline
+    )
+    return ParallelContext(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        device=device,
+    )
+
+
+def data_parallel_group() -> dist.ProcessGroup:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def destroy() -> None:
+    """Tear groups down; without it gloo runs sometimes abort at interpreter exit."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class PeerFailed(RuntimeError):
+    """Raised on the other ranks when the main rank failed in ``run_on_main`` (it reports the error)."""
+
+
+def run_on_main(fn, *, user_errors: tuple[type[BaseException], ...] = ()):
+    """Run ``fn`` on rank 0 only while the others wait, and share its failure with every rank.
+
+    Without this a rank-0-only step that fails (say, an empty corpus) leaves the other ranks
+    blocked at the next collective until the timeout. A user error is re-raised on every rank with
+    the same message; anything else is re-raised on rank 0 and surfaces as PeerFailed elsewhere.
+    """
+    outcome: list = [None]
+    result = None
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - every failure must reach the peers
+            error = e
+            kind = next((i for i, t in enumerate(user_errors) if isinstance(e, t)), -1)
+            outcome[0] = (kind, str(e))
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is None:
+        return result
+    kind, message = outcome[0]
+    if error is not None:
+        raise error
+    if kind >= 0:
+        raise user_errors[kind](message)
+    raise PeerFailed(message)

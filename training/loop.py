@@ -1,0 +1,121 @@
+"""The training loop: steps, validation, checkpoints and metrics around a DeepSpeed engine.
+
+Everything parallel is already inside the engine and the per-rank batch iterator; the loop only
+averages scalars across data-parallel ranks for logging.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from training import checkpoint
+from training.metrics import MetricsLogger
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    grad_accum: int
+    log_every: int
+    eval_every: int
+    eval_batches: int
+    save_every: int
+    keep_checkpoints: int
+    tokens_per_step: int  # across all data-parallel ranks
+
+
+def _mean_across_ranks(value: float, group: Any) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return t.item() / dist.get_world_size(group)
+
+
+def _loss(engine: Any, batch: torch.Tensor) -> torch.Tensor:
+    batch = batch.to(engine.device)
+    return engine(batch[:, :-1], labels=batch[:, 1:])  # (B, L) inputs predict the next token
+
+
+def train_step(engine: Any, batches: Iterator[torch.Tensor], grad_accum: int) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; returns this rank's mean loss."""
+    total = 0.0
+    for _ in range(grad_accum):
+        loss = _loss(engine, next(batches))
+        engine.backward(loss)
+        engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+        total += loss.item()
+    return total / grad_accum
+
+
+@torch.no_grad()
+def evaluate(engine: Any, val_batches: list[torch.Tensor], group: Any) -> float:
+    """Mean validation loss over the same fixed batches every time, averaged across ranks."""
+    engine.eval()
+    losses = [_loss(engine, b).item() for b in val_batches]
+    engine.train()
+    return _mean_across_ranks(sum(losses) / max(1, len(losses)), group)
+
+
+def _grad_norm(engine: Any) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def run(engine: Any, batches: Any, val_batches: list[torch.Tensor], settings: LoopSettings, run_dir: Path,
+        is_main: bool, dp_group: Any, start_step: int = 0, start_tokens: int = 0) -> dict:
+    """Train from ``start_step`` to ``settings.steps``; returns a summary that is also written to summary.json."""
+    ckpt_dir = run_dir / "checkpoints"
+    metrics = MetricsLogger(run_dir, enabled=is_main, resume_step=start_step)
+    step, tokens = start_step, start_tokens
+    first_loss, recent = None, []
+    last_saved = start_step
+    bar = tqdm(total=settings.steps, initial=start_step, desc="train", unit="step", disable=not is_main,
+               dynamic_ncols=True)
+    engine.train()
+    while step < settings.steps:
+        t0 = time.perf_counter()
+        local_loss = train_step(engine, batches, settings.grad_accum)
+        loss = _mean_across_ranks(local_loss, dp_group)
+        elapsed = time.perf_counter() - t0
+        step += 1
+        tokens += settings.tokens_per_step
+        first_loss = loss if first_loss is None else first_loss
+        recent = (recent + [loss])[-10:]
+        record = {"train_loss": loss, "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine),
+                  "tokens_per_s": settings.tokens_per_step / elapsed, "tokens": tokens}
+        if settings.eval_every and (step % settings.eval_every == 0 or step == settings.steps) and val_batches:
+            record["val_loss"] = evaluate(engine, val_batches, dp_group)
+            if is_main:
+                tqdm.write(f"step {step}: train loss {loss:.4f}, val loss {record['val_loss']:.4f}")
+        if step % settings.log_every == 0 or "val_loss" in record:
+            metrics.log(step, **record)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        if (settings.save_every and step % settings.save_every == 0) or step == settings.steps:
+            checkpoint.save(engine, ckpt_dir, step, {"step": step, "tokens": tokens, "data": batches.state_dict()},
+                            settings.keep_checkpoints)
+            last_saved = step
+    bar.close()
+    images = metrics.close()
+    summary = {
+        "start_step": start_step,
+        "final_step": step,
+        "first_loss": first_loss,
+        "last10_mean_loss": sum(recent) / len(recent) if recent else None,
+        "tokens": tokens,
+        "last_checkpoint_step": last_saved,
+        "plots": [str(p) for p in images],
+    }
+    if is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
