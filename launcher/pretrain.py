@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --dry-run: ranks to estimate for (default: WORLD_SIZE or 1)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.steps=10")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after flags
 
 
 def dry_run(cfg: RunConfig, world_size: int) -> None:

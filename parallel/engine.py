@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,8 @@ def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
+    # ZeRO calls torch's deprecated all_gather_into_tensor every step; one warning per rank is noise.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups,

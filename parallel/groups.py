@@ -112,28 +112,27 @@ class PeerFailed(RuntimeError):
 
 
 def run_on_main(fn, *, user_errors: tuple[type[BaseException], ...] = ()):
-    """Run ``fn`` on rank 0 only while the others wait, and share its failure with every rank.
+    """Run ``fn`` on rank 0 only while the others wait; every rank gets its (picklable) result.
 
     Without this a rank-0-only step that fails (say, an empty corpus) leaves the other ranks
     blocked at the next collective until the timeout. A user error is re-raised on every rank with
     the same message; anything else is re-raised on rank 0 and surfaces as PeerFailed elsewhere.
     """
-    outcome: list = [None]
-    result = None
+    outcome: list = [None]  # ("ok", result) or (index into user_errors or -1, message)
     error: BaseException | None = None
     if dist.get_rank() == 0:
         try:
-            result = fn()
+            outcome[0] = ("ok", fn())
         except BaseException as e:  # noqa: BLE001 - every failure must reach the peers
             error = e
             kind = next((i for i, t in enumerate(user_errors) if isinstance(e, t)), -1)
             outcome[0] = (kind, str(e))
     dist.broadcast_object_list(outcome, src=0)
-    if outcome[0] is None:
-        return result
-    kind, message = outcome[0]
+    status, payload = outcome[0]
+    if status == "ok":
+        return payload
     if error is not None:
         raise error
-    if kind >= 0:
-        raise user_errors[kind](message)
-    raise PeerFailed(message)
+    if status >= 0:
+        raise user_errors[status](payload)
+    raise PeerFailed(payload)

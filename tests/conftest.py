@@ -1,43 +1,12 @@
-"""Shared test helpers: the repo root, the development corpus location, and a 2-rank launcher."""
+"""Shared fixtures."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
-
-
-def launch(args: list[str], ranks: int = 2, timeout: int = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run launcher/pretrain.py under the DeepSpeed launcher with ``ranks`` CPU processes."""
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    env["PYTHONUNBUFFERED"] = "1"
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
-           str(REPO / "launcher" / "pretrain.py"), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def run_python(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run launcher/pretrain.py as a single plain process (world size 1)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    return subprocess.run([sys.executable, str(REPO / "launcher" / "pretrain.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.procs import SHARED_DATA
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, launch, run_python
+
+from tests.procs import REPO, launch, run_python
 
 DEBUG = str(REPO / "configs" / "debug_hybrid.yaml")
 # A smaller corpus and vocabulary than the quick start, so each run costs seconds, not minutes.
