@@ -11,8 +11,8 @@ class DataConfig:
 
     `path` empty means the embedded default corpus (Python standard-library sources, a Pile-style
     "Github" set every Python installation carries). Otherwise a comma-separated list of Pile-style
-    `.jsonl.zst` files or globs, PG-19-style folders (`train|validation|test/<id>.txt` +
-    `metadata.csv`), or plain `.txt` files.
+    `.jsonl.zst` / `.jsonl` files or globs, Pile-style folders (`train/*.jsonl.zst` + `val.jsonl.zst`),
+    PG-19-style folders (`train|validation|test/<id>.txt` + `metadata.csv`), or plain `.txt` files.
     """
 
     path: str = ""

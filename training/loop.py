@@ -44,15 +44,19 @@ def _loss(engine: Any, batch: torch.Tensor) -> torch.Tensor:
     return engine(batch[:, :-1], labels=batch[:, 1:])  # (B, L) inputs predict the next token
 
 
-def train_step(engine: Any, batches: Iterator[torch.Tensor], grad_accum: int) -> float:
-    """One optimizer step over ``grad_accum`` micro-batches; returns this rank's mean loss."""
-    total = 0.0
-    for _ in range(grad_accum):
+def train_step(engine: Any, batches: Iterator[torch.Tensor], grad_accum: int) -> tuple[float, float | None]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns this rank's mean loss and the grad norm."""
+    total, norm = 0.0, None
+    for micro in range(grad_accum):
         loss = _loss(engine, next(batches))
         engine.backward(loss)
+        if micro == grad_accum - 1 and engine.zero_optimization_stage() == 0:
+            # Without ZeRO, DeepSpeed clips fp32 gradients but keeps no norm; grads are all-reduced here.
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads).item()
         engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
         total += loss.item()
-    return total / grad_accum
+    return total / grad_accum, _grad_norm(engine) if norm is None else norm
 
 
 @torch.no_grad()
@@ -84,14 +88,14 @@ def run(engine: Any, batches: Any, val_batches: list[torch.Tensor], settings: Lo
     engine.train()
     while step < settings.steps:
         t0 = time.perf_counter()
-        local_loss = train_step(engine, batches, settings.grad_accum)
+        local_loss, grad_norm = train_step(engine, batches, settings.grad_accum)
         loss = _mean_across_ranks(local_loss, dp_group)
         elapsed = time.perf_counter() - t0
         step += 1
         tokens += settings.tokens_per_step
         first_loss = loss if first_loss is None else first_loss
         recent = (recent + [loss])[-10:]
-        record = {"train_loss": loss, "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine),
+        record = {"train_loss": loss, "lr": engine.get_lr()[0], "grad_norm": grad_norm,
                   "tokens_per_s": settings.tokens_per_step / elapsed, "tokens": tokens}
         if settings.eval_every and (step % settings.eval_every == 0 or step == settings.steps) and val_batches:
             record["val_loss"] = evaluate(engine, val_batches, dp_group)
@@ -99,7 +103,8 @@ def run(engine: Any, batches: Any, val_batches: list[torch.Tensor], settings: Lo
                 tqdm.write(f"step {step}: train loss {loss:.4f}, val loss {record['val_loss']:.4f}")
         if step % settings.log_every == 0 or "val_loss" in record:
             metrics.log(step, **record)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", gnorm=f"{grad_norm or 0:.2f}",
+                        tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         if (settings.save_every and step % settings.save_every == 0) or step == settings.steps:
             checkpoint.save(engine, ckpt_dir, step, {"step": step, "tokens": tokens, "data": batches.state_dict()},
