@@ -15,8 +15,9 @@ from pathlib import Path
 from data_pipeline.errors import DataError
 from launcher.config import RunConfig, load_config, save_resolved
 from models.config import ConfigError
+from training.checkpoint import CheckpointError
 
-USER_ERRORS = (ConfigError, DataError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -122,7 +123,7 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool) -> dict:
             start_step, start_tokens = state["step"], state["tokens"]
             batches.load_state_dict(state["data"])
             if ctx.is_main:
-                print(f"resumed from step {start_step} ({run_dir / 'checkpoints'})", flush=True)
+                print(f"resumed from step {start_step} ({run_dir / 'checkpoints' / state['tag']})", flush=True)
         if ctx.is_main:
             n = sum(p.numel() for p in model.parameters())
             print(f"model: {n / 1e6:.2f}M parameters, layers '{model_cfg.layers}'; data: {len(data.train)} train "

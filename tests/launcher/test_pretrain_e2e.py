@@ -143,3 +143,60 @@ def test_trains_on_pg19_folder_and_pile_shards(tmp_path, shared_data):
         _assert_ok(proc)
         records = _metrics(run_dir)
         assert len(records) == 3 and "val_loss" in records[-1]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_reproduces_losses_exactly(tmp_path):
+    """Kill all ranks with SIGKILL mid-run, resume: per-step losses equal the uninterrupted run's bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.procs import _free_port
+
+    common = ["--config", DEBUG, *SMALL, "train.steps=12", "train.save_every=2", "train.eval_every=4",
+              "train.eval_batches=1", "train.warmup_steps=3"]
+    reference = tmp_path / "reference"
+    _assert_ok(launch([*common, f"run_dir={reference}"]))
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(REPO / "launcher" / "pretrain.py"), *common, f"run_dir={killed}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = len(metrics.read_text().splitlines())
+    assert killed_at < 12
+
+    resumed = launch([*common, f"run_dir={killed}", "--resume"])
+    _assert_ok(resumed)
+    got, want = _metrics(killed), _metrics(reference)
+    assert [r["step"] for r in got] == list(range(1, 13))
+    assert [r["train_loss"] for r in got] == [r["train_loss"] for r in want]
+    assert [r.get("val_loss") for r in got] == [r.get("val_loss") for r in want]
+    assert [r["grad_norm"] for r in got] == [r["grad_norm"] for r in want]
+
+
+@pytest.mark.slow
+def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["--config", DEBUG, f"run_dir={run_dir}", *SMALL, "train.save_every=2", "train.eval_every=0"]
+    _assert_ok(run_python([*common, "train.steps=4"]))
+    shard = next((run_dir / "checkpoints" / "step00000004").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    proc = run_python([*common, "train.steps=6", "--resume"])
+    _assert_ok(proc)
+    assert "skipping corrupt checkpoint" in proc.stderr and "step00000004" in proc.stderr
+    assert "resumed from step 2" in proc.stdout
