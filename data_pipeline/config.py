@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from data_pipeline.errors import DataError
 
 
 @dataclass
 class DataConfig:
     """Where text comes from and how it becomes training sequences.
 
-    `path` empty means the embedded default corpus (Python standard-library sources, a Pile-style
-    "Github" set every Python installation carries). Otherwise a comma-separated list of Pile-style
-    `.jsonl.zst` / `.jsonl` files or globs, Pile-style folders (`train/*.jsonl.zst` + `val.jsonl.zst`),
-    PG-19-style folders (`train|validation|test/<id>.txt` + `metadata.csv`), or plain `.txt` files.
+    Two ways in. `indexed` names a folder of megatron-core IndexedDataset shards written by
+    `launcher/preprocess_data.py`; `blend` weights its sets (e.g. `["0.7 pile/Github+PythonDocs",
+    "0.3 pg19"]`; empty: every input in proportion to its tokens). Otherwise (the quick start) `path`
+    is tokenised at start-up: empty means the embedded default corpus (Python standard-library
+    sources); else a comma-separated list of Pile-style `.jsonl.zst` / `.jsonl` files or globs,
+    Pile-style folders, PG-19-style folders, plain `.txt` files or `hf:` specs.
     """
 
     path: str = ""
@@ -22,3 +26,22 @@ class DataConfig:
     tokenizer_sample_bytes: int = 20_000_000  # deterministic sample the tokenizer is trained on
     max_corpus_bytes: int = 0  # stop reading the corpus after this many bytes (0: no limit)
     val_fraction: float = 0.02  # documents held out for validation when the source has no split
+    indexed: str = ""  # folder of preprocessed shards; when set, path/tokenizer/vocab_size are not used
+    blend: list[str] = field(default_factory=list)  # "WEIGHT INPUT[/SET+SET]" entries over `indexed`
+    train_samples: int = 0  # size of one training epoch of the blend in sequences; 0: its tokens // seq_len
+
+    def validate(self) -> None:
+        """Raise DataError naming the first data.* field that cannot work (shapes only; files are checked later)."""
+        if self.seq_len <= 0:
+            raise DataError(f"data.seq_len must be a positive integer, got {self.seq_len}")
+        if self.train_samples < 0:
+            raise DataError(f"data.train_samples must be >= 0 (0: one pass over the blend), got {self.train_samples}")
+        if self.blend and not self.indexed:
+            raise DataError("data.blend is set but data.indexed is empty; expected the folder of preprocessed shards")
+        if self.indexed and self.path:
+            raise DataError(f"data.indexed ('{self.indexed}') and data.path ('{self.path}') are both set; "
+                            "expected one of them")
+        from data_pipeline.indexed import BlendEntry
+
+        for entry in self.blend:
+            BlendEntry.parse(entry)

@@ -16,6 +16,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import zstandard
 
@@ -27,7 +28,7 @@ JSONL_SUFFIXES = (".jsonl.zst", ".jsonl")
 TEXT_SUFFIXES = (".txt",)
 EXPECTED = (
     "expected .jsonl.zst files/globs, a PG-19 folder (train|validation|test/<id>.txt + metadata.csv), "
-    "a Pile folder (train/*.jsonl.zst + val.jsonl.zst) or .txt files"
+    "a Pile folder (train/*.jsonl.zst + val.jsonl.zst), .txt files or hf:<local files or hub:name>"
 )
 _READ_BYTES = 1 << 20
 _MAX_ZSTD_WINDOW = 2**31  # accept `zstd --long` files; decoders refuse windows over 128 MiB by default
@@ -38,14 +39,34 @@ _PG_START = re.compile(
 _PG_END = re.compile(r"^(\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.I | re.M)
 
 
+class Document(NamedTuple):
+    """One document's text and the set it belongs to (Pile `meta.pile_set_name`, else None)."""
+
+    text: str
+    set_name: str | None = None
+
+
 class SkipCounter:
-    """Documents dropped, per file and reason, so bad input is reported rather than silently lost."""
+    """Documents read and dropped, per file and reason, so bad input is reported rather than silently lost.
+
+    Readers count every record they meet in `read`, so a report can reconcile read = written + skipped.
+    """
 
     def __init__(self) -> None:
         self.counts: Counter[tuple[str, str]] = Counter()
+        self.read: Counter[str] = Counter()
+        self.warnings: dict[str, str] = {}  # file -> problem that dropped no document (e.g. no metadata.csv)
 
     def add(self, file: str | Path, reason: str) -> None:
         self.counts[(str(file), reason)] += 1
+
+    def count_read(self, file: str | Path, n: int = 1) -> None:
+        self.read[str(file)] += n
+
+    def update(self, other: SkipCounter) -> None:
+        self.counts.update(other.counts)
+        self.read.update(other.read)
+        self.warnings.update(other.warnings)
 
     @property
     def total(self) -> int:
@@ -116,28 +137,59 @@ def _lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
         yield pending
 
 
-def read_jsonl(path: Path, skips: SkipCounter) -> Iterator[str]:
-    """Stream the "text" field of a Pile-style JSON-lines file (`.jsonl.zst` decompressed on the fly)."""
+def read_jsonl_documents(
+    path: Path, skips: SkipCounter, sets: Iterable[str] | None = None, on_truncated: str = "raise"
+) -> Iterator[Document]:
+    """Stream Pile-style JSON lines (`.jsonl.zst` decompressed on the fly) as Documents.
+
+    `sets` keeps only records whose `meta.pile_set_name` is listed (others count as "set_not_selected").
+    `on_truncated="skip"` keeps the records before a truncated zstd stream ends and counts the cut-off
+    line as "truncated_zstd", so one half-downloaded shard cannot kill a long preprocessing job; the
+    default raises, because silently training on half a shard is worse when nobody reads a report.
+    """
+    keep = frozenset(sets) if sets is not None else None
     with open(path, "rb") as fh:
         blocks = _zstd_blocks(fh, path) if path.name.endswith(".zst") else iter(lambda: fh.read(_READ_BYTES), b"")
         try:
             for line in _lines(blocks):
                 if not line.strip():
                     continue
+                skips.count_read(path)
                 try:
-                    record = json.loads(line)
-                except ValueError:  # also catches invalid UTF-8
+                    line_text = line.decode("utf-8")
+                except UnicodeDecodeError:
+                    skips.add(path, "invalid_utf8")
+                    continue
+                try:
+                    record = json.loads(line_text)
+                except ValueError:
                     skips.add(path, "malformed_json")
                     continue
                 text = record.get("text") if isinstance(record, dict) else None
+                meta = record.get("meta") if isinstance(record, dict) else None
+                set_name = meta.get("pile_set_name") if isinstance(meta, dict) else None
+                set_name = set_name if isinstance(set_name, str) else None
                 if not isinstance(text, str):
                     skips.add(path, "missing_text")
                 elif not text.strip():
                     skips.add(path, "empty")
+                elif keep is not None and set_name not in keep:
+                    skips.add(path, "set_not_selected")
                 else:
-                    yield text
+                    yield Document(text, set_name)
         except zstandard.ZstdError as e:
             raise DataError(f"{path}: not a valid zstd stream ({e}); expected a zstandard-compressed .jsonl") from e
+        except DataError:
+            if on_truncated != "skip":
+                raise
+            skips.count_read(path)
+            skips.add(path, "truncated_zstd")
+
+
+def read_jsonl(path: Path, skips: SkipCounter) -> Iterator[str]:
+    """Stream the "text" field of a Pile-style JSON-lines file (`.jsonl.zst` decompressed on the fly)."""
+    for doc in read_jsonl_documents(path, skips):
+        yield doc.text
 
 
 def read_text(path: Path, skips: SkipCounter) -> Iterator[str]:
@@ -146,6 +198,7 @@ def read_text(path: Path, skips: SkipCounter) -> Iterator[str]:
     Stripping applies to every `.txt`, not only PG-19 folders: the markers are specific enough never to
     occur in other text, and a book passed as a lone file should read the same as inside a folder.
     """
+    skips.count_read(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
@@ -174,13 +227,21 @@ class Source:
 
     def documents(self, split: str = "train") -> Iterator[str]:
         """Non-empty documents of `split`; DataError if the split turns out to hold none."""
+        for doc in self.records(split):
+            yield doc.text
+
+    def records(self, split: str = "train", files: list[Path] | None = None) -> Iterator[Document]:
+        """Documents of `split` with their set names (only from `files`, a subset of `files(split)`, if given).
+
+        DataError if the split turns out to hold no usable document.
+        """
         if split not in self.splits:
             raise DataError(f"data.path spec '{self.spec}' has no '{split}' split (it has: {', '.join(self.splits)})")
         count = 0
-        for doc in self._read(split):
+        for doc in self._records(split, self.files(split) if files is None else files):
             count += 1
             yield doc
-        if count == 0:
+        if count == 0 and files is None:
             raise DataError(
                 f"data.path spec '{self.spec}' holds no non-empty documents in its '{split}' split "
                 f"({self.skips.summary()}); expected UTF-8 text"
@@ -201,25 +262,30 @@ class Source:
     def describe(self) -> str:
         return f"{self.kind} '{self.spec}' ({len(self.files())} files, splits: {', '.join(self.splits)})"
 
-    def _read(self, split: str) -> Iterator[str]:
+    def _records(self, split: str, files: list[Path]) -> Iterator[Document]:
         raise NotImplementedError
 
 
 class JsonlSource(Source):
-    """Pile-style `.jsonl.zst` (or plain `.jsonl`) files, read in the given order."""
+    """Pile-style `.jsonl.zst` (or plain `.jsonl`) files, read in the given order.
+
+    `sets` (Pile `meta.pile_set_name` values) keeps only those sets; None keeps all.
+    """
 
     kind = "jsonl"
+    on_truncated = "raise"  # the preprocessing CLI sets "skip" and reports the file instead
 
     def __init__(self, spec: str, paths: list[Path]) -> None:
         super().__init__(spec)
         self.paths = paths
+        self.sets: frozenset[str] | None = None
 
     def files(self, split: str | None = None) -> list[Path]:
         return list(self.paths)
 
-    def _read(self, split: str) -> Iterator[str]:
-        for path in self.paths:
-            yield from read_jsonl(path, self.skips)
+    def _records(self, split: str, files: list[Path]) -> Iterator[Document]:
+        for path in files:
+            yield from read_jsonl_documents(path, self.skips, self.sets, self.on_truncated)
 
 
 class TextSource(Source):
@@ -234,27 +300,32 @@ class TextSource(Source):
     def files(self, split: str | None = None) -> list[Path]:
         return list(self.paths)
 
-    def _read(self, split: str) -> Iterator[str]:
-        for path in self.paths:
-            yield from read_text(path, self.skips)
+    def _records(self, split: str, files: list[Path]) -> Iterator[Document]:
+        for path in files:
+            yield from (Document(text) for text in read_text(path, self.skips))
 
 
 class PG19Source(Source):
-    """A PG-19-style folder: `<root>/{train,validation,test}/<id>.txt` books; `metadata.csv` is not needed."""
+    """A PG-19-style folder: `<root>/{train,validation,test}/<id>.txt` books.
+
+    `metadata.csv` only describes the books, so a missing one is recorded as a warning, not an error.
+    """
 
     kind = "pg19"
 
     def __init__(self, spec: str, root: Path) -> None:
         super().__init__(spec, tuple(s for s in SPLITS if _has_txt(root / s)))
         self.root = root
+        if not (root / "metadata.csv").is_file():
+            self.skips.warnings[str(root / "metadata.csv")] = "missing_metadata"
 
     def files(self, split: str | None = None) -> list[Path]:
         splits = self.splits if split is None else (split,)
         return [p for s in splits for p in sorted((self.root / s).glob("*.txt"))]
 
-    def _read(self, split: str) -> Iterator[str]:
-        for path in self.files(split):
-            yield from read_text(path, self.skips)
+    def _records(self, split: str, files: list[Path]) -> Iterator[Document]:
+        for path in files:
+            yield from (Document(text) for text in read_text(path, self.skips))
 
 
 class PileFolderSource(Source):
@@ -267,6 +338,8 @@ class PileFolderSource(Source):
         splits = ("train",) + tuple(s for s, f in self._SPLIT_FILES.items() if (root / f).is_file())
         super().__init__(spec, splits)
         self.root = root
+        self.sets: frozenset[str] | None = None
+        self.on_truncated = "raise"
 
     def files(self, split: str | None = None) -> list[Path]:
         splits = self.splits if split is None else (split,)
@@ -276,9 +349,9 @@ class PileFolderSource(Source):
             out += shards or sorted(self.root.glob("train/*.jsonl.zst"))
         return out
 
-    def _read(self, split: str) -> Iterator[str]:
-        for path in self.files(split):
-            yield from read_jsonl(path, self.skips)
+    def _records(self, split: str, files: list[Path]) -> Iterator[Document]:
+        for path in files:
+            yield from read_jsonl_documents(path, self.skips, self.sets, self.on_truncated)
 
 
 class EmbeddedSource(JsonlSource):
@@ -307,6 +380,10 @@ def _is_pile_folder(root: Path) -> bool:
 
 
 def _parse_spec(spec: str) -> list[Source]:
+    if spec.startswith("hf:"):
+        from data_pipeline.hf import HFSource  # imports `datasets` (slow) only when asked for
+
+        return [HFSource(spec)]
     path = Path(os.path.expandvars(os.path.expanduser(spec)))
     if path.is_dir():
         if _is_pg19(path):

@@ -177,9 +177,13 @@ class Tokenizer:
         """Token ids of `text`, without BOS/EOS (packing adds EOS between documents)."""
         return self.sp.encode(text)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """`encode` over many texts on SentencePiece's own threads (the GIL is released)."""
-        return self.sp.encode(list(texts), num_threads=min(os.cpu_count() or 1, MAX_ENCODE_THREADS))
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+        """`encode` over many texts on SentencePiece's own threads (the GIL is released).
+
+        `num_threads` 0 uses the machine's cores; worker processes that already split the work pass 1.
+        """
+        threads = num_threads or min(os.cpu_count() or 1, MAX_ENCODE_THREADS)
+        return self.sp.encode(list(texts), num_threads=threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
