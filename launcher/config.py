@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from data_pipeline.config import DataConfig
+from data_pipeline.errors import DataError
 from models.config import ConfigError, ModelConfig
 
 
@@ -64,9 +65,10 @@ class ParallelConfig:
 
     tensor: int = 1
     pipeline: int = 1
+    expert: int = 1  # expert-parallel size: each MoE layer's experts are split over this many DP ranks
 
     def validate(self) -> None:
-        for name in ("tensor", "pipeline"):
+        for name in ("tensor", "pipeline", "expert"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"parallel.{name} must be a positive integer, got {getattr(self, name)}")
 
@@ -83,7 +85,20 @@ class ParallelConfig:
                 f"parallel.tensor={self.tensor}, parallel.pipeline={self.pipeline}: tensor and pipeline "
                 "parallelism are not available yet (tracked in issue 5); set both to 1"
             )
-        return world_size // model_parallel
+        dp = world_size // model_parallel
+        if dp % self.expert:
+            raise ConfigError(
+                f"parallel.expert ({self.expert}) must divide the data-parallel size {dp} "
+                f"(world size {world_size} / tensor x pipeline {model_parallel})"
+            )
+        return dp
+
+    def check_experts(self, num_experts: int) -> None:
+        """Every expert-parallel rank must hold the same number of experts."""
+        if num_experts % self.expert:
+            raise ConfigError(
+                f"model.num_experts ({num_experts}) must be divisible by parallel.expert ({self.expert})"
+            )
 
 
 @dataclass
@@ -106,6 +121,18 @@ class RunConfig:
         self.model.validate()
         self.train.validate()
         self.parallel.validate()
+        if "E" in self.model.ffn:
+            self.parallel.check_experts(self.model.num_experts)
+            if self.parallel.expert > 1 and self.train.zero_stage == 0 and self.train.grad_clip > 0:
+                # DeepSpeed's ZeRO-0 clipping averages per-rank norms, which differ when ranks hold different experts.
+                raise ConfigError(
+                    f"parallel.expert={self.parallel.expert} with train.zero_stage=0 would clip by a wrong gradient "
+                    "norm; expected train.zero_stage >= 1 or train.grad_clip=0"
+                )
+        try:
+            self.data.validate()
+        except DataError as e:
+            raise ConfigError(str(e)) from None
         if self.data.seq_len <= 0:
             raise ConfigError(f"data.seq_len must be a positive integer, got {self.data.seq_len}")
         if self.data.vocab_size < 64:

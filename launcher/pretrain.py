@@ -45,17 +45,23 @@ def dry_run(cfg: RunConfig, world_size: int) -> None:
     """Shapes only: build the model on the meta device and account memory per rank."""
     from models.lm import count_parameters
     from parallel.engine import resolve_precision
-    from training.memory import estimate_memory, format_bytes
+    from training.memory import estimate_memory, expert_parameters, format_bytes
 
     dp = cfg.parallel.check_world(world_size)
     vocab = cfg.model.vocab_size or cfg.data.vocab_size
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
     n = count_parameters(model_cfg)
     precision = resolve_precision(cfg.train.precision)
-    mem = estimate_memory(n, model_cfg, cfg.train, cfg.data.seq_len, vocab, dp, precision)
+    ep = cfg.parallel.expert
+    mem = estimate_memory(n, model_cfg, cfg.train, cfg.data.seq_len, vocab, dp, precision, ep)
     print(f"config: {cfg.name}  layers: {cfg.model.layers}  d_model: {cfg.model.d_model}  vocab: {vocab}")
     print(f"parameters: {n:,} ({n / 1e6:.1f}M)")
-    print(f"per-rank memory estimate ({world_size} ranks, DP={dp}, ZeRO-{cfg.train.zero_stage}, {precision}, "
+    experts, active_experts = expert_parameters(model_cfg)
+    if experts:
+        active = n - experts + active_experts
+        print(f"  experts: {experts:,} in {model_cfg.num_experts} experts per MoE layer (1/{ep} per rank); "
+              f"active per token: {active:,} ({active / 1e6:.1f}M, top-{model_cfg.top_k})")
+    print(f"per-rank memory estimate ({world_size} ranks, DP={dp}, EP={ep}, ZeRO-{cfg.train.zero_stage}, {precision}, "
           f"micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens):")
     for key, value in mem.items():
         print(f"  {key:<18}{format_bytes(value):>12}")
@@ -85,10 +91,11 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
 def train(cfg: RunConfig, resume: bool, overwrite: bool) -> dict:
     import torch
 
-    from data_pipeline import PreparedData, RankBatches, eval_batches, prepare_data
+    from data_pipeline import IndexedData, PreparedData, RankBatches, eval_batches, prepare_data
     from models.lm import LanguageModel
     from parallel import engine as ds_engine
     from parallel import groups
+    from parallel.expert import parallelize_experts
     from training import checkpoint, loop
     from training.optimizer import param_groups, warmup_cosine
 
@@ -96,8 +103,14 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool) -> dict:
     try:
         run_dir = groups.run_on_main(lambda: prepare_run_dir(cfg, resume, overwrite), user_errors=USER_ERRORS)
         data_dir = run_dir / "data"
-        groups.run_on_main(lambda: prepare_data(cfg.data, data_dir), user_errors=USER_ERRORS)
-        data = PreparedData.load(data_dir)
+        cfg.data.validate()
+        if cfg.data.indexed:  # preprocessed shards: verified on every rank, blended by megatron-core
+            data = IndexedData.open(cfg.data.indexed, cfg.data.seq_len, cfg.seed, cfg.data.blend,
+                                    cfg.data.train_samples, data_dir / "index_cache",
+                                    log=(lambda m: print(m, flush=True)) if ctx.is_main else (lambda m: None))
+        else:  # quick start: tokenise data.path (or the embedded corpus) once on the main rank
+            groups.run_on_main(lambda: prepare_data(cfg.data, data_dir), user_errors=USER_ERRORS)
+            data = PreparedData.load(data_dir)
 
         model_cfg = cfg.model
         if model_cfg.vocab_size == 0:
@@ -106,7 +119,7 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool) -> dict:
             raise ConfigError(f"model.vocab_size ({model_cfg.vocab_size}) is smaller than the tokenizer's "
                               f"vocabulary ({data.vocab_size}); expected >= {data.vocab_size} or 0")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = LanguageModel(model_cfg)
+        model = parallelize_experts(LanguageModel(model_cfg), cfg.parallel.expert)
 
         t = cfg.train
         engine = ds_engine.initialize(

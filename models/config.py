@@ -14,8 +14,8 @@ class ModelConfig:
     """Shapes of a language model built from a layer pattern.
 
     `layers` is the hybrid stack as one string, one symbol per layer (see `models.pattern`), with
-    `|` marking pipeline-stage cuts; `ffn` gives the per-layer feed-forward kind (`D` dense MLP),
-    empty meaning all dense.
+    `|` marking pipeline-stage cuts; `ffn` gives the per-layer feed-forward kind (`D` dense MLP,
+    `E` mixture of experts), empty meaning all dense. The MoE fields only matter where `ffn` has an `E`.
     """
 
     vocab_size: int = 0  # 0: take the tokenizer's vocabulary size at training time
@@ -32,6 +32,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    num_experts: int = 8  # experts per MoE layer
+    top_k: int = 1  # experts per token: 1 Switch, 2 GLaM
+    capacity_factor: float = 1.25  # expert slots = factor * top_k * tokens / experts, in training
+    eval_capacity_factor: float = 2.0  # the same at evaluation (fewer drops)
+    min_capacity: int = 4  # slots per expert however few the tokens
+    aux_loss_coef: float = 0.01  # load-balancing loss alpha (Switch)
+    z_loss_coef: float = 1e-3  # router z-loss (ST-MoE)
+    jitter: float = 0.0  # multiplicative router-input noise in training, uniform in [1 - jitter, 1 + jitter]
 
     @property
     def ffn_dim(self) -> int:
@@ -62,3 +70,21 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         parse_pattern(self.layers, self.ffn)
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        if self.num_experts <= 0:
+            raise ConfigError(f"model.num_experts must be a positive integer, got {self.num_experts}")
+        if self.top_k not in (1, 2) or self.top_k > self.num_experts:
+            raise ConfigError(
+                f"model.top_k must be 1 (Switch) or 2 (GLaM) and at most model.num_experts ({self.num_experts}), "
+                f"got {self.top_k}"
+            )
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("min_capacity", "aux_loss_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.jitter < 1.0:
+            raise ConfigError(f"model.jitter must be in [0, 1), got {self.jitter}")

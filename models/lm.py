@@ -15,6 +15,7 @@ from torch import nn
 
 from models.block import Block
 from models.config import ConfigError, ModelConfig
+from models.ffn.moe import MoE
 from models.pattern import parse_pattern
 from models.registry import build_ffn, build_mixer
 from parallel.linear import column_linear
@@ -48,6 +49,7 @@ class LanguageModel(nn.Module):
             )
             for i, layer in enumerate(self.plan.layers)
         )
+        self.moe_layers = [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]  # views, not modules
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         # Tied: the head reuses the embedding matrix (saves V x D parameters, GPT-2 practice).
         self.lm_head = None if cfg.tie_embeddings else column_linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -83,7 +85,8 @@ class LanguageModel(nn.Module):
         """input_ids: (B, L) token ids.
 
         Returns logits (B, L, V) when `labels` is None; otherwise the mean fp32 cross-entropy over
-        positions whose label is not -100. `labels` (B, L) is aligned with the logits: labels[:, t] is
+        positions whose label is not -100, plus every MoE layer's load-balancing and z losses (already
+        scaled by their coefficients). `labels` (B, L) is aligned with the logits: labels[:, t] is
         the token to predict after input_ids[:, t] (the data pipeline does the shift).
         """
         h = self.drop(self.embedding(input_ids))  # (B, L, D)
@@ -92,7 +95,32 @@ class LanguageModel(nn.Module):
         logits = self._logits(h)  # (B, L, V)
         if labels is None:
             return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        for layer in self.moe_layers:
+            loss = loss + layer.last.aux_loss + layer.last.z_loss
+        return loss
+
+    def moe_metrics(self) -> dict[str, float]:
+        """Routing statistics of the last forward, summed (losses, token counts) or averaged over MoE layers.
+
+        Empty for a dense model. Per-expert token counts are listed for up to 16 experts; beyond that
+        only the busiest and idlest expert's load relative to a uniform share.
+        """
+        routed = [layer.last for layer in self.moe_layers if layer.last is not None]
+        if not routed:
+            return {}
+        tokens = torch.stack([r.tokens_per_expert for r in routed]).sum(dim=0)  # (E,)
+        load = tokens / tokens.mean().clamp(min=1e-9)
+        out = {
+            "moe_aux_loss": sum(r.aux_loss.item() for r in routed),
+            "moe_z_loss": sum(r.z_loss.item() for r in routed),
+            "moe_dropped_fraction": sum(r.dropped_fraction.item() for r in routed) / len(routed),
+            "moe_load_max": load.max().item(),
+            "moe_load_min": load.min().item(),
+        }
+        if tokens.numel() <= 16:
+            out.update({f"moe_tokens_expert_{e}": n for e, n in enumerate(tokens.tolist())})
+        return out
 
     def allocate_state(
         self, batch_size: int, max_len: int, device: torch.device | None = None, dtype: torch.dtype | None = None

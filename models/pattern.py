@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from models.config import ConfigError
 
-MIXER_SYMBOLS = {"A": "attention", "H": "h3"}
-FFN_SYMBOLS = {"D": "mlp"}
+MIXER_SYMBOLS = {"A": "attention", "H": "h3", "S": "s4d"}
+FFN_SYMBOLS = {"D": "mlp", "E": "moe"}
 
 
 @dataclass(frozen=True)

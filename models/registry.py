@@ -10,11 +10,13 @@ from torch import nn
 
 from models.config import ConfigError, ModelConfig
 from models.ffn.mlp import MLP
+from models.ffn.moe import MoE
 from models.mixers.attention import Attention
 from models.mixers.h3 import H3
+from models.mixers.s4d import S4D
 
-MIXERS: dict[str, type[nn.Module]] = {"attention": Attention, "h3": H3}
-FFNS: dict[str, type[nn.Module]] = {"mlp": MLP}
+MIXERS: dict[str, type[nn.Module]] = {"attention": Attention, "h3": H3, "s4d": S4D}
+FFNS: dict[str, type[nn.Module]] = {"mlp": MLP, "moe": MoE}
 
 
 def _build(table: dict[str, type[nn.Module]], kind: str, name: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:

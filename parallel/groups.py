@@ -81,6 +81,7 @@ def initialize(parallel) -> ParallelContext:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline
     )
+    _initialize_expert_groups(getattr(parallel, "expert", 1))
     return ParallelContext(
         rank=rank,
         world_size=world,
@@ -89,6 +90,19 @@ def initialize(parallel) -> ParallelContext:
         dp_size=parallel_state.get_data_parallel_world_size(),
         device=device,
     )
+
+
+def _initialize_expert_groups(ep_size: int) -> None:
+    """Expert-parallel groups of ``ep_size`` consecutive ranks, and expert-data-parallel groups across them.
+
+    Built by DeepSpeed, not megatron-core (whose ``expert_model_parallel_size`` makes equivalent groups):
+    DeepSpeed's engine reduces expert gradients and names expert checkpoint files by its own groups
+    (``ep_size_N``), so these are the ones that must exist; made for EP=1 too, since the engine looks them up.
+    """
+    from deepspeed.utils import groups as ds_groups
+
+    if f"ep_size_{ep_size}" not in ds_groups._get_expert_parallel_group_dict():
+        ds_groups._create_expert_and_data_parallel(ep_size)
 
 
 def data_parallel_group() -> dist.ProcessGroup:
@@ -103,6 +117,11 @@ def destroy() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    from deepspeed.utils import groups as ds_groups
+
+    for table in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP,
+                  ds_groups._EXPERT_PARALLEL_GROUP_RANKS, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+        table.clear()  # their process groups die with the default group below
     if dist.is_initialized():
         dist.destroy_process_group()
 

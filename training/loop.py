@@ -39,6 +39,15 @@ def _mean_across_ranks(value: float, group: Any) -> float:
     return t.item() / dist.get_world_size(group)
 
 
+def _mean_dict_across_ranks(values: dict[str, float], group: Any) -> dict[str, float]:
+    """One all-reduce for a dict of scalars whose keys are the same on every rank."""
+    if not values:
+        return {}
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return dict(zip(values, (t / dist.get_world_size(group)).tolist()))
+
+
 def _loss(engine: Any, batch: torch.Tensor) -> torch.Tensor:
     batch = batch.to(engine.device)
     return engine(batch[:, :-1], labels=batch[:, 1:])  # (B, L) inputs predict the next token
@@ -97,6 +106,8 @@ def run(engine: Any, batches: Any, val_batches: list[torch.Tensor], settings: Lo
         recent = (recent + [loss])[-10:]
         record = {"train_loss": loss, "lr": engine.get_lr()[0], "grad_norm": grad_norm,
                   "tokens_per_s": settings.tokens_per_step / elapsed, "tokens": tokens}
+        # MoE routing of the last micro-batch (tokens per expert, dropped fraction, aux and z losses).
+        record.update(_mean_dict_across_ranks(getattr(engine.module, "moe_metrics", dict)(), dp_group))
         if settings.eval_every and (step % settings.eval_every == 0 or step == settings.steps) and val_batches:
             record["val_loss"] = evaluate(engine, val_batches, dp_group)
             if is_main:

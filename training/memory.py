@@ -4,34 +4,56 @@ Weights, gradients and Adam states follow the ZeRO paper's accounting (stage 1 s
 states, 2 also gradients, 3 also weights, over data-parallel ranks). Activations use Korthikanti et
 al.'s per-layer count s*b*h*(34 + 5*a*s/h) bytes at 16 bits for attention layers; H3 layers have
 no attention matrix but keep FFT buffers, counted as 34 + 16.
+
+Mixture-of-experts layers hold ``num_experts`` expert MLPs, of which each rank keeps 1/EP; their
+weights and optimizer states are sharded by ZeRO over the expert-data-parallel group (DP / EP
+ranks). Their activations are the (E, C, D) expert slots in and out and the (E, C, d_ffn) hidden
+states, with C = capacity_factor * top_k * tokens / E slots per expert.
 """
 
 from __future__ import annotations
 
+import math
+
 from models.pattern import parse_pattern
 
 
+def expert_parameters(model_cfg) -> tuple[int, int]:
+    """(parameters in all experts of all MoE layers, those a single token uses: top_k experts per layer)."""
+    d, f = model_cfg.d_model, model_cfg.ffn_dim
+    per_expert = 2 * d * f + f + d  # w_in, b_in, w_out, b_out
+    n_moe = sum(layer.ffn == "moe" for layer in parse_pattern(model_cfg.layers, model_cfg.ffn).layers)
+    return n_moe * model_cfg.num_experts * per_expert, n_moe * model_cfg.top_k * per_expert
+
+
 def estimate_memory(n_params: int, model_cfg, train_cfg, seq_len: int, vocab_size: int,
-                    dp_size: int, precision: str) -> dict[str, float]:
+                    dp_size: int, precision: str, ep_size: int = 1) -> dict[str, float]:
     """Bytes per rank by category, plus 'total'."""
     half = precision == "bf16"
     stage = train_cfg.zero_stage
-    weights = n_params * (2 if half else 4)
-    master = n_params * 4 if half else 0
-    grads = n_params * (2 if half else 4)
-    adam = n_params * 8
-    if stage >= 1:
-        adam, master = adam / dp_size, master / dp_size
-    if stage >= 2:
-        grads /= dp_size
-    if stage >= 3:
-        weights /= dp_size
+    experts, _ = expert_parameters(model_cfg)
+    dense, local_experts = n_params - experts, experts / ep_size
+    expert_dp = max(1, dp_size // ep_size)  # ranks holding copies of the same experts
+
+    def sharded(bytes_per_param: float, shard: bool) -> float:
+        if not shard:
+            return (dense + local_experts) * bytes_per_param
+        return dense * bytes_per_param / dp_size + local_experts * bytes_per_param / expert_dp
+
+    weights = sharded(2 if half else 4, stage >= 3)
+    master = sharded(4, stage >= 1) if half else 0
+    grads = sharded(2 if half else 4, stage >= 2)
+    adam = sharded(8, stage >= 1)
     b, s, h, a = train_cfg.micro_batch_size, seq_len, model_cfg.d_model, model_cfg.n_heads
     scale = 1 if half else 2
     acts = 0.0
     for layer in parse_pattern(model_cfg.layers, model_cfg.ffn).layers:
         per_token = 34 + (5 * a * s / h if layer.mixer == "attention" else 16)
         acts += s * b * h * per_token * scale
+        if layer.ffn == "moe":
+            e, k = model_cfg.num_experts, model_cfg.top_k
+            capacity = max(model_cfg.min_capacity, math.ceil(model_cfg.capacity_factor * k * s * b / e))
+            acts += e * capacity * (2 * h + 2 * model_cfg.ffn_dim) * scale  # slots in/out, hidden before/after GELU
     logits = s * b * vocab_size * 4 * 2  # fp32 logits and their gradient
     out = {"weights": weights, "master_weights": master, "gradients": grads, "optimizer_states": adam,
            "activations": acts + logits}

@@ -11,6 +11,7 @@ import yaml
 from models import ConfigError, LanguageModel, ModelConfig, count_parameters
 from models.block import Block
 from models.ffn.mlp import MLP
+from models.ffn.moe import MoE
 from models.mixers.attention import Attention
 from models.mixers.h3 import H3
 from models.registry import FFNS, MIXERS, build_ffn, build_mixer
@@ -19,7 +20,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_registry_holds_classes(make_cfg) -> None:
-    assert MIXERS == {"attention": Attention, "h3": H3} and FFNS == {"mlp": MLP}
+    assert {"attention": Attention, "h3": H3}.items() <= MIXERS.items() and FFNS == {"mlp": MLP, "moe": MoE}
+    assert all(isinstance(cls, type) for cls in (*MIXERS.values(), *FFNS.values()))
     assert isinstance(build_mixer("h3", make_cfg(), 3), H3) and isinstance(build_ffn("mlp", make_cfg(), 0), MLP)
     with pytest.raises(ConfigError, match="unknown mixer 'mamba'"):
         build_mixer("mamba", make_cfg(), 0)
