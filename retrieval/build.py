@@ -1,0 +1,162 @@
+"""Embed a passage store and publish an index version: full builds sharded across ranks, incremental refreshes.
+
+Each version folder also holds `indexed.npz`: the ids, text digests and encoder (an index into the
+manifest's `encoders` list) of every indexed passage. That is what lets an incremental refresh find
+what changed in the corpus, and which passages were embedded by a stale encoder, without the old store.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from retrieval.index import (
+    IndexSpec,
+    ShardedIndex,
+    build_shard,
+    current_version,
+    load_index,
+    publish,
+    read_manifest,
+    spec_dict,
+    staging_dir,
+    version_dir,
+)
+from retrieval.passages import PassageStore, diff_passages
+from retrieval.protocol import Embedder
+
+EMBED_CHUNK = 1024  # passages read and embedded per step: bounds memory for the text, not for the vectors
+
+
+def embed_rows(store: PassageStore, embedder: Embedder, rows: np.ndarray, progress: bool = True,
+               desc: str = "embed") -> np.ndarray:
+    """float32 (len(rows), dim) embeddings of the given store rows, a chunk of texts at a time."""
+    out = np.zeros((len(rows), embedder.dim), dtype=np.float32)
+    with tqdm(total=len(rows), desc=desc, unit=" passages", disable=not progress) as bar:
+        for i in range(0, len(rows), EMBED_CHUNK):
+            chunk = rows[i : i + EMBED_CHUNK]
+            out[i : i + len(chunk)] = embedder.embed(store.texts(chunk))
+            bar.update(len(chunk))
+    return out
+
+
+def _default_barrier() -> Callable[[], None]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.barrier
+    return lambda: None
+
+
+def _store_info(store: PassageStore) -> dict:
+    return {"path": str(store.path.resolve()), "passages": len(store)}
+
+
+def build_full(
+    store: PassageStore,
+    embedder: Embedder,
+    index_dir: str | Path,
+    spec: IndexSpec,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Embed every passage and publish a new version; rank r builds shard r from its contiguous slice of rows.
+
+    Every rank calls this with the same arguments (all see `index_dir`, e.g. on a shared filesystem);
+    shards are independent indexes (each trains its own IVF), so no vectors cross ranks. Returns the manifest.
+    """
+    barrier = barrier or _default_barrier()
+    index_dir = Path(index_dir)
+    version = (current_version(index_dir) or 0) + 1
+    stage = staging_dir(index_dir, version)
+    stage.mkdir(parents=True, exist_ok=True)
+    rows = np.array_split(np.arange(len(store)), world_size)[rank]
+    if len(rows) == 0:
+        raise ValueError(f"passage store {store.path} has {len(store)} passages, fewer than the {world_size} ranks")
+    x = embed_rows(store, embedder, rows, progress and rank == 0, desc=f"embed (rank {rank})")
+    shard = build_shard(spec, x, np.asarray(store.ids)[rows])
+    [entry] = ShardedIndex(spec, [shard], use_gpu=False).save_shards(stage, first=rank)
+    (stage / f"shard_{rank:05d}.json").write_text(json.dumps(entry))
+    barrier()
+    manifest: dict = {}
+    if rank == 0:
+        entries = [json.loads((stage / f"shard_{r:05d}.json").read_text()) for r in range(world_size)]
+        for r in range(world_size):
+            (stage / f"shard_{r:05d}.json").unlink()
+        np.savez(stage / "indexed.npz", ids=np.asarray(store.ids), digests=np.asarray(store.digests),
+                 encoder=np.zeros(len(store), np.int16))
+        manifest = {
+            "spec": spec_dict(spec), "dim": embedder.dim, "metric": "inner_product", "refresh": "full",
+            "parent": None, "ntotal": sum(e["ntotal"] for e in entries), "shards": entries,
+            "encoder_sha256": embedder.fingerprint, "encoders": [embedder.fingerprint],
+            "encoder_counts": {embedder.fingerprint: len(store)}, "passage_store": _store_info(store),
+        }
+        publish(index_dir, version, manifest)
+    barrier()
+    return read_manifest(index_dir, version)
+
+
+def refresh_incremental(
+    index_dir: str | Path,
+    store: PassageStore,
+    embedder: Embedder,
+    reembed_ids: np.ndarray | None = None,
+    progress: bool = True,
+) -> dict:
+    """Publish a new version that matches `store` by removing and adding only what changed.
+
+    Passages that left the store go, new or edited ones are embedded and added, and `reembed_ids`
+    (e.g. the stalest passages, see `stale_ids`) are re-embedded with `embedder`. Runs on one process;
+    needs a removable index kind (flat, or IVF-PQ without refine). Returns the new manifest.
+    """
+    index_dir = Path(index_dir)
+    index, old = load_index(index_dir, use_gpu=False)
+    prev = np.load(version_dir(index_dir, old["version"]) / "indexed.npz")
+    ids, digests, enc_idx = prev["ids"], prev["digests"], prev["encoder"]
+    remove, add_rows = diff_passages(ids, digests, store)
+    if reembed_ids is not None and len(reembed_ids):
+        rows = store.rows_of(reembed_ids)
+        rows = rows[rows >= 0]
+        remove = np.union1d(remove, np.asarray(store.ids)[rows])
+        add_rows = np.union1d(add_rows, rows)
+    index.remove(remove)
+    x = embed_rows(store, embedder, add_rows, progress, desc="re-embed")
+    index.add(x, np.asarray(store.ids)[add_rows])
+
+    encoders = list(old["encoders"])
+    if embedder.fingerprint not in encoders:
+        encoders.append(embedder.fingerprint)
+    keep = ~np.isin(ids, remove)
+    new_ids = np.concatenate([ids[keep], np.asarray(store.ids)[add_rows]])
+    new_digests = np.concatenate([digests[keep], np.asarray(store.digests)[add_rows]])
+    new_enc = np.concatenate([enc_idx[keep], np.full(len(add_rows), encoders.index(embedder.fingerprint), np.int16)])
+
+    version = old["version"] + 1
+    stage = staging_dir(index_dir, version)
+    stage.mkdir(parents=True, exist_ok=True)
+    np.savez(stage / "indexed.npz", ids=new_ids, digests=new_digests, encoder=new_enc)
+    counts = {fp: int((new_enc == i).sum()) for i, fp in enumerate(encoders) if (new_enc == i).any()}
+    manifest = {
+        **{k: old[k] for k in ("spec", "dim", "metric")}, "refresh": "incremental", "parent": old["version"],
+        "ntotal": index.ntotal, "shards": index.save_shards(stage), "encoder_sha256": embedder.fingerprint,
+        "encoders": encoders, "encoder_counts": counts, "passage_store": _store_info(store),
+        "changes": {"removed": int(len(remove)), "added": int(len(add_rows))},
+    }
+    publish(index_dir, version, manifest)
+    return read_manifest(index_dir, version)
+
+
+def stale_ids(index_dir: str | Path, fingerprint: str, limit: int) -> np.ndarray:
+    """Up to `limit` indexed passage ids not embedded by the encoder `fingerprint`, oldest encoder first."""
+    manifest = read_manifest(index_dir)
+    prev = np.load(version_dir(index_dir, manifest["version"]) / "indexed.npz")
+    fresh = manifest["encoders"].index(fingerprint) if fingerprint in manifest["encoders"] else -1
+    stale = np.flatnonzero(prev["encoder"] != fresh)
+    order = np.argsort(prev["encoder"][stale], kind="stable")
+    return prev["ids"][stale[order][:limit]]
