@@ -26,3 +26,22 @@ def fftconv_ref(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None)
     if D is not None:
         y = y + u.to(dtype) * D.to(dtype).unsqueeze(-1)
     return y.to(u.dtype)
+
+
+def ssm_kernel(dtA: torch.Tensor, dB: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
+    """Convolution kernel of a diagonal SSM with conjugate-pair modes: K[l] = 2 Re(sum_n C_n dB_n exp(dtA_n l)).
+
+    dtA, dB, C: complex (H, N/2) (dtA = dt * A, the log of the discrete dA). Returns K: (H, length), real.
+    """
+    steps = torch.arange(length, device=dtA.device, dtype=dtA.real.dtype)
+    vandermonde = torch.exp(dtA.unsqueeze(-1) * steps)  # (H, N/2, L)
+    return 2 * torch.einsum("hn,hnl->hl", C * dB, vandermonde).real
+
+
+def ssm_conv_ref(
+    u: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The diagonal SSM ``x_t = exp(dtA) x_{t-1} + dB u_t, y_t = 2 Re(C x_t) + D u_t`` over all of u, as one FFT
+    convolution with its full-length kernel. u: (B, H, L); dtA, dB, C: complex (H, N/2); D: (H,) -> y (B, H, L).
+    """
+    return fftconv_ref(u, ssm_kernel(dtA, dB, C, u.shape[-1]), D)

@@ -2,7 +2,8 @@
 
 Both are linear time-invariant SSMs ``x_t = A x_{t-1} + B u_t, y_t = C x_t + D u_t`` run
 independently per channel. Training evaluates them as a causal convolution with the kernel
-``K[l] = C A^l B`` (via ``kernels.fftconv``); generation runs the recurrence one step at a time.
+``K[l] = C A^l B`` (via ``kernels.fftconv``; state passing beyond 8K on GPU); generation runs the
+recurrence one step at a time.
 
 - ``ShiftSSM``: A is the shift matrix and B = e1, so the state is the last N inputs and the kernel
   is just C (a learnable causal filter of length N). It lets H3 compare tokens with their recent past.
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.fftconv import fftconv
+from kernels.fftconv import fftconv, ssm_conv, ssm_kernel
 
 SSM_OPTIM = {"weight_decay": 0.0, "lr": 1e-3}  # S4 recipe: A and dt train slowly and without decay
 DT_MIN, DT_MAX = 1e-3, 1e-1
@@ -124,14 +125,12 @@ class DiagonalSSM(nn.Module):
 
     def kernel(self, length: int) -> torch.Tensor:
         """K[l] = 2 Re(sum_n C_n dB_n exp(dtA_n l)), l = 0 .. length-1: (H, length) in fp32 (fp64 for fp64 params)."""
-        dtA, dB, C = self.discretize()
-        steps = torch.arange(length, device=dtA.device, dtype=dtA.real.dtype)
-        vandermonde = torch.exp(dtA.unsqueeze(-1) * steps)  # (H, N/2, L)
-        return 2 * torch.einsum("hn,hnl->hl", C * dB, vandermonde).real
+        return ssm_kernel(*self.discretize(), length)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u: (B, H, L) -> y: (B, H, L)."""
-        return fftconv(u, self.kernel(u.shape[-1]), self.D)
+        """u: (B, H, L) -> y: (B, H, L). ``ssm_conv`` takes the SSM itself, not its kernel, so that sequences
+        beyond one fused convolution can be run by state passing (carrying x between chunks)."""
+        return ssm_conv(u, *self.discretize(), self.D)
 
     def allocate_state(self, batch_shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
         """Zero complex state (*batch_shape, H, N/2)."""

@@ -1,0 +1,65 @@
+"""State passing (H3, Sec. 4.2): a diagonal SSM over a sequence longer than one fused FFT convolution holds.
+
+The sequence is split into chunks of T. Within a chunk the output is an ordinary length-T FFT
+convolution (the fused kernel's job); what came before the chunk is summarised by the SSM state
+entering it, an (N/2)-vector per channel, which adds ``2 Re(C dA^(t+1) x_in)`` to the chunk's outputs
+and is carried to the next chunk as ``x_out = dA^T x_in + sum_s dA^(T-1-s) dB u_s``. Only N/2 numbers
+per channel cross chunk boundaries, so the convolution never needs the full-length kernel or FFT.
+The math is in README.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.fftconv.reference import ssm_kernel
+
+
+def ssm_conv_state_passing(
+    u: torch.Tensor,
+    dtA: torch.Tensor,
+    dB: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    chunk: int = 8192,
+    conv=None,
+) -> torch.Tensor:
+    """Diagonal SSM ``x_t = exp(dtA) x_{t-1} + dB u_t, y_t = 2 Re(C x_t) + D u_t`` by chunks of `chunk` steps.
+
+    Args:
+        u: (B, H, L) input, any float dtype; L need not be a multiple of `chunk`.
+        dtA, dB, C: complex (H, N/2) discretised SSM (dtA = dt * A is the log of the state decay dA).
+        D: (H,) skip weight or None.
+        chunk: steps per chunk, convolved with a length-`chunk` kernel.
+        conv: the within-chunk convolution ``(u (B', H, T), k (H, T), D) -> (B', H, T)``; default the
+            dispatching ``kernels.fftconv.fftconv`` (the fused Triton kernel on GPU).
+
+    Returns:
+        y: (B, H, L) in u's dtype, equal to ``ssm_conv_ref`` up to rounding. Differentiable in u, dtA, dB, C, D.
+    """
+    if conv is None:
+        from kernels.fftconv import fftconv as conv
+    B, H, L = u.shape
+    T = min(chunk, L)
+    n_chunks = -(-L // T)
+    # Zeros after the end change no earlier output (causality); they are cut off again below.
+    u_chunks = F.pad(u, (0, n_chunks * T - L)).view(B, H, n_chunks, T)  # (B, H, c, T)
+    y = conv(u_chunks.transpose(1, 2).reshape(B * n_chunks, H, T), ssm_kernel(dtA, dB, C, T), D)
+    y = y.view(B, n_chunks, H, T).to(dtA.real.dtype)  # (B, c, H, T), in the SSM's precision for the sum below
+
+    steps = torch.arange(T, device=u.device, dtype=dtA.real.dtype)  # (T,)
+    decay_in = torch.exp(dtA.unsqueeze(-1) * steps.flip(0))  # (H, N/2, T): dA^(T-1-s) for input s
+    local = dB.unsqueeze(0) * torch.einsum("bhcs,hns->bchn", u_chunks.to(decay_in.dtype), decay_in)  # (B, c, H, N/2)
+    decay_chunk = torch.exp(dtA * T)  # (H, N/2): dA^T
+    state = torch.zeros_like(local[:, 0])  # (B, H, N/2): before the first step
+    entering = []
+    # A loop over chunks (L / T of them, 8 at 64K): the state recursion is sequential and tiny.
+    for c in range(n_chunks):
+        entering.append(state)
+        state = decay_chunk * state + local[:, c]
+    x_in = torch.stack(entering, dim=1)  # (B, c, H, N/2)
+    decay_out = torch.exp(dtA.unsqueeze(-1) * (steps + 1))  # (H, N/2, T): dA^(t+1) for output t
+    carried = 2 * torch.einsum("bchn,hnt->bcht", C * x_in, decay_out).real  # (B, c, H, T)
+    y = (y + carried.to(y.dtype)).transpose(1, 2).reshape(B, H, n_chunks * T)[..., :L]  # (B, H, L)
+    return y.to(u.dtype)
