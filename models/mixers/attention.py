@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.attention import attention
 from models.config import ModelConfig
 from parallel.linear import column_linear, row_linear
 
@@ -57,7 +58,7 @@ class Attention(nn.Module):
         """x: (B, L, D) -> (B, L, D)."""
         B, L, _ = x.shape
         q, k, v = self._qkv(x, torch.arange(L, device=x.device))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)  # (B, H, L, hd)
         return self.out_proj(y.transpose(1, 2).reshape(B, L, self.d_model))  # (B, L, D)
 
     def allocate_state(
@@ -81,3 +82,18 @@ class Attention(nn.Module):
         # A single query may see every cached position, so no mask is needed.
         y = F.scaled_dot_product_attention(q, state["k"][:, :, : pos + 1], state["v"][:, :, : pos + 1])
         return self.out_proj(y.reshape(x_t.shape[0], self.d_model))  # (B, D)
+
+    def prefill(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        """x: (B, L, D) -> forward(x), writing the L positions' keys and values into an empty KV cache."""
+        B, L, _ = x.shape
+        if state["pos"] != 0 or L > state["k"].shape[2]:
+            raise RuntimeError(
+                f"prefill needs an empty KV cache of at least {L} positions, got pos {state['pos']} "
+                f"of {state['k'].shape[2]}"
+            )
+        q, k, v = self._qkv(x, torch.arange(L, device=x.device))  # each (B, H, L, hd)
+        state["k"][:, :, :L] = k
+        state["v"][:, :, :L] = v
+        state["pos"] = L
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, hd)
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, self.d_model))  # (B, L, D)

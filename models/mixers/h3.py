@@ -77,3 +77,23 @@ class H3(nn.Module):
         y, state["diag"] = self.diag_ssm.step(kv, state["diag"])  # (B, d_i, d_j, H)
         y = (y * self._split(q).unsqueeze(2)).sum(1)  # (B, d_j, H)
         return self.out_proj(y.reshape(B, self.d_model))
+
+    def prefill(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        """x: (B, L, D) -> forward(x), leaving `state` as if `step` had read the L positions from a zero state.
+
+        One parallel pass instead of L recurrent steps: the shift state is the last N keys, the diagonal
+        state the decayed sum of every kv (``diagonal_ssm_state``).
+        """
+        from models.mixers.s4d import diagonal_ssm_state
+
+        B, L, _ = x.shape
+        d, H, N = self.head_dim, self.n_heads, self.shift_ssm.d_state
+        q, k_in, v = (proj(x).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, D, L)
+        shift = nn.functional.pad(k_in, (N, 0))[..., -N:].flip(-1)  # (B, D, N): k_{L-1}, k_{L-2}, ..., zeros
+        state["shift"] = shift.to(state["shift"].dtype)
+        k = self.shift_ssm(k_in)  # (B, D, L)
+        kv = self._split(k).unsqueeze(2) * self._split(v).unsqueeze(1)  # (B, d_i, d_j, H, L)
+        state["diag"] = diagonal_ssm_state(self.diag_ssm, kv)  # (B, d_i, d_j, H, N/2)
+        y = self.diag_ssm(kv.reshape(B * d * d, H, L)).view(B, d, d, H, L)  # (B, d_i, d_j, H, L)
+        y = (y * self._split(q).unsqueeze(2)).sum(1)  # (B, d_j, H, L)
+        return self.out_proj(y.reshape(B, self.d_model, L).transpose(1, 2))  # (B, L, D)

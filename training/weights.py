@@ -1,0 +1,94 @@
+"""Read a finished training run back as a plain model: config, consolidated fp32 weights, tokenizer.
+
+A run directory from launcher/pretrain.py holds ``config.yaml`` (the resolved config),
+``checkpoints/<tag>/`` (DeepSpeed shards, sha256 manifest) and ``data/tokenizer.model``. DeepSpeed's
+own ``zero_to_fp32`` consolidates ZeRO-1/2/3 shards on the CPU (the fp32 master weights, exact even
+for bf16 training); a ZeRO-0 checkpoint already holds the whole module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data_pipeline.tokenizer import Tokenizer
+from launcher.config import RunConfig, load_config
+from models.lm import LanguageModel
+from training.checkpoint import MANIFEST, CheckpointError, choose_tag, complete_tags, latest_tag, verify
+
+MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0/1/2; a pre-manifest run is accepted only with it
+
+
+@dataclass
+class RunWeights:
+    """What generation and evaluation need from a run."""
+
+    config: RunConfig  # model.vocab_size resolved from the weights
+    state_dict: dict[str, torch.Tensor]  # fp32, CPU
+    tokenizer: Tokenizer | None  # None when the run dir has no data/tokenizer.model (e.g. a user tokenizer moved)
+    tag: str
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of checkpoint `tag` in `ckpt_dir`, on CPU, whatever the ZeRO stage and rank count."""
+    tag_dir = ckpt_dir / tag
+    # ZeRO-0/1/2 write mp_rank_00_model_states.pt, ZeRO-3 one zero_pp_rank_*_model_states.pt per rank.
+    model_files = sorted(tag_dir.glob("*model_states.pt"))
+    if not model_files:
+        raise CheckpointError(f"{tag_dir} holds no *model_states.pt; expected a DeepSpeed checkpoint folder")
+    states = torch.load(model_files[0], map_location="cpu", weights_only=False)
+    stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
+    if stage == 0:  # no optimizer partitions: the module is whole (cast, as bf16 runs keep no fp32 copy here)
+        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress on stdout; keep it for results
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
+
+
+def load_run(run_dir: str | Path, tag: str | None = None) -> RunWeights:
+    """Config, weights and tokenizer of a run; `tag` None takes the newest intact checkpoint.
+
+    Raises CheckpointError (no checkpoint, failed checksum) or ConfigError (unreadable config) with a
+    message naming the file.
+    """
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path} is missing; expected a run directory written by launcher/pretrain.py")
+    cfg = load_config(str(config_path), [f"run_dir={run_dir}"])  # the run may have moved since it was written
+    ckpt_dir = run_dir / "checkpoints"
+    if tag is None and not complete_tags(ckpt_dir) and (ckpt_dir / str(latest_tag(ckpt_dir)) / MODEL_STATES).is_file():
+        tag = latest_tag(ckpt_dir)  # written before checkpoints carried manifests: nothing to verify against
+        print(f"warning: {ckpt_dir / tag} has no {MANIFEST}; loading it unverified", file=sys.stderr)
+    elif tag is None:
+        tag = choose_tag(ckpt_dir)
+    else:
+        problem = verify(ckpt_dir / tag)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint '{tag}' in {ckpt_dir} is not usable: {problem}")
+    state_dict = consolidated_state_dict(ckpt_dir, tag)
+    if "embedding.weight" not in state_dict:
+        raise CheckpointError(f"{ckpt_dir / tag} holds no 'embedding.weight'; expected a LanguageModel checkpoint")
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=state_dict["embedding.weight"].shape[0])
+    tok_path = Path(cfg.data.tokenizer) if cfg.data.tokenizer else run_dir / "data" / "tokenizer.model"
+    tokenizer = Tokenizer(tok_path) if tok_path.is_file() else None
+    return RunWeights(cfg, state_dict, tokenizer, tag)
+
+
+def build_model(
+    weights: RunWeights, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LanguageModel:
+    """A LanguageModel in eval mode holding the run's weights (strict: every key must match)."""
+    with torch.device("meta"):
+        model = LanguageModel(weights.config.model)
+    model.load_state_dict(weights.state_dict, strict=True, assign=True)  # built on meta: no throw-away init
+    missing = [name for name, t in model.state_dict().items() if t.is_meta]
+    if missing:
+        raise CheckpointError(f"checkpoint '{weights.tag}' leaves {missing[:3]} unset; expected every model tensor")
+    return model.to(device=device, dtype=dtype).eval()
