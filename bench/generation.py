@@ -13,7 +13,6 @@ paper's 1.3B shape on a GPU: ``--config configs/h3_hybrid_1.3b.yaml --device cud
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -23,24 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from launcher.config import load_config  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
+from bench.shapes import add_shape_args, hybrid_and_transformer  # noqa: E402
 from models.generation import GREEDY, generate  # noqa: E402
 from models.lm import LanguageModel  # noqa: E402
-
-
-def shapes(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
-    """(hybrid, transformer) configs of the same width, depth and vocabulary."""
-    if args.config:
-        hybrid = load_config(args.config).model
-        hybrid.vocab_size = hybrid.vocab_size or args.vocab
-    else:
-        hybrid = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_heads=args.n_heads, layers=args.layers,
-                             h3_d_state=args.d_state)
-    longest = max(args.prompts) + args.new
-    hybrid = dataclasses.replace(hybrid, layers=hybrid.layers.replace("|", ""), max_seq_len=longest)
-    transformer = dataclasses.replace(hybrid, layers="A" * len(hybrid.layers))
-    return hybrid, transformer
 
 
 def seconds(model: LanguageModel, prompt: torch.Tensor, new: int) -> float:
@@ -55,12 +39,7 @@ def seconds(model: LanguageModel, prompt: torch.Tensor, new: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="hybrid model shape from this YAML, e.g. configs/h3_hybrid_1.3b.yaml")
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--layers", default="HAHH", help="hybrid pattern; the Transformer is all 'A' of this depth")
-    parser.add_argument("--d-state", type=int, default=64)
-    parser.add_argument("--vocab", type=int, default=4096, help="vocabulary (when the config leaves it 0)")
+    add_shape_args(parser, "configs/h3_hybrid_1.3b.yaml")
     parser.add_argument("--prompts", default="512,1024,1536", help="prompt lengths, comma-separated")
     parser.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
     parser.add_argument("--new", type=int, default=128, help="tokens generated per sequence")
@@ -76,7 +55,7 @@ def main() -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
 
     torch.manual_seed(0)
-    configs = shapes(args)
+    configs = hybrid_and_transformer(args, max(args.prompts) + args.new)
     models = [LanguageModel(cfg).to(args.device, dtype).eval() for cfg in configs]
     n = sum(p.numel() for p in models[0].parameters())
     print(f"hybrid '{configs[0].layers}' vs Transformer '{configs[1].layers}': d_model {configs[0].d_model}, "

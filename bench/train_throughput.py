@@ -12,7 +12,6 @@ e.g. ``--config configs/h3_hybrid_125m.yaml --device cuda --dtype bf16 --batch 4
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from launcher.config import load_config  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
+from bench.shapes import add_shape_args, hybrid_and_transformer  # noqa: E402
 from models.lm import LanguageModel  # noqa: E402
 
 
@@ -44,12 +42,7 @@ def step_seconds(model: LanguageModel, optimizer: torch.optim.Optimizer, ids: to
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="hybrid model shape from this YAML, e.g. configs/h3_hybrid_125m.yaml")
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--layers", default="HAHH", help="hybrid pattern; the Transformer is all 'A' of this depth")
-    parser.add_argument("--d-state", type=int, default=64)
-    parser.add_argument("--vocab", type=int, default=4096, help="vocabulary (when the config leaves it 0)")
+    add_shape_args(parser, "configs/h3_hybrid_125m.yaml")
     parser.add_argument("--lengths", default="1024,2048,4096,8192", help="sequence lengths, comma-separated")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per cell (best taken)")
@@ -62,14 +55,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
-    if args.config:
-        hybrid = load_config(args.config).model
-        hybrid.vocab_size = hybrid.vocab_size or args.vocab
-    else:
-        hybrid = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_heads=args.n_heads, layers=args.layers,
-                             h3_d_state=args.d_state)
-    hybrid = dataclasses.replace(hybrid, layers=hybrid.layers.replace("|", ""), max_seq_len=max(lengths))
-    configs = [hybrid, dataclasses.replace(hybrid, layers="A" * len(hybrid.layers))]
+    configs = hybrid_and_transformer(args, max(lengths))
+    hybrid = configs[0]
     torch.manual_seed(0)
     models = [LanguageModel(cfg).to(args.device) for cfg in configs]
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in models]
