@@ -18,6 +18,7 @@ import torch
 
 from data_pipeline.tokenizer import Tokenizer
 from launcher.config import RunConfig, load_config
+from models.config import ModelConfig
 from models.lm import LanguageModel
 from training.checkpoint import MANIFEST, CheckpointError, choose_tag, complete_tags, latest_tag, verify
 
@@ -92,3 +93,83 @@ def build_model(
     if missing:
         raise CheckpointError(f"checkpoint '{weights.tag}' leaves {missing[:3]} unset; expected every model tensor")
     return model.to(device=device, dtype=dtype).eval()
+
+
+# A consolidated checkpoint: one folder a user can copy, evaluate or hand to Hugging Face transformers.
+WEIGHTS_FILE = "model.safetensors"
+MODEL_CONFIG_FILE = "config.json"  # the ModelConfig (plus Hugging Face's fields when exported for it)
+RUN_CONFIG_FILE = "config.yaml"  # the run's resolved config, for provenance and evaluation defaults
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def save_consolidated(weights: RunWeights, out_dir: str | Path, extra_config: dict | None = None) -> Path:
+    """Write `weights` as model.safetensors + config.json + config.yaml + tokenizer.model in `out_dir`.
+
+    Tied weights are stored once (the tied model has no lm_head tensor); `extra_config` adds keys to
+    config.json (Hugging Face's model_type and auto_map).
+    """
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from launcher.config import save_resolved
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in weights.state_dict.items()}
+    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt", "tag": weights.tag})
+    model_cfg = {**dataclasses.asdict(weights.config.model), **(extra_config or {})}
+    (out_dir / MODEL_CONFIG_FILE).write_text(json.dumps(model_cfg, indent=2, sort_keys=True) + "\n")
+    save_resolved(weights.config, out_dir)
+    if weights.tokenizer is not None:
+        shutil.copyfile(weights.tokenizer.path, out_dir / TOKENIZER_FILE)
+    return out_dir
+
+
+def model_config_from_dict(values: dict) -> ModelConfig:
+    """The ModelConfig fields of a config.json (other keys, e.g. Hugging Face's, are ignored); validated."""
+    from models.config import ConfigError
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in values.items() if k in fields})
+    cfg.validate()
+    if cfg.vocab_size <= 0:
+        raise ConfigError(f"vocab_size in {MODEL_CONFIG_FILE} must be a positive integer, got {cfg.vocab_size}")
+    return cfg
+
+
+def load_consolidated(ckpt_dir: str | Path) -> RunWeights:
+    """Read a folder written by `save_consolidated`; safetensors only, so loading never unpickles anything."""
+    import json
+
+    from safetensors.torch import load_file
+
+    ckpt_dir = Path(ckpt_dir)
+    for name in (WEIGHTS_FILE, MODEL_CONFIG_FILE):
+        if not (ckpt_dir / name).is_file():
+            raise CheckpointError(f"{ckpt_dir / name} is missing; expected a folder written by convert_checkpoint.py")
+    try:
+        values = json.loads((ckpt_dir / MODEL_CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{ckpt_dir / MODEL_CONFIG_FILE} is not valid JSON: {e}") from None
+    run_yaml = ckpt_dir / RUN_CONFIG_FILE
+    cfg = load_config(str(run_yaml) if run_yaml.is_file() else None, [f"run_dir={ckpt_dir}"])
+    cfg.model = model_config_from_dict(values)
+    try:
+        state_dict = load_file(str(ckpt_dir / WEIGHTS_FILE), device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError on a truncated or foreign file
+        raise CheckpointError(f"{ckpt_dir / WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
+    tok_path = ckpt_dir / TOKENIZER_FILE
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt_dir / WEIGHTS_FILE), framework="pt") as f:
+        tag = (f.metadata() or {}).get("tag", ckpt_dir.name)
+    return RunWeights(cfg, state_dict, Tokenizer(tok_path) if tok_path.is_file() else None, tag)
+
+
+def load_weights(path: str | Path, tag: str | None = None) -> RunWeights:
+    """A run directory (DeepSpeed checkpoints) or a consolidated folder, whichever `path` is."""
+    if (Path(path) / WEIGHTS_FILE).is_file():
+        return load_consolidated(path)
+    return load_run(path, tag)

@@ -1,0 +1,1 @@
+"""Hugging Face transformers wrappers, copied next to a converted checkpoint for ``trust_remote_code=True``."""

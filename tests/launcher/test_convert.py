@@ -1,0 +1,134 @@
+"""launcher/convert_checkpoint.py: run -> safetensors folder -> the project model and HF transformers, same logits."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from launcher.config import load_config, save_resolved
+from models import LanguageModel
+from tests.procs import REPO, run_python
+from training.checkpoint import CheckpointError, write_manifest
+from training.weights import RunWeights, build_model, load_consolidated, load_run, save_consolidated
+
+DEBUG = str(REPO / "configs" / "debug_hybrid.yaml")
+TINY = ["data.max_corpus_bytes=1500000", "data.vocab_size=1024", "data.tokenizer_sample_bytes=1500000",
+        "train.steps=2", "train.eval_every=0", "train.warmup_steps=1"]
+
+
+def _convert_cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "launcher" / "convert_checkpoint.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+
+
+def _fake_run(tmp_path, tie: bool = True) -> LanguageModel:
+    """A ZeRO-0 run dir laid out as pretrain.py writes it (tiny HSA model, no tokenizer)."""
+    cfg = load_config(None, [f"run_dir={tmp_path}", "model.layers=HSA", "model.d_model=32", "model.n_heads=2",
+                             "model.h3_d_state=8", "data.vocab_size=64", f"model.tie_embeddings={str(tie).lower()}"])
+    save_resolved(cfg, tmp_path)
+    cfg.model.vocab_size = 64
+    torch.manual_seed(0)
+    model = LanguageModel(cfg.model).eval()
+    tag_dir = tmp_path / "checkpoints" / "step00000001"
+    tag_dir.mkdir(parents=True)
+    torch.save({"module": model.state_dict(), "ds_config": {"zero_optimization": {"stage": 0}}},
+               tag_dir / "mp_rank_00_model_states.pt")
+    write_manifest(tag_dir)
+    (tmp_path / "checkpoints" / "latest").write_text("step00000001")
+    return model
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_consolidated_round_trip_is_exact_and_stores_tied_weights_once(tmp_path, tie: bool) -> None:
+    model = _fake_run(tmp_path / "run", tie)
+    save_consolidated(load_run(tmp_path / "run"), tmp_path / "ckpt")
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert keys == set(model.state_dict()) and ("lm_head.weight" in keys) != tie
+    loaded = build_model(load_consolidated(tmp_path / "ckpt"))
+    assert loaded.cfg == model.cfg and loaded.embedding.weight.data_ptr() != 0
+    ids = torch.randint(0, 64, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+
+
+def test_consolidated_loading_never_unpickles(tmp_path, monkeypatch) -> None:
+    _fake_run(tmp_path / "run")
+    save_consolidated(load_run(tmp_path / "run"), tmp_path / "ckpt")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling in the consolidated loading path")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    assert build_model(load_consolidated(tmp_path / "ckpt")).cfg.vocab_size == 64
+
+
+def test_truncated_or_missing_files_are_named(tmp_path) -> None:
+    _fake_run(tmp_path / "run")
+    save_consolidated(load_run(tmp_path / "run"), tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_consolidated(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_consolidated(tmp_path / "ckpt")
+
+
+def test_cli_help_and_one_line_error(tmp_path) -> None:
+    proc = _convert_cli(["--help"])
+    assert proc.returncode == 0 and "--format" in proc.stdout and "--out" in proc.stdout
+    proc = _convert_cli([str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "config.yaml" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_hf_export_of_an_untied_model_loads_in_transformers(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = _fake_run(tmp_path / "run", tie=False)
+    _ok(_convert_cli([str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--format", "hf"]))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_real_run_converts_to_the_same_logits_in_the_project_model_and_transformers(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    run_dir, out = tmp_path / "run", tmp_path / "hf"
+    _ok(run_python(["--config", DEBUG, f"run_dir={run_dir}", *TINY, "train.zero_stage=1"]))
+    _ok(_convert_cli([str(run_dir), "--out", str(out), "--format", "hf"]))
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "config.yaml", "tokenizer.model",
+                                               "modeling_hybrid_lm.py", "configuration_hybrid_lm.py"}
+    assert json.loads((out / "config.json").read_text())["layers"] == "HHAH"
+
+    reference: RunWeights = load_run(run_dir)
+    model = build_model(reference)
+    converted = load_consolidated(out)
+    assert converted.tokenizer.sha256 == reference.tokenizer.sha256 and converted.tag == reference.tag
+    ids = torch.tensor([reference.tokenizer.encode("def main(argv):\n    return 0\n")] * 2)
+    ids[1, 3:] = torch.randint(0, reference.config.model.vocab_size, (ids.shape[1] - 3,))
+    with torch.no_grad():
+        expected = model(ids)
+        torch.testing.assert_close(build_model(converted)(ids), expected, rtol=1e-6, atol=1e-6)
+        hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)
+        assert not hf.training
+        out_hf = hf(ids, labels=ids)
+        torch.testing.assert_close(out_hf.logits, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out_hf.loss, model(ids[:, :-1], labels=ids[:, 1:]), rtol=1e-6, atol=1e-6)
