@@ -7,6 +7,7 @@ per file and reason instead of failing a multi-hour job on one broken line, and 
 
 from __future__ import annotations
 
+import abc
 import glob
 import io
 import itertools
@@ -211,7 +212,7 @@ def read_text(path: Path, skips: SkipCounter) -> Iterator[str]:
         skips.add(path, "empty")
 
 
-class Source:
+class Source(abc.ABC):
     """One `data.path` spec: knows its native splits and yields documents for one of them.
 
     Sources without a native split report `splits == ("train",)`: everything is training text and the
@@ -247,9 +248,9 @@ class Source:
                 f"({self.skips.summary()}); expected UTF-8 text"
             )
 
+    @abc.abstractmethod
     def files(self, split: str | None = None) -> list[Path]:
         """Files read for `split` (all splits when None), in reading order."""
-        raise NotImplementedError
 
     def fingerprint(self) -> list:
         """Identity of the input for caching: every file's path, size and modification time."""
@@ -262,8 +263,9 @@ class Source:
     def describe(self) -> str:
         return f"{self.kind} '{self.spec}' ({len(self.files())} files, splits: {', '.join(self.splits)})"
 
+    @abc.abstractmethod
     def _records(self, split: str, files: list[Path]) -> Iterator[Document]:
-        raise NotImplementedError
+        """Documents of `split` read from `files`, skips counted in `self.skips`."""
 
 
 class JsonlSource(Source):
