@@ -9,6 +9,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
+DEBUG_CONFIG = str(REPO / "configs" / "debug_hybrid.yaml")
+# A smaller corpus and vocabulary than the quick start, so each end-to-end run costs seconds, not minutes.
+SMALL_DATA = ["data.max_corpus_bytes=1500000", "data.vocab_size=1024", "data.tokenizer_sample_bytes=1500000"]
+# A two-step run, enough to produce a real checkpoint.
+TINY_RUN = [*SMALL_DATA, "train.steps=2", "train.eval_every=0", "train.warmup_steps=1"]
 
 
 def launch(args: list[str], ranks: int = 2, timeout: int = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -36,3 +41,9 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_script(name: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``launcher/<name>.py`` as a plain process."""
+    return subprocess.run([sys.executable, str(REPO / "launcher" / f"{name}.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)

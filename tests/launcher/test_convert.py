@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pickle
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,18 +12,11 @@ from safetensors import safe_open
 
 from launcher.config import load_config, save_resolved
 from models import LanguageModel
-from tests.procs import REPO, run_python
+from tests.procs import REPO, TINY_RUN, run_python, run_script
 from training.checkpoint import CheckpointError, write_manifest
 from training.weights import RunWeights, build_model, load_consolidated, load_run, save_consolidated
 
 DEBUG = str(REPO / "configs" / "debug_hybrid.yaml")
-TINY = ["data.max_corpus_bytes=1500000", "data.vocab_size=1024", "data.tokenizer_sample_bytes=1500000",
-        "train.steps=2", "train.eval_every=0", "train.warmup_steps=1"]
-
-
-def _convert_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launcher" / "convert_checkpoint.py"), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
@@ -89,9 +81,9 @@ def test_truncated_or_missing_files_are_named(tmp_path) -> None:
 
 
 def test_cli_help_and_one_line_error(tmp_path) -> None:
-    proc = _convert_cli(["--help"])
+    proc = run_script("convert_checkpoint", ["--help"])
     assert proc.returncode == 0 and "--format" in proc.stdout and "--out" in proc.stdout
-    proc = _convert_cli([str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    proc = run_script("convert_checkpoint", [str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "config.yaml" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -100,7 +92,7 @@ def test_hf_export_of_an_untied_model_loads_in_transformers(tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = _fake_run(tmp_path / "run", tie=False)
-    _ok(_convert_cli([str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--format", "hf"]))
+    _ok(run_script("convert_checkpoint", [str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--format", "hf"]))
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
@@ -112,8 +104,8 @@ def test_real_run_converts_to_the_same_logits_in_the_project_model_and_transform
     from transformers import AutoModelForCausalLM
 
     run_dir, out = tmp_path / "run", tmp_path / "hf"
-    _ok(run_python(["--config", DEBUG, f"run_dir={run_dir}", *TINY, "train.zero_stage=1"]))
-    _ok(_convert_cli([str(run_dir), "--out", str(out), "--format", "hf"]))
+    _ok(run_python(["--config", DEBUG, f"run_dir={run_dir}", *TINY_RUN, "train.zero_stage=1"]))
+    _ok(run_script("convert_checkpoint", [str(run_dir), "--out", str(out), "--format", "hf"]))
     assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "config.yaml", "tokenizer.model",
                                                "modeling_hybrid_lm.py", "configuration_hybrid_lm.py"}
     assert json.loads((out / "config.json").read_text())["layers"] == "HHAH"

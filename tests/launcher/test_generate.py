@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,18 +10,11 @@ import torch
 from launcher.config import load_config, save_resolved
 from models import LanguageModel
 from models.generation import GREEDY, generate
-from tests.procs import REPO, launch, run_python
+from tests.procs import REPO, TINY_RUN, launch, run_python, run_script
 from training.checkpoint import CheckpointError, write_manifest
 from training.weights import build_model, load_run
 
 DEBUG = str(REPO / "configs" / "debug_hybrid.yaml")
-TINY = ["data.max_corpus_bytes=1500000", "data.vocab_size=1024", "data.tokenizer_sample_bytes=1500000",
-        "train.steps=2", "train.eval_every=0", "train.warmup_steps=1"]
-
-
-def _generate_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launcher" / "generate.py"), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
 
 
 def _fake_zero0_run(tmp_path, layers: str = "HA"):
@@ -62,14 +54,14 @@ def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path) -> None:
 
 
 def test_cli_help_and_one_line_errors(tmp_path) -> None:
-    proc = _generate_cli(["--help"])
+    proc = run_script("generate", ["--help"])
     assert proc.returncode == 0 and "--top-p" in proc.stdout and "--prompt" in proc.stdout
-    proc = _generate_cli([str(tmp_path / "nowhere"), "--prompt", "x"])
+    proc = run_script("generate", [str(tmp_path / "nowhere"), "--prompt", "x"])
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "config.yaml" in proc.stderr
     _fake_zero0_run(tmp_path)
-    proc = _generate_cli([str(tmp_path)])
+    proc = run_script("generate", [str(tmp_path)])
     assert proc.returncode == 2 and "no prompt given" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    proc = _generate_cli([str(tmp_path), "--prompt", "x", "--top-p", "0"])
+    proc = run_script("generate", [str(tmp_path), "--prompt", "x", "--top-p", "0"])
     assert proc.returncode == 2 and "top_p" in proc.stderr
 
 
@@ -82,7 +74,7 @@ def test_zero0_and_zero3_checkpoints_consolidate_to_the_same_weights_and_generat
     weights = {}
     for stage in (0, 3):
         run_dir = tmp_path / f"z{stage}"
-        _ok(run_python(["--config", DEBUG, f"run_dir={run_dir}", *TINY, f"train.zero_stage={stage}"]))
+        _ok(run_python(["--config", DEBUG, f"run_dir={run_dir}", *TINY_RUN, f"train.zero_stage={stage}"]))
         weights[stage] = load_run(run_dir)
     assert weights[0].state_dict.keys() == weights[3].state_dict.keys()
     for name, tensor in weights[0].state_dict.items():
@@ -94,7 +86,7 @@ def test_zero0_and_zero3_checkpoints_consolidate_to_the_same_weights_and_generat
     assert not torch.allclose(initial[name], weights[0].state_dict[name], atol=1e-4)  # it did train
 
     prompts = ["def main(", "import os\nimport"]
-    proc = _generate_cli([str(tmp_path / "z3"), *sum((["--prompt", p] for p in prompts), []), "--greedy",
+    proc = run_script("generate", [str(tmp_path / "z3"), *sum((["--prompt", p] for p in prompts), []), "--greedy",
                           "--max-new-tokens", "8"])
     _ok(proc)
     tok, model = weights[3].tokenizer, build_model(weights[3])
@@ -108,7 +100,7 @@ def test_zero0_and_zero3_checkpoints_consolidate_to_the_same_weights_and_generat
 @pytest.mark.slow
 def test_two_rank_zero2_shards_consolidate_to_the_module_weights(tmp_path) -> None:
     run_dir = tmp_path / "z2"
-    _ok(launch(["--config", DEBUG, f"run_dir={run_dir}", *TINY, "train.zero_stage=2"]))
+    _ok(launch(["--config", DEBUG, f"run_dir={run_dir}", *TINY_RUN, "train.zero_stage=2"]))
     shards = sorted((run_dir / "checkpoints" / "step00000002").glob("*optim_states.pt"))
     assert len(shards) == 2  # the fp32 weights live split over two ranks' optimizer partitions
     weights = load_run(run_dir)

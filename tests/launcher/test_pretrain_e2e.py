@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import REPO, launch, run_python
+from tests.procs import REPO, SMALL_DATA, launch, run_python
 
 DEBUG = str(REPO / "configs" / "debug_hybrid.yaml")
-# A smaller corpus and vocabulary than the quick start, so each run costs seconds, not minutes.
-SMALL = ["data.max_corpus_bytes=1500000", "data.vocab_size=1024", "data.tokenizer_sample_bytes=1500000"]
+SMALL = SMALL_DATA
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tests.procs import REPO, launch, run_python
+from tests.procs import REPO, SMALL_DATA, launch, run_python
 
-SMALL = ["data.max_corpus_bytes=1500000", "data.vocab_size=1024", "data.tokenizer_sample_bytes=1500000",
+SMALL = [*SMALL_DATA,
          "train.steps=16", "train.warmup_steps=3", "train.eval_every=0", "train.save_every=0"]
 
 
