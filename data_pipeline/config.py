@@ -34,6 +34,14 @@ class DataConfig:
         """Raise DataError naming the first data.* field that cannot work (shapes only; files are checked later)."""
         if self.seq_len <= 0:
             raise DataError(f"data.seq_len must be a positive integer, got {self.seq_len}")
+        if not self.tokenizer and self.vocab_size <= 0:
+            raise DataError(f"data.vocab_size must be a positive integer, got {self.vocab_size}")
+        if self.tokenizer_sample_bytes <= 0:
+            raise DataError(f"data.tokenizer_sample_bytes must be positive, got {self.tokenizer_sample_bytes}")
+        if self.max_corpus_bytes < 0:
+            raise DataError(f"data.max_corpus_bytes must be >= 0 (0: no limit), got {self.max_corpus_bytes}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DataError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.train_samples < 0:
             raise DataError(f"data.train_samples must be >= 0 (0: one pass over the blend), got {self.train_samples}")
         if self.blend and not self.indexed:

@@ -35,20 +35,6 @@ ENCODE_BATCH_BYTES = 4_000_000  # documents handed to SentencePiece's threads at
 FINGERPRINT_FIELDS = ("path", "seq_len", "tokenizer", "max_corpus_bytes", "val_fraction")
 
 
-def check_data_config(cfg: DataConfig) -> None:
-    """Raise DataError naming the first data.* field that cannot work."""
-    if cfg.seq_len <= 0:
-        raise DataError(f"data.seq_len must be a positive integer, got {cfg.seq_len}")
-    if not cfg.tokenizer and cfg.vocab_size <= 0:
-        raise DataError(f"data.vocab_size must be a positive integer, got {cfg.vocab_size}")
-    if cfg.tokenizer_sample_bytes <= 0:
-        raise DataError(f"data.tokenizer_sample_bytes must be positive, got {cfg.tokenizer_sample_bytes}")
-    if cfg.max_corpus_bytes < 0:
-        raise DataError(f"data.max_corpus_bytes must be >= 0 (0: no limit), got {cfg.max_corpus_bytes}")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise DataError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
-
-
 def fingerprint(cfg: DataConfig, sources: list[Source]) -> tuple[str, dict]:
     """Hash of everything the prepared files depend on (config, input files, tokenizer recipe).
 
@@ -262,7 +248,7 @@ def prepare_data(
     embedded corpus, when `cfg.path` is empty, is materialised in `cache_dir` (default
     `out_dir/cache`). Returns `out_dir`. Call on one rank and barrier the others.
     """
-    check_data_config(cfg)
+    cfg.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = parse_sources(cfg.path, Path(cache_dir) if cache_dir else out_dir / "cache")

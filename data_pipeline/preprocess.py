@@ -15,7 +15,6 @@ are dealt round-robin to MPI ranks when launched under `mpirun` (mpi4py).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -34,6 +33,7 @@ from tqdm import tqdm
 from data_pipeline.errors import DataError
 from data_pipeline.sources import Source, parse_sources
 from data_pipeline.tokenizer import Tokenizer
+from training.checkpoint import file_sha256
 
 FORMAT_VERSION = 1
 TOKENIZER_FILE, REPORT_FILE, MANIFEST_DIR = "tokenizer.model", "report.json", "manifests"
@@ -126,14 +126,6 @@ def plan_units(inputs: dict[str, str], settings: PreprocessSettings) -> list[Uni
     return units
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _chunks(text: str, max_chars: int) -> Iterator[str]:
     """Split a long document at paragraph (else line) breaks into pieces of at most about `max_chars`.
 
@@ -198,8 +190,8 @@ class _ShardWriter:
             "tokens": self.tokens,
             "bin_bytes": bin_path.stat().st_size,
             "idx_bytes": idx_path.stat().st_size,
-            "bin_sha256": _sha256(bin_path),
-            "idx_sha256": _sha256(idx_path),
+            "bin_sha256": file_sha256(bin_path),
+            "idx_sha256": file_sha256(idx_path),
         }
 
     def discard(self) -> None:
@@ -285,7 +277,7 @@ def process_unit(unit: Unit, out_dir: str, settings: PreprocessSettings, encode_
         "settings": asdict(settings),
         "tokenizer_sha256": tokenizer.sha256,
         "sources": [
-            {"path": f, "bytes": Path(f).stat().st_size, "sha256": _sha256(Path(f))}
+            {"path": f, "bytes": Path(f).stat().st_size, "sha256": file_sha256(Path(f))}
             for f in unit.files
             if Path(f).is_file()
         ],

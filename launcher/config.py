@@ -133,12 +133,8 @@ class RunConfig:
             self.data.validate()
         except DataError as e:
             raise ConfigError(str(e)) from None
-        if self.data.seq_len <= 0:
-            raise ConfigError(f"data.seq_len must be a positive integer, got {self.data.seq_len}")
         if self.data.vocab_size < 64:
             raise ConfigError(f"data.vocab_size must be at least 64, got {self.data.vocab_size}")
-        if not 0.0 <= self.data.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
         if self.model.vocab_size and self.model.vocab_size < self.data.vocab_size and not self.data.tokenizer:
             raise ConfigError(
                 f"model.vocab_size ({self.model.vocab_size}) is smaller than data.vocab_size "

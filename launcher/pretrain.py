@@ -103,7 +103,6 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool) -> dict:
     try:
         run_dir = groups.run_on_main(lambda: prepare_run_dir(cfg, resume, overwrite), user_errors=USER_ERRORS)
         data_dir = run_dir / "data"
-        cfg.data.validate()
         if cfg.data.indexed:  # preprocessed shards: verified on every rank, blended by megatron-core
             data = IndexedData.open(cfg.data.indexed, cfg.data.seq_len, cfg.seed, cfg.data.blend,
                                     cfg.data.train_samples, data_dir / "index_cache",

@@ -15,7 +15,6 @@ so a reader (the index service) never sees a half-written index and can swap to 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
+from training.checkpoint import file_sha256
 
 FORMAT = 1
 KINDS = ("flat", "ivfpq", "hnsw")
@@ -191,14 +192,6 @@ class ShardedIndex:
             faiss.write_index(shard, str(path))
             entries.append({"file": path.name, "ntotal": int(shard.ntotal), "sha256": file_sha256(path)})
         return entries
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def current_version(index_dir: str | Path) -> int | None:

@@ -54,7 +54,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Streamed sha256 of a file; the one checksum checkpoints, shards and indexes record."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -98,7 +99,7 @@ def set_rng_state(state: dict) -> None:
 
 def write_manifest(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
     _write_atomic(folder / MANIFEST, json.dumps(entries, indent=1, sort_keys=True))
 
 
@@ -117,7 +118,7 @@ def verify(folder: Path) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != expected["bytes"]:
             return f"{path} has {path.stat().st_size} bytes, expected {expected['bytes']} (truncated?)"
-        if _sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             return f"{path} fails its sha256 checksum"
     return None
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from launcher.config import load_config, save_resolved
-from models import LanguageModel
+from tests.fake_runs import fake_zero0_run
 from tests.procs import REPO, TINY_RUN, run_python, run_script
-from training.checkpoint import CheckpointError, write_manifest
+from training.checkpoint import CheckpointError
 from training.weights import RunWeights, build_model, load_consolidated, load_run, save_consolidated
 
 DEBUG = str(REPO / "configs" / "debug_hybrid.yaml")
@@ -23,26 +22,9 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
 
 
-def _fake_run(tmp_path, tie: bool = True) -> LanguageModel:
-    """A ZeRO-0 run dir laid out as pretrain.py writes it (tiny HSA model, no tokenizer)."""
-    cfg = load_config(None, [f"run_dir={tmp_path}", "model.layers=HSA", "model.d_model=32", "model.n_heads=2",
-                             "model.h3_d_state=8", "data.vocab_size=64", f"model.tie_embeddings={str(tie).lower()}"])
-    save_resolved(cfg, tmp_path)
-    cfg.model.vocab_size = 64
-    torch.manual_seed(0)
-    model = LanguageModel(cfg.model).eval()
-    tag_dir = tmp_path / "checkpoints" / "step00000001"
-    tag_dir.mkdir(parents=True)
-    torch.save({"module": model.state_dict(), "ds_config": {"zero_optimization": {"stage": 0}}},
-               tag_dir / "mp_rank_00_model_states.pt")
-    write_manifest(tag_dir)
-    (tmp_path / "checkpoints" / "latest").write_text("step00000001")
-    return model
-
-
 @pytest.mark.parametrize("tie", [True, False])
 def test_consolidated_round_trip_is_exact_and_stores_tied_weights_once(tmp_path, tie: bool) -> None:
-    model = _fake_run(tmp_path / "run", tie)
+    model = fake_zero0_run(tmp_path / "run", "HSA", tie)
     save_consolidated(load_run(tmp_path / "run"), tmp_path / "ckpt")
     with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
@@ -55,7 +37,7 @@ def test_consolidated_round_trip_is_exact_and_stores_tied_weights_once(tmp_path,
 
 
 def test_consolidated_loading_never_unpickles(tmp_path, monkeypatch) -> None:
-    _fake_run(tmp_path / "run")
+    fake_zero0_run(tmp_path / "run", "HSA")
     save_consolidated(load_run(tmp_path / "run"), tmp_path / "ckpt")
 
     def refuse(*args, **kwargs):
@@ -69,7 +51,7 @@ def test_consolidated_loading_never_unpickles(tmp_path, monkeypatch) -> None:
 
 
 def test_truncated_or_missing_files_are_named(tmp_path) -> None:
-    _fake_run(tmp_path / "run")
+    fake_zero0_run(tmp_path / "run", "HSA")
     save_consolidated(load_run(tmp_path / "run"), tmp_path / "ckpt")
     weights = tmp_path / "ckpt" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
@@ -91,7 +73,7 @@ def test_cli_help_and_one_line_error(tmp_path) -> None:
 def test_hf_export_of_an_untied_model_loads_in_transformers(tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = _fake_run(tmp_path / "run", tie=False)
+    model = fake_zero0_run(tmp_path / "run", "HSA", tie=False)
     _ok(run_script("convert_checkpoint", [str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--format", "hf"]))
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
     ids = torch.randint(0, 64, (2, 9))

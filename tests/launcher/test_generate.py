@@ -7,34 +7,18 @@ import subprocess
 import pytest
 import torch
 
-from launcher.config import load_config, save_resolved
 from models import LanguageModel
 from models.generation import GREEDY, generate
+from tests.fake_runs import fake_zero0_run
 from tests.procs import REPO, TINY_RUN, launch, run_python, run_script
-from training.checkpoint import CheckpointError, write_manifest
+from training.checkpoint import CheckpointError
 from training.weights import build_model, load_run
 
 DEBUG = str(REPO / "configs" / "debug_hybrid.yaml")
 
 
-def _fake_zero0_run(tmp_path, layers: str = "HA"):
-    """A run dir as pretrain.py lays it out, with a ZeRO-0 checkpoint written by hand (no tokenizer)."""
-    cfg = load_config(None, [f"run_dir={tmp_path}", f"model.layers={layers}", "model.d_model=32", "model.n_heads=2",
-                             "model.h3_d_state=8", "data.vocab_size=64"])
-    save_resolved(cfg, tmp_path)
-    cfg.model.vocab_size = 64
-    model = LanguageModel(cfg.model)
-    tag_dir = tmp_path / "checkpoints" / "step00000001"
-    tag_dir.mkdir(parents=True)
-    torch.save({"module": model.state_dict(), "ds_config": {"zero_optimization": {"stage": 0}}},
-               tag_dir / "mp_rank_00_model_states.pt")
-    write_manifest(tag_dir)
-    (tmp_path / "checkpoints" / "latest").write_text("step00000001")
-    return model
-
-
 def test_load_run_restores_the_model_exactly(tmp_path) -> None:
-    model = _fake_zero0_run(tmp_path, layers="HSA")
+    model = fake_zero0_run(tmp_path, "HSA")
     weights = load_run(tmp_path)
     assert weights.tag == "step00000001" and weights.tokenizer is None and weights.config.model.vocab_size == 64
     loaded = build_model(weights)
@@ -46,7 +30,7 @@ def test_load_run_restores_the_model_exactly(tmp_path) -> None:
 
 
 def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path) -> None:
-    _fake_zero0_run(tmp_path)
+    fake_zero0_run(tmp_path)
     shard = tmp_path / "checkpoints" / "step00000001" / "mp_rank_00_model_states.pt"
     shard.write_bytes(shard.read_bytes()[:200])
     with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt"):
@@ -58,7 +42,7 @@ def test_cli_help_and_one_line_errors(tmp_path) -> None:
     assert proc.returncode == 0 and "--top-p" in proc.stdout and "--prompt" in proc.stdout
     proc = run_script("generate", [str(tmp_path / "nowhere"), "--prompt", "x"])
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "config.yaml" in proc.stderr
-    _fake_zero0_run(tmp_path)
+    fake_zero0_run(tmp_path)
     proc = run_script("generate", [str(tmp_path)])
     assert proc.returncode == 2 and "no prompt given" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     proc = run_script("generate", [str(tmp_path), "--prompt", "x", "--top-p", "0"])
