@@ -98,16 +98,18 @@ def run(engine: Any, batches: Any, val_batches: list[torch.Tensor], settings: Lo
     while step < settings.steps:
         t0 = time.perf_counter()
         local_loss, grad_norm = train_step(engine, batches, settings.grad_accum)
-        loss = _mean_across_ranks(local_loss, dp_group)
+        # One all-reduce for the loss and the MoE routing metrics of the last micro-batch (tokens per
+        # expert, dropped fraction, aux and z losses; empty for dense models).
+        reduced = _mean_dict_across_ranks(
+            {"train_loss": local_loss, **getattr(engine.module, "moe_metrics", dict)()}, dp_group)
+        loss = reduced["train_loss"]
         elapsed = time.perf_counter() - t0
         step += 1
         tokens += settings.tokens_per_step
         first_loss = loss if first_loss is None else first_loss
         recent = (recent + [loss])[-10:]
-        record = {"train_loss": loss, "lr": engine.get_lr()[0], "grad_norm": grad_norm,
+        record = {**reduced, "lr": engine.get_lr()[0], "grad_norm": grad_norm,
                   "tokens_per_s": settings.tokens_per_step / elapsed, "tokens": tokens}
-        # MoE routing of the last micro-batch (tokens per expert, dropped fraction, aux and z losses).
-        record.update(_mean_dict_across_ranks(getattr(engine.module, "moe_metrics", dict)(), dp_group))
         if settings.eval_every and (step % settings.eval_every == 0 or step == settings.steps) and val_batches:
             record["val_loss"] = evaluate(engine, val_batches, dp_group)
             if is_main:
