@@ -145,6 +145,13 @@ class RunConfig:
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     """Return ``value`` if it fits ``annotation`` (ints pass as floats), else raise ConfigError."""
     origin = typing.get_origin(annotation)
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__} {value!r}")
+        return {
+            _check_type(f"{key} key", k, key_type): _check_type(f"{key}.{k}", v, value_type) for k, v in value.items()
+        }
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, list):
@@ -188,8 +195,17 @@ def _merge(obj: Any, values: dict, prefix: str, source: str) -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _merge(current, value, f"{full}.", source)
+        elif isinstance(current, dict) and isinstance(value, dict):  # mappings merge key by key, deeply
+            setattr(obj, key, _deep_merge(current, _check_type(full, value, hints[key])))
         else:
             setattr(obj, key, _check_type(full, value, hints[key]))
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for k, v in update.items():
+        merged[k] = _deep_merge(merged[k], v) if isinstance(merged.get(k), dict) and isinstance(v, dict) else v
+    return merged
 
 
 def parse_override(text: str) -> dict:

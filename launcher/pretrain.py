@@ -92,7 +92,7 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool) -> dict:
     import torch
 
     from data_pipeline import IndexedData, PreparedData, RankBatches, eval_batches, prepare_data
-    from models.lm import LanguageModel
+    from models.registry import build_arch
     from parallel import engine as ds_engine
     from parallel import groups
     from parallel.expert import parallelize_experts
@@ -118,7 +118,7 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool) -> dict:
             raise ConfigError(f"model.vocab_size ({model_cfg.vocab_size}) is smaller than the tokenizer's "
                               f"vocabulary ({data.vocab_size}); expected >= {data.vocab_size} or 0")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = parallelize_experts(LanguageModel(model_cfg), cfg.parallel.expert)
+        model = parallelize_experts(build_arch(model_cfg), cfg.parallel.expert)
 
         t = cfg.train
         engine = ds_engine.initialize(

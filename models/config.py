@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class ConfigError(ValueError):
@@ -18,6 +18,7 @@ class ModelConfig:
     `E` mixture of experts), empty meaning all dense. The MoE fields only matter where `ffn` has an `E`.
     """
 
+    arch: str = "lm"  # whole-model family from models.registry.ARCHS; "lm" is the hybrid-stack LanguageModel
     vocab_size: int = 0  # 0: take the tokenizer's vocabulary size at training time
     d_model: int = 256
     n_heads: int = 4  # attention heads
@@ -40,6 +41,8 @@ class ModelConfig:
     aux_loss_coef: float = 0.01  # load-balancing loss alpha (Switch)
     z_loss_coef: float = 1e-3  # router z-loss (ST-MoE)
     jitter: float = 0.0  # multiplicative router-input noise in training, uniform in [1 - jitter, 1 + jitter]
+    # Per-layer options keyed by registered name, e.g. {"mega": {"chunk_size": 64}}; see models.options.
+    options: dict[str, dict] = field(default_factory=dict)
 
     @property
     def ffn_dim(self) -> int:
@@ -71,6 +74,20 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         parse_pattern(self.layers, self.ffn)
         self._validate_moe()
+        self._validate_names()
+
+    def _validate_names(self) -> None:
+        from models.registry import ARCHS, registered_names
+
+        if self.arch not in ARCHS:
+            raise ConfigError(f"model.arch '{self.arch}' is not registered; expected one of {', '.join(sorted(ARCHS))}")
+        known = registered_names()
+        for name in self.options:
+            if name not in known:
+                raise ConfigError(
+                    f"model.options.{name}: no mixer, ffn or arch is registered as '{name}'; "
+                    f"expected one of {', '.join(sorted(known))}"
+                )
 
     def _validate_moe(self) -> None:
         if self.num_experts <= 0:

@@ -12,8 +12,28 @@ from dataclasses import dataclass
 
 from models.config import ConfigError
 
-MIXER_SYMBOLS = {"A": "attention", "H": "h3", "S": "s4d"}
-FFN_SYMBOLS = {"D": "mlp", "E": "moe"}
+MIXER_SYMBOLS = {
+    "A": "attention",
+    "H": "h3",
+    "S": "s4d",
+    "4": "s4",
+    "d": "dss",
+    "g": "gss",
+    "5": "s5",
+    "r": "dlr",
+    "M": "mega",
+    "L": "linear_attention",
+    "B": "bigbird",
+    "R": "block_recurrent",
+    "Q": "sparse_attention",  # Scaling Transformer's sparse QKV
+    "P": "butterfly_attention",  # Pixelated Butterfly projections
+}
+FFN_SYMBOLS = {
+    "D": "mlp",
+    "E": "moe",
+    "S": "sparse_ffn",  # Scaling Transformer's controller-selected sparse feed-forward
+    "P": "butterfly_mlp",  # Pixelated Butterfly weights
+}
 
 
 @dataclass(frozen=True)

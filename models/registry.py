@@ -1,35 +1,73 @@
-"""Name -> class tables for mixers and feed-forward layers; `models.pattern` maps pattern symbols to these names.
+"""Name -> class tables for mixers, feed-forward layers and whole architectures.
 
-Adding a mixer is one import and one entry here (plus a symbol in the pattern); the block and the
-model never change. Constructors take ``(cfg: ModelConfig, layer_idx: int)``.
+Entries are ``"module:Class"`` strings imported on first use, so adding a layer is one line here
+(plus a symbol in `models.pattern`) and importing the registry does not import every model family.
+Mixer and feed-forward constructors take ``(cfg: ModelConfig, layer_idx: int)``; architectures take
+``(cfg: ModelConfig)``. Names are unique across the three tables, since `model.options` is keyed by them.
 """
 
 from __future__ import annotations
 
+import importlib
+
 from torch import nn
 
 from models.config import ConfigError, ModelConfig
-from models.ffn.mlp import MLP
-from models.ffn.moe import MoE
-from models.mixers.attention import Attention
-from models.mixers.h3 import H3
-from models.mixers.s4d import S4D
 
-MIXERS: dict[str, type[nn.Module]] = {"attention": Attention, "h3": H3, "s4d": S4D}
-FFNS: dict[str, type[nn.Module]] = {"mlp": MLP, "moe": MoE}
+MIXERS: dict[str, str] = {
+    "attention": "models.mixers.attention:Attention",
+    "h3": "models.mixers.h3:H3",
+    "s4d": "models.mixers.s4d:S4D",
+    "s4": "models.mixers.s4:S4",
+    "dss": "models.mixers.dss:DSS",
+    "gss": "models.mixers.gss:GSS",
+    "s5": "models.mixers.s5:S5",
+    "dlr": "models.mixers.dlr:DLR",
+    "mega": "models.mixers.mega:Mega",
+    "linear_attention": "models.mixers.linear_attention:LinearAttention",
+    "bigbird": "models.mixers.bigbird:BigBird",
+    "block_recurrent": "models.mixers.block_recurrent:BlockRecurrent",
+    "sparse_attention": "models.mixers.sparse_attention:SparseQKVAttention",
+    "butterfly_attention": "models.mixers.butterfly_attention:ButterflyAttention",
+}
+FFNS: dict[str, str] = {
+    "mlp": "models.ffn.mlp:MLP",
+    "moe": "models.ffn.moe:MoE",
+    "sparse_ffn": "models.ffn.sparse_ffn:SparseFFN",
+    "butterfly_mlp": "models.ffn.butterfly_mlp:ButterflyMLP",
+}
+# Whole models: each takes a ModelConfig and offers ``forward(input_ids, labels=None)`` like LanguageModel.
+ARCHS: dict[str, str] = {
+    "lm": "models.lm:LanguageModel",
+    "perceiver_ar": "models.perceiver_ar:PerceiverAR",
+    "deq": "models.deq:DEQLanguageModel",
+    "structformer": "models.structformer:StructFormer",
+    "atlas": "models.atlas.model:Atlas",
+}
 
 
-def _build(table: dict[str, type[nn.Module]], kind: str, name: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+def resolve(table: dict[str, str], kind: str, name: str) -> type[nn.Module]:
+    """The class registered as `name` in `table`, imported now; ConfigError naming the choices if unknown."""
     if name not in table:
-        raise ConfigError(f"unknown {kind} '{name}' for layer {layer_idx}; registered: {', '.join(sorted(table))}")
-    return table[name](cfg, layer_idx)
+        raise ConfigError(f"unknown {kind} '{name}'; registered: {', '.join(sorted(table))}")
+    module, _, attr = table[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def build_mixer(name: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
     """Instantiate the registered sequence mixer `name` for layer `layer_idx`."""
-    return _build(MIXERS, "mixer", name, cfg, layer_idx)
+    return resolve(MIXERS, "mixer", name)(cfg, layer_idx)
 
 
 def build_ffn(name: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
     """Instantiate the registered feed-forward layer `name` for layer `layer_idx`."""
-    return _build(FFNS, "ffn", name, cfg, layer_idx)
+    return resolve(FFNS, "ffn", name)(cfg, layer_idx)
+
+
+def build_arch(cfg: ModelConfig) -> nn.Module:
+    """The whole model `cfg.arch` names (default ``lm``, the hybrid-stack LanguageModel)."""
+    return resolve(ARCHS, "model.arch", cfg.arch)(cfg)
+
+
+def registered_names() -> set[str]:
+    return set(MIXERS) | set(FFNS) | set(ARCHS)

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from models.config import ModelConfig
-from models.lm import LanguageModel
+from models.registry import build_arch
 from synthetic.tasks import SyntheticData, make_task
 from training.optimizer import param_groups, warmup_cosine
 
@@ -52,7 +53,7 @@ class SyntheticRun:
 
 
 @torch.no_grad()
-def accuracy(model: LanguageModel, data: SyntheticData, batch_size: int = 500) -> float:
+def accuracy(model: nn.Module, data: SyntheticData, batch_size: int = 500) -> float:
     """Fraction of examples whose answer is the argmax at the last input position."""
     model.eval()
     correct = 0
@@ -66,7 +67,7 @@ def accuracy(model: LanguageModel, data: SyntheticData, batch_size: int = 500) -
 def train_synthetic(
     run: SyntheticRun, eval_every: int = 10, progress: bool = True, stop_at: float = 1.01,
     log: Callable[[str], None] = print,
-) -> tuple[LanguageModel, float]:
+) -> tuple[nn.Module, float]:
     """Train from scratch; returns the model and its final test accuracy.
 
     Evaluates every `eval_every` epochs (and at the end); `stop_at` ends training early once the test
@@ -75,7 +76,7 @@ def train_synthetic(
     torch.manual_seed(run.seed)
     train = make_task(run.task, run.train_size, run.vocab, run.seq_len, run.seed)
     test = make_task(run.task, run.test_size, run.vocab, run.seq_len, run.seed + TEST_SEED_OFFSET)
-    model = LanguageModel(run.model_config())
+    model = build_arch(run.model_config())
     optimizer = torch.optim.AdamW(param_groups(model, run.lr, run.weight_decay), lr=run.lr)
     steps_per_epoch = -(-len(train) // run.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -19,7 +19,7 @@ import torch
 from data_pipeline.tokenizer import Tokenizer
 from launcher.config import RunConfig, load_config
 from models.config import ModelConfig
-from models.lm import LanguageModel
+from models.registry import build_arch
 from training.checkpoint import MANIFEST, CheckpointError, choose_tag, complete_tags, latest_tag, verify
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0/1/2; a pre-manifest run is accepted only with it
@@ -84,10 +84,10 @@ def load_run(run_dir: str | Path, tag: str | None = None) -> RunWeights:
 
 def build_model(
     weights: RunWeights, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> LanguageModel:
-    """A LanguageModel in eval mode holding the run's weights (strict: every key must match)."""
+) -> torch.nn.Module:
+    """The run's model (model.arch) in eval mode holding the run's weights (strict: every key must match)."""
     with torch.device("meta"):
-        model = LanguageModel(weights.config.model)
+        model = build_arch(weights.config.model)
     model.load_state_dict(weights.state_dict, strict=True, assign=True)  # built on meta: no throw-away init
     missing = [name for name, t in model.state_dict().items() if t.is_meta]
     if missing:

@@ -14,14 +14,15 @@ from models.ffn.mlp import MLP
 from models.ffn.moe import MoE
 from models.mixers.attention import Attention
 from models.mixers.h3 import H3
-from models.registry import FFNS, MIXERS, build_ffn, build_mixer
+from models.registry import ARCHS, FFNS, MIXERS, build_ffn, build_mixer, resolve
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def test_registry_holds_classes(make_cfg) -> None:
-    assert {"attention": Attention, "h3": H3}.items() <= MIXERS.items() and FFNS == {"mlp": MLP, "moe": MoE}
-    assert all(isinstance(cls, type) for cls in (*MIXERS.values(), *FFNS.values()))
+def test_registry_resolves_every_entry(make_cfg) -> None:
+    assert resolve(MIXERS, "mixer", "attention") is Attention and resolve(FFNS, "ffn", "moe") is MoE
+    for table in (MIXERS, FFNS, ARCHS):
+        assert all(isinstance(resolve(table, "x", name), type) for name in table)
     assert isinstance(build_mixer("h3", make_cfg(), 3), H3) and isinstance(build_ffn("mlp", make_cfg(), 0), MLP)
     with pytest.raises(ConfigError, match="unknown mixer 'mamba'"):
         build_mixer("mamba", make_cfg(), 0)
