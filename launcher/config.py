@@ -19,6 +19,7 @@ import yaml
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from models.config import ConfigError, ModelConfig
+from retrieval.config import RetrievalConfig
 
 
 @dataclass
@@ -110,6 +111,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)  # used by model.arch: atlas
 
     @property
     def run_path(self) -> Path:
@@ -129,6 +131,8 @@ class RunConfig:
                     f"parallel.expert={self.parallel.expert} with train.zero_stage=0 would clip by a wrong gradient "
                     "norm; expected train.zero_stage >= 1 or train.grad_clip=0"
                 )
+        if self.model.arch == "atlas":
+            self._validate_atlas()
         try:
             self.data.validate()
         except DataError as e:
@@ -140,6 +144,16 @@ class RunConfig:
                 f"model.vocab_size ({self.model.vocab_size}) is smaller than data.vocab_size "
                 f"({self.data.vocab_size}); expected model.vocab_size >= data.vocab_size, or 0 to match"
             )
+
+    def _validate_atlas(self) -> None:
+        self.retrieval.validate()
+        if self.train.zero_stage == 3:
+            # The index is (re)built from the passage tower's weights, which ZeRO-3 keeps partitioned across ranks.
+            raise ConfigError("model.arch 'atlas' needs train.zero_stage <= 2 (it re-embeds passages with whole "
+                              "weights)")
+        if self.parallel.tensor > 1 or self.parallel.pipeline > 1:
+            raise ConfigError("model.arch 'atlas' trains with data parallelism only; "
+                              "expected parallel.tensor=1 and parallel.pipeline=1")
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:

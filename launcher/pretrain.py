@@ -15,9 +15,10 @@ from pathlib import Path
 from data_pipeline.errors import DataError
 from launcher.config import RunConfig, load_config, save_resolved
 from models.config import ConfigError
+from retrieval.errors import PassageError, RetrievalIndexError
 from training.checkpoint import CheckpointError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, PassageError, RetrievalIndexError)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -119,6 +120,15 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool) -> dict:
                               f"vocabulary ({data.vocab_size}); expected >= {data.vocab_size} or 0")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = parallelize_experts(build_arch(model_cfg), cfg.parallel.expert)
+        retrieval = None
+        if model_cfg.arch == "atlas":  # the model searches the run's passages; the index is refreshed on schedule
+            from retrieval.for_training import TrainingRetrieval, build_store
+
+            store = groups.run_on_main(lambda: build_store(cfg.retrieval, run_dir, cfg.data.path),
+                                       user_errors=USER_ERRORS)
+            retrieval = TrainingRetrieval.open(cfg.retrieval, run_dir, store, model, data.tokenizer, ctx.dp_rank,
+                                               ctx.dp_size, log=(lambda m: print(m, flush=True)) if ctx.is_main
+                                               else (lambda m: None))
 
         t = cfg.train
         engine = ds_engine.initialize(
@@ -147,7 +157,7 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool) -> dict:
             tokens_per_step=t.micro_batch_size * t.grad_accum * cfg.data.seq_len * ctx.dp_size,
         )
         summary = loop.run(engine, batches, val, settings, run_dir, ctx.is_main, groups.data_parallel_group(),
-                           start_step, start_tokens)
+                           start_step, start_tokens, after_step=retrieval.after_step if retrieval else None)
         if ctx.is_main and summary["first_loss"] is not None:
             print(f"done: step {summary['final_step']}, loss {summary['first_loss']:.3f} -> "
                   f"{summary['last10_mean_loss']:.3f} (mean of last 10); outputs in {run_dir}", flush=True)

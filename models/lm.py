@@ -122,6 +122,10 @@ class LanguageModel(nn.Module):
             out.update({f"moe_tokens_expert_{e}": n for e, n in enumerate(tokens.tolist())})
         return out
 
+    def step_metrics(self) -> dict[str, float]:
+        """What the training loop logs each step beside the loss: the MoE routing statistics."""
+        return self.moe_metrics()
+
     def allocate_state(
         self, batch_size: int, max_len: int, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> list:

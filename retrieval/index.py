@@ -27,15 +27,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from retrieval.errors import RetrievalIndexError
 from training.checkpoint import file_sha256
 
 FORMAT = 1
 KINDS = ("flat", "ivfpq", "hnsw")
 KEEP_VERSIONS = 3
-
-
-class RetrievalIndexError(ValueError):
-    """An index spec, folder or operation that cannot work; the message names the field or file."""
 
 
 @dataclass

@@ -29,14 +29,11 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.sources import parse_sources
+from retrieval.config import WORDS_PER_PASSAGE
+from retrieval.errors import PassageError
 
-WORDS_PER_PASSAGE = 100
 _WORD = re.compile(r"\S+")
 _ID_MASK = (1 << 63) - 1  # FAISS ids are signed int64 and -1 means "no result"
-
-
-class PassageError(ValueError):
-    """A passage store that is missing, malformed or asked for something it does not hold."""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,8 +85,13 @@ def _grad_norm(engine: Any) -> float | None:
 
 
 def run(engine: Any, batches: Any, val_batches: list[torch.Tensor], settings: LoopSettings, run_dir: Path,
-        is_main: bool, dp_group: Any, start_step: int = 0, start_tokens: int = 0) -> dict:
-    """Train from ``start_step`` to ``settings.steps``; returns a summary that is also written to summary.json."""
+        is_main: bool, dp_group: Any, start_step: int = 0, start_tokens: int = 0,
+        after_step: Callable[[int], None] | None = None) -> dict:
+    """Train from ``start_step`` to ``settings.steps``; returns a summary that is also written to summary.json.
+
+    `after_step(step)` runs on every rank after each optimizer step, before evaluation and saving
+    (e.g. an Atlas run's index refresh).
+    """
     ckpt_dir = run_dir / "checkpoints"
     metrics = MetricsLogger(run_dir, enabled=is_main, resume_step=start_step)
     step, tokens = start_step, start_tokens
@@ -98,14 +103,16 @@ def run(engine: Any, batches: Any, val_batches: list[torch.Tensor], settings: Lo
     while step < settings.steps:
         t0 = time.perf_counter()
         local_loss, grad_norm = train_step(engine, batches, settings.grad_accum)
-        # One all-reduce for the loss and the MoE routing metrics of the last micro-batch (tokens per
-        # expert, dropped fraction, aux and z losses; empty for dense models).
+        # One all-reduce for the loss and the model's own metrics of the last micro-batch (MoE routing:
+        # tokens per expert, dropped fraction, aux and z losses; Atlas: reader and retriever losses).
         reduced = _mean_dict_across_ranks(
-            {"train_loss": local_loss, **getattr(engine.module, "moe_metrics", dict)()}, dp_group)
+            {"train_loss": local_loss, **getattr(engine.module, "step_metrics", dict)()}, dp_group)
         loss = reduced["train_loss"]
         elapsed = time.perf_counter() - t0
         step += 1
         tokens += settings.tokens_per_step
+        if after_step is not None:
+            after_step(step)
         first_loss = loss if first_loss is None else first_loss
         recent = (recent + [loss])[-10:]
         record = {**reduced, "lr": engine.get_lr()[0], "grad_norm": grad_norm,

@@ -1,0 +1,200 @@
+"""Atlas (Izacard et al. 2022): a dense retriever and a Fusion-in-Decoder reader trained jointly.
+
+For a training sequence of L tokens, the first ``query_len`` tokens are the query; the retriever
+embeds them, the index returns K passages, and the reader predicts the rest of the sequence from the
+query-plus-passage encodings (Atlas's prefix-LM pretext task). The retriever learns from the reader
+through one of the losses in `models.atlas.losses` (perplexity distillation by default).
+
+Staleness (Atlas section 2.4): the index is rebuilt on a schedule by the trainer
+(`retrieval.for_training`); ``rerank_factor > 1`` over-retrieves from the stale index and re-ranks with
+the current passage tower; ``query_side_only`` freezes the passage tower so the index never goes stale.
+The model holds no index: `attach(PassageSource)` gives it one.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.atlas import losses
+from models.atlas.passages import PassageSource
+from models.atlas.reader import FiDReader
+from models.config import ConfigError, ModelConfig
+from models.options import layer_options
+from retrieval.encoder import BiEncoder, EncoderConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class AtlasOptions:
+    n_passages: int = 4  # K passages per query
+    query_len: int = 32  # leading tokens of each sequence used as the query
+    passage_len: int = 48  # tokens kept per passage
+    encoder_layers: int = 2  # reader encoder (bidirectional); the decoder is model.layers
+    retriever_layers: int = 2
+    retriever_loss: str = "pdist"  # adist | emdr2 | pdist | loop | none
+    temperature: float = 0.1  # of the retriever's softmax over passages
+    retriever_loss_coef: float = 1.0
+    query_side_only: bool = False  # freeze the passage tower (the index stays valid all run)
+    rerank_factor: int = 1  # > 1: take K * factor from the index, keep the current tower's top K
+
+    def validate(self, name: str) -> None:
+        for field in ("n_passages", "query_len", "passage_len", "encoder_layers", "retriever_layers",
+                      "rerank_factor"):
+            if getattr(self, field) <= 0:
+                value = getattr(self, field)
+                raise ConfigError(f"model.options.{name}.{field} must be a positive integer, got {value}")
+        if self.retriever_loss not in (*losses.RETRIEVER_LOSSES, "none"):
+            raise ConfigError(f"model.options.{name}.retriever_loss must be one of "
+                              f"{', '.join((*losses.RETRIEVER_LOSSES, 'none'))}, got '{self.retriever_loss}'")
+        if self.retriever_loss == "loop" and self.n_passages < 2:
+            raise ConfigError(f"model.options.{name}.retriever_loss 'loop' needs n_passages >= 2")
+        if self.temperature <= 0 or self.retriever_loss_coef < 0:
+            raise ConfigError(f"model.options.{name}: temperature must be > 0 and retriever_loss_coef >= 0")
+
+
+class Atlas(nn.Module):
+    """``forward(input_ids (B, L), labels=None)``: loss (reader NLL + retriever loss in training) or logits."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        if cfg.vocab_size <= 0:
+            raise ConfigError(f"model.vocab_size must be set (> 0) to build Atlas, got {cfg.vocab_size}")
+        self.cfg, self.opts = cfg, layer_options(cfg, "atlas", AtlasOptions)
+        o = self.opts
+        if o.query_len + o.passage_len > cfg.max_seq_len:
+            raise ConfigError(f"model.options.atlas: query_len + passage_len ({o.query_len + o.passage_len}) must be "
+                              f"at most model.max_seq_len ({cfg.max_seq_len})")
+        self.reader = FiDReader(cfg, o.encoder_layers)
+        enc = EncoderConfig(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads,
+                            n_layers=o.retriever_layers, max_len=max(o.query_len, o.passage_len), dropout=cfg.dropout)
+        self.retriever = BiEncoder(enc)
+        # Query-side-only: passages are embedded by a frozen snapshot of the initial retriever.
+        self.frozen_passage_tower = (copy.deepcopy(self.retriever).requires_grad_(False)
+                                     if o.query_side_only else None)
+        self.source: PassageSource | None = None
+        self.last: dict[str, float] = {}
+        self.reset_parameters()
+
+    @property
+    def passage_tower(self) -> BiEncoder:
+        return self.frozen_passage_tower if self.frozen_passage_tower is not None else self.retriever
+
+    def reset_parameters(self) -> None:
+        """Projections and embeddings ~ N(0, init_std) as the LM; SSM layers keep their own init."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, std=self.cfg.init_std)
+                    if getattr(module, "bias", None) is not None:
+                        nn.init.zeros_(module.bias)
+            if self.frozen_passage_tower is not None:
+                self.frozen_passage_tower.load_state_dict(self.retriever.state_dict())
+
+    def attach(self, source: PassageSource) -> None:
+        """Give the model its passages (an index over a passage store); needed before the first forward."""
+        if len(source.store) < self.opts.n_passages * self.opts.rerank_factor:
+            raise ConfigError(f"passage store {source.store.path} holds {len(source.store)} passages; Atlas needs at "
+                              f"least n_passages x rerank_factor = {self.opts.n_passages * self.opts.rerank_factor}")
+        self.source = source
+
+    def _embed(self, tower: BiEncoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if tower is self.frozen_passage_tower:
+            with torch.no_grad():
+                return tower(ids, mask)
+        return tower(ids, mask)
+
+    def retrieve(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """query (B, Lq) -> (scores (B, K) differentiable w.r.t. the retriever, passage ids (B, K, P), mask)."""
+        if self.source is None:
+            raise RuntimeError("Atlas has no passages: call attach(PassageSource) before forward "
+                               "(launcher/pretrain.py does this from the run's `retrieval:` section)")
+        o = self.opts
+        q_emb = self.retriever(query, torch.ones_like(query, dtype=torch.bool))  # (B, Dr)
+        n = o.n_passages * o.rerank_factor
+        _, p_ids, p_mask = self.source.candidates(q_emb, n)  # (B, n, P)
+        B, _, P = p_ids.shape
+        p_ids, p_mask = p_ids.to(query.device), p_mask.to(query.device)
+        p_emb = self._embed(self.passage_tower, p_ids.view(B * n, P), p_mask.view(B * n, P)).view(B, n, -1)
+        scores = torch.einsum("bd,bnd->bn", q_emb, p_emb)  # (B, n)
+        if o.rerank_factor > 1:  # keep the current tower's top K of the stale index's top K * factor
+            top = scores.topk(o.n_passages, dim=1).indices  # (B, K)
+            scores = scores.gather(1, top)
+            p_ids = p_ids.gather(1, top[..., None].expand(-1, -1, P))
+            p_mask = p_mask.gather(1, top[..., None].expand(-1, -1, P))
+        return scores, p_ids, p_mask
+
+    @staticmethod
+    def context(query: torch.Tensor, p_ids: torch.Tensor, p_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each passage prefixed by the query: (B, K, Lq + P) ids and mask."""
+        B, K, _ = p_ids.shape
+        q = query[:, None, :].expand(B, K, -1)
+        return torch.cat([q, p_ids], dim=2), torch.cat([torch.ones_like(q, dtype=torch.bool), p_mask], dim=2)
+
+    @torch.no_grad()
+    def answer_log_likelihood(self, ctx: torch.Tensor, ctx_mask: torch.Tensor, target: torch.Tensor,
+                              labels: torch.Tensor) -> torch.Tensor:
+        """log p_LM(labels | context) summed over the target, for a (B, K', C) context -> (B,)."""
+        logits, _ = self.reader(ctx, ctx_mask, target)
+        logp = -F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        return logp.sum(dim=1)
+
+    def _retriever_loss(self, scores: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor, target: torch.Tensor,
+                        labels: torch.Tensor, attention_mass: torch.Tensor | None) -> torch.Tensor:
+        o = self.opts
+        B, K, C = ctx.shape
+        if o.retriever_loss == "adist":
+            return losses.attention_distillation(attention_mass, scores, o.temperature)
+        T = target.shape[1]
+        if o.retriever_loss == "loop":  # the reader with every passage but k, for each k
+            keep = ~torch.eye(K, dtype=torch.bool, device=ctx.device)  # (K, K) row k drops passage k
+            sub = ctx[:, None].expand(B, K, K, C)[:, keep].view(B * K, K - 1, C)
+            sub_mask = ctx_mask[:, None].expand(B, K, K, C)[:, keep].view(B * K, K - 1, C)
+            ll = self.answer_log_likelihood(sub, sub_mask, target.repeat_interleave(K, 0),
+                                            labels.repeat_interleave(K, 0)).view(B, K)
+            return losses.leave_one_out_distillation(ll, scores, o.temperature)
+        # pdist and emdr2: the reader with passage k alone
+        ll = self.answer_log_likelihood(ctx.reshape(B * K, 1, C), ctx_mask.reshape(B * K, 1, C),
+                                        target.repeat_interleave(K, 0).view(B * K, T),
+                                        labels.repeat_interleave(K, 0)).view(B, K)
+        if o.retriever_loss == "emdr2":
+            return losses.emdr2(ll, scores, o.temperature)
+        return losses.perplexity_distillation(ll, scores, o.temperature)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, L) with L > query_len; labels (B, L) aligned as LanguageModel's.
+
+        Returns logits (B, L - query_len, V) for the continuation when `labels` is None; otherwise the
+        reader's mean cross-entropy over the continuation, plus the retriever loss in training mode.
+        """
+        o = self.opts
+        if input_ids.shape[1] <= o.query_len:
+            raise ConfigError(f"Atlas needs sequences longer than model.options.atlas.query_len ({o.query_len}); "
+                              f"got length {input_ids.shape[1]}: raise data.seq_len")
+        query, target = input_ids[:, : o.query_len], input_ids[:, o.query_len :]
+        scores, p_ids, p_mask = self.retrieve(query)
+        ctx, ctx_mask = self.context(query, p_ids, p_mask)  # (B, K, C)
+        want_attention = self.training and labels is not None and o.retriever_loss == "adist"
+        logits, attention_mass = self.reader(ctx, ctx_mask, target, passage_scores=want_attention)
+        if labels is None:
+            return logits
+        labels = labels[:, o.query_len :]
+        reader_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        if not self.training or o.retriever_loss == "none":
+            return reader_loss
+        retriever_loss = self._retriever_loss(scores, ctx, ctx_mask, target, labels, attention_mass)
+        self.last = {"reader_loss": reader_loss.item(), "retriever_loss": retriever_loss.item()}
+        return reader_loss + o.retriever_loss_coef * retriever_loss
+
+    def step_metrics(self) -> dict[str, float]:
+        """The last training forward's reader and retriever losses, for the metrics log."""
+        return dict(self.last)

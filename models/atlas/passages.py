@@ -1,0 +1,79 @@
+"""Where Atlas's passages come from: an index (in-process or the service) plus the passage store, as token ids.
+
+The model only sees `PassageSource.candidates(query_emb, n)`; which `Retriever` answers (a `LiveIndex` in
+this process or an `IndexClient` of the index service) is the trainer's choice. Passage texts are
+tokenised once and cached by row, since the same passages come back step after step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from data_pipeline.tokenizer import Tokenizer
+from retrieval.encoder import state_dict_sha256
+from retrieval.passages import PassageStore
+from retrieval.protocol import Retriever
+
+
+class PassageSource:
+    """Search an index with query embeddings and hand back the hits as padded token ids."""
+
+    def __init__(self, retriever: Retriever, store: PassageStore, tokenizer: Tokenizer, passage_len: int) -> None:
+        self.retriever, self.store, self.tokenizer, self.passage_len = retriever, store, tokenizer, passage_len
+        self._tokens: dict[int, list[int]] = {}
+
+    def tokens_of_rows(self, rows: Sequence[int]) -> list[list[int]]:
+        missing = sorted({int(r) for r in rows if int(r) not in self._tokens})
+        if missing:
+            for r, ids in zip(missing, self.tokenizer.encode_batch(self.store.texts(missing))):
+                self._tokens[r] = ids[: self.passage_len] or [self.tokenizer.eos_id]
+        return [self._tokens[int(r)] for r in rows]
+
+    def candidates(self, query_emb: torch.Tensor, n: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """query_emb (B, D) -> (passage ids (B, n), token ids (B, n, P), mask (B, n, P)) of the top-n hits."""
+        _, ids = self.retriever.search(query_emb.detach().float().cpu().numpy(), n)  # (B, n)
+        if (ids < 0).any():
+            raise ValueError(f"the index returned fewer than {n} passages per query; it holds too few passages "
+                             f"(passage store {self.store.path} has {len(self.store)})")
+        rows = self.store.rows_of(ids.reshape(-1))
+        toks = self.tokens_of_rows(rows.tolist())
+        P = self.passage_len
+        out = torch.full((len(toks), P), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(toks), P), dtype=torch.bool)
+        for i, t in enumerate(toks):
+            out[i, : len(t)] = torch.tensor(t)
+            mask[i, : len(t)] = True
+        B = ids.shape[0]
+        return ids, out.view(B, n, P), mask.view(B, n, P)
+
+
+class PassageEmbedder:
+    """The `Embedder` an index is (re)built with: the Atlas model's current passage tower, without gradients."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, passage_len: int, batch_size: int = 64) -> None:
+        self.model, self.tokenizer, self.passage_len, self.batch_size = model, tokenizer, passage_len, batch_size
+        self.dim = model.passage_tower.cfg.d_model
+        self.fingerprint = state_dict_sha256(model.passage_tower)
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        tower = self.model.passage_tower
+        was = tower.training
+        tower.eval()
+        device = next(tower.parameters()).device
+        out = []
+        try:
+            for i in range(0, len(texts), self.batch_size):
+                enc = [t[: self.passage_len] or [self.tokenizer.eos_id]
+                       for t in self.tokenizer.encode_batch(list(texts[i : i + self.batch_size]))]
+                ids = torch.full((len(enc), max(map(len, enc))), self.tokenizer.pad_id, dtype=torch.long)
+                mask = torch.zeros(ids.shape, dtype=torch.bool)
+                for j, t in enumerate(enc):
+                    ids[j, : len(t)], mask[j, : len(t)] = torch.tensor(t), True
+                out.append(tower(ids.to(device), mask.to(device)).float().cpu().numpy())
+        finally:
+            tower.train(was)
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)

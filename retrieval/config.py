@@ -1,0 +1,45 @@
+"""The ``retrieval:`` section of a run config; imports nothing heavy so every launcher can load configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.config import ConfigError
+
+WORDS_PER_PASSAGE = 100  # Atlas's passage length; retrieval.passages splits documents with it
+
+
+@dataclass
+class RetrievalConfig:
+    """The ``retrieval:`` section of a run config (used when ``model.arch`` is ``atlas``)."""
+
+    passages: str = ""  # a passage store folder (launcher/build_index.py); empty: built from data.path's train split
+    max_passages: int = 20000  # when building the store from data.path
+    words_per_passage: int = WORDS_PER_PASSAGE
+    index_kind: str = "flat"  # flat | ivfpq | hnsw
+    index_dir: str = ""  # empty: <run_dir>/retrieval/index
+    refresh_every: int = 0  # steps between re-indexing with the current passage tower; 0: never
+    refresh_mode: str = "full"  # full | rolling (re-embed the stalest rolling_fraction per refresh)
+    rolling_fraction: float = 0.25
+    # URL of an index service (python -m retrieval.service --index-dir <index_dir>) to search instead of in-process
+    service: str = ""
+    token: str = ""  # the service's access token, if it has one
+
+    def validate(self) -> None:
+        from retrieval.index import KINDS  # imports FAISS: only for runs that retrieve
+        from retrieval.refresh import MODES
+
+        if self.max_passages <= 0 or self.words_per_passage <= 0:
+            raise ConfigError("retrieval.max_passages and retrieval.words_per_passage must be positive integers")
+        if self.index_kind not in KINDS:
+            raise ConfigError(f"retrieval.index_kind must be one of {', '.join(KINDS)}, got '{self.index_kind}'")
+        if self.refresh_every < 0:
+            raise ConfigError(f"retrieval.refresh_every must be >= 0, got {self.refresh_every}")
+        if self.refresh_mode not in MODES:
+            raise ConfigError(f"retrieval.refresh_mode must be one of {', '.join(MODES)}, got '{self.refresh_mode}'")
+        if not 0.0 < self.rolling_fraction <= 1.0:
+            raise ConfigError(f"retrieval.rolling_fraction must be in (0, 1], got {self.rolling_fraction}")
+        if self.passages and not Path(self.passages).is_dir():
+            raise ConfigError(f"retrieval.passages '{self.passages}' is not a folder; expected a passage store "
+                              "(launcher/build_index.py writes one) or empty to build it from data.path")

@@ -1,0 +1,158 @@
+"""Atlas end to end on a tiny store: retrieval, FiD reader, retriever losses, staleness strategies, refresh."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from models.atlas.model import Atlas
+from models.config import ConfigError, ModelConfig
+from retrieval.for_training import RetrievalConfig, TrainingRetrieval
+from retrieval.index import read_manifest
+from retrieval.passages import PassageStore, write_store
+from tests.data_pipeline.corpora import prose
+
+Q, P, K = 8, 16, 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Tokenizer:
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    return Tokenizer(train_tokenizer([prose(i, 400) for i in range(30)], out, vocab_size=320, sample_bytes=200_000))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> PassageStore:
+    docs = [("prose", i, prose(i, 120)) for i in range(12)]
+    return write_store(tmp_path_factory.mktemp("store") / "passages", docs, words=30, progress=False)
+
+
+def make_model(tokenizer, **atlas) -> Atlas:
+    torch.manual_seed(0)
+    opts = {"n_passages": K, "query_len": Q, "passage_len": P, "encoder_layers": 1, "retriever_layers": 1, **atlas}
+    cfg = ModelConfig(arch="atlas", vocab_size=tokenizer.vocab_size, d_model=32, n_heads=4, layers="HA",
+                      h3_d_state=8, max_seq_len=64, options={"atlas": opts})
+    return Atlas(cfg)
+
+
+def attach(model, store, tokenizer, tmp_path, **cfg) -> TrainingRetrieval:
+    return TrainingRetrieval(RetrievalConfig(**cfg), tmp_path / "index", store, model, tokenizer, rank=0,
+                             world_size=1, barrier=lambda: None, log=lambda m: None)
+
+
+def batch(tokenizer, n=2, length=24) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [tokenizer.encode_batch([prose(100 + i, 80)])[0][: length + 1] for i in range(n)]
+    seq = torch.tensor(rows)
+    return seq[:, :-1], seq[:, 1:]
+
+
+@pytest.mark.parametrize("loss", ["pdist", "emdr2", "loop", "adist"])
+def test_retriever_learns_only_from_its_loss_and_reader_only_from_the_answer(loss, tokenizer, store, tmp_path):
+    model = make_model(tokenizer, retriever_loss=loss)
+    attach(model, store, tokenizer, tmp_path)
+    x, y = batch(tokenizer)
+    model.train()
+    model(x, y).backward()
+    train_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert any(n.startswith("retriever.") and g.abs().sum() > 0 for n, g in train_grads.items())
+    assert model.last["retriever_loss"] >= 0 or loss == "emdr2"
+    model.zero_grad()
+    model.eval()  # evaluation: the reader's loss alone (dropout is 0, so the forward is the same)
+    model(x, y).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("reader."):
+            torch.testing.assert_close(train_grads[name], p.grad, msg=f"retriever loss leaked into {name}")
+
+
+def test_eval_loss_is_the_reader_cross_entropy(tokenizer, store, tmp_path):
+    model = make_model(tokenizer).eval()
+    attach(model, store, tokenizer, tmp_path)
+    x, y = batch(tokenizer)
+    logits = model(x)
+    assert logits.shape == (2, x.shape[1] - Q, tokenizer.vocab_size)
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[:, Q:].flatten())
+    torch.testing.assert_close(model(x, y), expected)
+
+
+def test_reader_is_causal_in_the_target(tokenizer, store, tmp_path):
+    model = make_model(tokenizer).eval()
+    attach(model, store, tokenizer, tmp_path)
+    x, _ = batch(tokenizer)
+    changed = x.clone()
+    changed[:, -1] = (changed[:, -1] + 7) % tokenizer.vocab_size
+    a, b = model(x), model(changed)
+    torch.testing.assert_close(a[:, :-1], b[:, :-1])
+    assert not torch.allclose(a[:, -1], b[:, -1])
+
+
+def test_query_side_only_freezes_the_passage_tower(tokenizer, store, tmp_path):
+    model = make_model(tokenizer, query_side_only=True)
+    attach(model, store, tokenizer, tmp_path)
+    before = {k: v.clone() for k, v in model.frozen_passage_tower.state_dict().items()}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = batch(tokenizer)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x, y).backward()
+        opt.step()
+    assert all(p.grad is None for p in model.frozen_passage_tower.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.frozen_passage_tower.state_dict().items())
+    assert not torch.equal(model.retriever.embed.weight, model.frozen_passage_tower.embed.weight)
+
+
+def test_rerank_keeps_the_current_towers_top_k(tokenizer, store, tmp_path):
+    model = make_model(tokenizer, rerank_factor=2).eval()
+    attach(model, store, tokenizer, tmp_path)
+    x, _ = batch(tokenizer)
+    query = x[:, :Q]
+    scores, p_ids, _ = model.retrieve(query)
+    q_emb = model.retriever(query, torch.ones_like(query, dtype=torch.bool))
+    _, cand, cand_mask = model.source.candidates(q_emb, 2 * K)
+    all_scores = torch.einsum("bd,bnd->bn", q_emb, model.retriever(cand.flatten(0, 1), cand_mask.flatten(0, 1))
+                              .view(2, 2 * K, -1))
+    torch.testing.assert_close(scores, all_scores.topk(K, dim=1).values)
+    assert p_ids.shape == (2, K, P)
+
+
+def test_refresh_reindexes_with_the_current_weights(tokenizer, store, tmp_path):
+    model = make_model(tokenizer)
+    retrieval = attach(model, store, tokenizer, tmp_path, refresh_every=2)
+    first = read_manifest(tmp_path / "index")
+    retrieval.after_step(1)  # not due
+    assert retrieval.index.version == first["version"]
+    with torch.no_grad():
+        model.retriever.embed.weight.add_(0.5)
+    retrieval.after_step(2)
+    second = read_manifest(tmp_path / "index")
+    assert retrieval.index.version == second["version"] == first["version"] + 1
+    assert second["encoder_sha256"] != first["encoder_sha256"] and second["ntotal"] == len(store)
+    q = model.retriever(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.bool)).detach().numpy()
+    _, ids = retrieval.index.search(q, 1)
+    rows = store.rows_of(ids.reshape(-1))
+    p = retrieval.embedder().embed(store.texts(rows))
+    exact = retrieval.embedder().embed(store.texts(range(len(store)))) @ q[0]
+    assert np.isclose(p[0] @ q[0], exact.max(), rtol=1e-4)  # the refreshed flat index finds the true best passage
+
+
+def test_training_lowers_the_loss(tokenizer, store, tmp_path):
+    model = make_model(tokenizer)
+    attach(model, store, tokenizer, tmp_path)
+    x, y = batch(tokenizer, n=4)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss = model(x, y)
+        loss.backward()
+        opt.step()
+        losses.append(model.last["reader_loss"])
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_options_are_checked(tokenizer):
+    with pytest.raises(ConfigError, match="retriever_loss must be one of"):
+        make_model(tokenizer, retriever_loss="kl")
+    with pytest.raises(ConfigError, match="query_len \\+ passage_len"):
+        make_model(tokenizer, passage_len=60)
