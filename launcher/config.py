@@ -64,14 +64,21 @@ class TrainConfig:
 class ParallelConfig:
     """Model-parallel sizes; data parallelism takes the rest of the world size."""
 
-    tensor: int = 1
-    pipeline: int = 1
+    tensor: int = 1  # tensor-parallel size: heads, MLP hidden units, H3 channels and the vocabulary split
+    pipeline: int = 1  # pipeline stages: '|' cuts in model.layers, or an even split; micro-batches = train.grad_accum
     expert: int = 1  # expert-parallel size: each MoE layer's experts are split over this many DP ranks
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    sequence_parallel: bool = False  # refused: see validate
 
     def validate(self) -> None:
         for name in ("tensor", "pipeline", "expert"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"parallel.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.sequence_parallel:
+            # megatron-core's sequence parallelism needs its fused Apex/Transformer-Engine norms (GPU only)
+            # and its H3 analogue would split the long convolutions' sequence axis: not offered.
+            raise ConfigError("parallel.sequence_parallel is not supported (megatron-core's needs Apex/Transformer "
+                              "Engine norms, GPU only); expected parallel.sequence_parallel=false")
 
     def check_world(self, world_size: int) -> int:
         """Return the data-parallel size, or raise ConfigError if the sizes do not divide the world."""
@@ -80,11 +87,6 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel.tensor ({self.tensor}) x parallel.pipeline ({self.pipeline}) = {model_parallel} "
                 f"does not divide the world size {world_size}; expected a world size that is a multiple of it"
-            )
-        if model_parallel > 1:
-            raise ConfigError(
-                f"parallel.tensor={self.tensor}, parallel.pipeline={self.pipeline}: tensor and pipeline "
-                "parallelism are not available yet (tracked in issue 5); set both to 1"
             )
         dp = world_size // model_parallel
         if dp % self.expert:
@@ -123,6 +125,7 @@ class RunConfig:
         self.model.validate()
         self.train.validate()
         self.parallel.validate()
+        self._validate_model_parallel()
         if "E" in self.model.ffn:
             self.parallel.check_experts(self.model.num_experts)
             if self.parallel.expert > 1 and self.train.zero_stage == 0 and self.train.grad_clip > 0:
@@ -154,6 +157,20 @@ class RunConfig:
         if self.parallel.tensor > 1 or self.parallel.pipeline > 1:
             raise ConfigError("model.arch 'atlas' trains with data parallelism only; "
                               "expected parallel.tensor=1 and parallel.pipeline=1")
+
+
+    def _validate_model_parallel(self) -> None:
+        """Tensor and pipeline parallelism against the model and ZeRO stage (parallel/ owns the rules)."""
+        from parallel import pipeline, tensor
+
+        tensor.check_model(self.model, self.parallel.tensor)
+        pipeline.check_model(self.model, self.parallel.pipeline, self.train.zero_stage, self.train.grad_clip)
+        if self.parallel.tensor > 1 and self.train.zero_stage == 3:
+            raise ConfigError(f"train.zero_stage=3 with parallel.tensor={self.parallel.tensor} is not supported (not "
+                              "verified against the single-rank run); expected train.zero_stage <= 2")
+        if self.parallel.expert > 1 and self.parallel.tensor * self.parallel.pipeline > 1:
+            raise ConfigError("parallel.expert > 1 with tensor or pipeline parallelism is not supported yet "
+                              "(tracked in issue 6); expected parallel.tensor=1 and parallel.pipeline=1")
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:

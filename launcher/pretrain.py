@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from data_pipeline.errors import DataError
+from launcher import preflight
 from launcher.config import RunConfig, load_config, save_resolved
 from models.config import ConfigError
 from retrieval.errors import PassageError, RetrievalIndexError
@@ -31,6 +32,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", help="shorthand for data.path=...: .jsonl.zst files/globs, a PG-19 folder or "
                         ".txt files, comma-separated; omitted: the embedded standard-library corpus")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run dir")
+    parser.add_argument("--init-from", metavar="CKPT", help="start from the weights of a convert_checkpoint.py folder "
+                        "(fresh optimizer and schedule, step 0) at this run's layout; uses its tokenizer unless "
+                        "data.tokenizer is set")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in a run dir that already has checkpoints (they are deleted)")
     parser.add_argument("--dry-run", action="store_true",
@@ -54,7 +58,8 @@ def dry_run(cfg: RunConfig, world_size: int) -> None:
     n = count_parameters(model_cfg)
     precision = resolve_precision(cfg.train.precision)
     ep = cfg.parallel.expert
-    mem = estimate_memory(n, model_cfg, cfg.train, cfg.data.seq_len, vocab, dp, precision, ep)
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    mem = estimate_memory(n, model_cfg, cfg.train, cfg.data.seq_len, vocab, dp, precision, ep, tp_size=tp, pp_size=pp)
     print(f"config: {cfg.name}  layers: {cfg.model.layers}  d_model: {cfg.model.d_model}  vocab: {vocab}")
     print(f"parameters: {n:,} ({n / 1e6:.1f}M)")
     experts, active_experts = expert_parameters(model_cfg)
@@ -62,7 +67,8 @@ def dry_run(cfg: RunConfig, world_size: int) -> None:
         active = n - experts + active_experts
         print(f"  experts: {experts:,} in {model_cfg.num_experts} experts per MoE layer (1/{ep} per rank); "
               f"active per token: {active:,} ({active / 1e6:.1f}M, top-{model_cfg.top_k})")
-    print(f"per-rank memory estimate ({world_size} ranks, DP={dp}, EP={ep}, ZeRO-{cfg.train.zero_stage}, {precision}, "
+    print(f"per-rank memory estimate ({world_size} ranks, DP={dp}, TP={tp}, PP={pp}, EP={ep}, "
+          f"ZeRO-{cfg.train.zero_stage}, {precision}, "
           f"micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens):")
     for key, value in mem.items():
         print(f"  {key:<18}{format_bytes(value):>12}")
@@ -89,19 +95,20 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
-def train(cfg: RunConfig, resume: bool, overwrite: bool) -> dict:
-    import torch
-
+def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None = None) -> dict:
     from data_pipeline import IndexedData, PreparedData, RankBatches, eval_batches, prepare_data
-    from models.registry import build_arch
     from parallel import engine as ds_engine
     from parallel import groups
-    from parallel.expert import parallelize_experts
+    from parallel import tensor as tensor_parallel
+    from parallel.build import build_model
     from training import checkpoint, loop
+    from training.flops import training_flops_per_token
+    from training.gpu_peaks import current_device_peak
     from training.optimizer import param_groups, warmup_cosine
 
     ctx = groups.initialize(cfg.parallel)
     try:
+        preflight.check_run(cfg, ctx.world_size)  # world size and every rank's free memory, before data or model
         run_dir = groups.run_on_main(lambda: prepare_run_dir(cfg, resume, overwrite), user_errors=USER_ERRORS)
         data_dir = run_dir / "data"
         if cfg.data.indexed:  # preprocessed shards: verified on every rank, blended by megatron-core
@@ -118,8 +125,13 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool) -> dict:
         elif model_cfg.vocab_size < data.vocab_size:
             raise ConfigError(f"model.vocab_size ({model_cfg.vocab_size}) is smaller than the tokenizer's "
                               f"vocabulary ({data.vocab_size}); expected >= {data.vocab_size} or 0")
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = parallelize_experts(build_arch(model_cfg), cfg.parallel.expert)
+        tensor_parallel.check_model(model_cfg, cfg.parallel.tensor)  # the vocabulary size is known now
+        # This rank's model: the whole one, or its tensor slice / pipeline stage of the same initial weights.
+        model = build_model(model_cfg, cfg.parallel, cfg.seed, ctx.dp_size)
+        if init_from:  # a consolidated checkpoint's weights, cut to this layout before the engine partitions them
+            from training.init_from import init_from as load_initial_weights
+
+            load_initial_weights(model, init_from, model_cfg)
         retrieval = None
         if model_cfg.arch == "atlas":  # the model searches the run's passages; the index is refreshed on schedule
             from retrieval.for_training import TrainingRetrieval, build_store
@@ -136,6 +148,7 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool) -> dict:
             param_groups(model, t.lr, t.weight_decay),
             ds_engine.deepspeed_config(t, ctx.dp_size),
             warmup_cosine(t.warmup_steps, t.steps, t.min_lr_ratio),
+            mpu=ds_engine.MegatronMPU() if cfg.parallel.tensor > 1 and cfg.parallel.pipeline == 1 else None,
         )
         batches = RankBatches(data.train, t.micro_batch_size, ctx.dp_rank, ctx.dp_size, cfg.seed)
         val = list(eval_batches(data.val, t.micro_batch_size, ctx.dp_rank, ctx.dp_size, t.eval_batches))
@@ -146,15 +159,19 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool) -> dict:
             batches.load_state_dict(state["data"])
             if ctx.is_main:
                 print(f"resumed from step {start_step} ({run_dir / 'checkpoints' / state['tag']})", flush=True)
+        n = sum(p.numel() for p in model.parameters())
+        # The pattern-stack LM is counted whole (unsharded, all experts); other architectures as built.
+        flops = training_flops_per_token(model_cfg, cfg.data.seq_len, None if model_cfg.arch == "lm" else n)
         if ctx.is_main:
-            n = sum(p.numel() for p in model.parameters())
             print(f"model: {n / 1e6:.2f}M parameters, layers '{model_cfg.layers}'; data: {len(data.train)} train "
                   f"sequences of {cfg.data.seq_len} tokens; ranks: {ctx.world_size} (DP={ctx.dp_size}) on "
-                  f"{ctx.device.type}; run dir: {run_dir}", flush=True)
+                  f"{ctx.device.type}; {flops.total / 1e6:.1f} MFLOP per trained token; run dir: {run_dir}", flush=True)
         settings = loop.LoopSettings(
             steps=t.steps, grad_accum=t.grad_accum, log_every=t.log_every, eval_every=t.eval_every,
             eval_batches=t.eval_batches, save_every=t.save_every, keep_checkpoints=t.keep_checkpoints,
             tokens_per_step=t.micro_batch_size * t.grad_accum * cfg.data.seq_len * ctx.dp_size,
+            flops_per_token=flops.total, world_size=ctx.world_size,
+            peak_flops=current_device_peak(ds_engine.resolve_precision(t.precision)),
         )
         summary = loop.run(engine, batches, val, settings, run_dir, ctx.is_main, groups.data_parallel_group(),
                            start_step, start_tokens, after_step=retrieval.after_step if retrieval else None)
@@ -179,7 +196,18 @@ def main(argv: list[str] | None = None) -> int:
             if launched_rank() == 0:
                 dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", 1)))
             return 0
-        train(cfg, args.resume, args.overwrite)
+        unreachable = preflight.master_problems()  # before the group forms, where only this rank can tell
+        if unreachable:
+            print(f"error: {preflight.PreflightError(unreachable)}", file=sys.stderr, flush=True)
+            return 2
+        if args.init_from:
+            from training.init_from import prepare_config
+
+            if args.resume:
+                raise ConfigError("--init-from starts a new run from a checkpoint's weights; expected it "
+                                  "without --resume")
+            prepare_config(cfg, args.init_from)
+        train(cfg, args.resume, args.overwrite, args.init_from)
         return 0
     except USER_ERRORS as e:
         if launched_rank() == 0:

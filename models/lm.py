@@ -10,22 +10,42 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from models.block import Block
 from models.config import ConfigError, ModelConfig
 from models.ffn.moe import MoE
 from models.pattern import parse_pattern
 from models.registry import build_ffn, build_mixer
+from parallel import vocab
 from parallel.linear import column_linear
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = vocab.IGNORE_INDEX
 RESIDUAL_OUT_PROJECTIONS = ("out_proj.weight", "down_proj.weight")  # weights that write into the residual stream
 
 
+def make_block(cfg: ModelConfig, layer_idx: int) -> Block:
+    """Layer ``layer_idx`` of the stack: its mixer and feed-forward from the pattern, pre-norms around them."""
+    layer = parse_pattern(cfg.layers, cfg.ffn).layers[layer_idx]
+    return Block(
+        build_mixer(layer.mixer, cfg, layer_idx),
+        build_ffn(layer.ffn, cfg, layer_idx),
+        nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps),
+        nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps),
+        dropout=cfg.dropout,
+    )
+
+
 class LanguageModel(nn.Module):
-    """Causal LM: ``forward(input_ids (B, L), labels=None)``; generation via ``allocate_state``/``step``."""
+    """Causal LM: ``forward(input_ids (B, L), labels=None)``; generation via ``allocate_state``/``step``.
+
+    Parallelism stays outside: projections, the embedding and the loss come from ``parallel/`` (plain
+    torch at TP=1); ``parallel.pipeline`` cuts the same layers into stages. ``checkpoint_activations``
+    recomputes each block in the backward pass instead of keeping its activations.
+    """
+
+    checkpoint_activations: bool = False
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -37,18 +57,9 @@ class LanguageModel(nn.Module):
             )
         self.cfg = cfg
         self.plan = parse_pattern(cfg.layers, cfg.ffn)
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embedding = vocab.vocab_embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(
-            Block(
-                build_mixer(layer.mixer, cfg, i),
-                build_ffn(layer.ffn, cfg, i),
-                nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps),
-                nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps),
-                dropout=cfg.dropout,
-            )
-            for i, layer in enumerate(self.plan.layers)
-        )
+        self.blocks = nn.ModuleList(make_block(cfg, i) for i in range(len(self.plan.layers)))
         self.moe_layers = [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]  # views, not modules
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         # Tied: the head reuses the embedding matrix (saves V x D parameters, GPT-2 practice).
@@ -78,8 +89,9 @@ class LanguageModel(nn.Module):
                     nn.init.normal_(p, std=residual_std)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., D) -> logits (..., V), or this rank's (..., V / TP) under tensor parallelism."""
         h = self.norm(h)
-        return F.linear(h, self.embedding.weight) if self.lm_head is None else self.lm_head(h)
+        return vocab.tied_logits(h, self.embedding.weight) if self.lm_head is None else self.lm_head(h)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, L) token ids.
@@ -91,11 +103,14 @@ class LanguageModel(nn.Module):
         """
         h = self.drop(self.embedding(input_ids))  # (B, L, D)
         for block in self.blocks:
-            h = block(h)
-        logits = self._logits(h)  # (B, L, V)
+            if self.checkpoint_activations and self.training:
+                h = checkpoint(block, h, use_reentrant=False)
+            else:
+                h = block(h)
+        logits = self._logits(h)  # (B, L, V) or (B, L, V / TP)
         if labels is None:
-            return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            return vocab.full_logits(logits)
+        loss = vocab.cross_entropy(logits, labels)
         for layer in self.moe_layers:
             loss = loss + layer.last.aux_loss + layer.last.z_loss
         return loss
@@ -137,11 +152,13 @@ class LanguageModel(nn.Module):
         h = self.drop(self.embedding(input_ids))  # (B, D)
         for block, block_state in zip(self.blocks, state):
             h = block.step(h, block_state)
-        return self._logits(h)
+        return vocab.full_logits(self._logits(h))
 
 
 def count_parameters(cfg: ModelConfig) -> int:
     """Number of distinct parameters (tied weights once), counted on the meta device without allocating."""
+    from models.registry import build_arch  # the registry imports this module
+
     with torch.device("meta"):
-        model = LanguageModel(cfg)
+        model = build_arch(cfg)
     return sum(p.numel() for p in model.parameters())

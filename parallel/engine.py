@@ -38,9 +38,50 @@ def deepspeed_config(train: Any, dp_size: int) -> dict:
     }
 
 
+class MegatronMPU:
+    """megatron-core's groups in the shape DeepSpeed's ``mpu`` argument expects.
+
+    With it the engine all-reduces gradients over the data-parallel group only (not across tensor
+    ranks, which hold different slices), sums sharded gradients' norms across the tensor group for
+    clipping, and names checkpoint files by tensor rank (``mp_rank_XX``). A pipeline engine gets its
+    own grid from the PipelineModule's topology instead.
+    """
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state
+
+        self.ps = parallel_state
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+
 def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict,
-               lr_lambda: Callable[[int], float]) -> Any:
-    """Wrap ``model`` in a DeepSpeed engine with our parameter groups and LR multiplier schedule."""
+               lr_lambda: Callable[[int], float], mpu: Any = None) -> Any:
+    """Wrap ``model`` in a DeepSpeed engine with our parameter groups and LR multiplier schedule.
+
+    A ``PipelineModule`` gives a ``PipelineEngine`` (``train_batch``); ``mpu`` (a MegatronMPU) is for
+    tensor parallelism without a pipeline.
+    """
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
@@ -52,5 +93,6 @@ def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict
         model_parameters=param_groups,
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+        mpu=mpu,
     )
     return engine

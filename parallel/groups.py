@@ -10,6 +10,7 @@ import os
 import socket
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -111,19 +112,40 @@ def data_parallel_group() -> dist.ProcessGroup:
     return parallel_state.get_data_parallel_group()
 
 
-def destroy() -> None:
-    """Tear groups down; without it gloo runs sometimes abort at interpreter exit."""
+def reset_model_parallel() -> None:
+    """Forget the model-parallel groups (megatron-core's and the ``mpu`` DeepSpeed's last engine recorded),
+    keeping the default group, so a process can form another layout (the equivalence tests do)."""
+    from deepspeed.utils import groups as ds_groups
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    ds_groups.mpu = None  # else an engine built without mpu would inherit the previous engine's
+
+
+def destroy() -> None:
+    """Tear groups down; without it gloo runs sometimes abort at interpreter exit."""
+    reset_model_parallel()
     from deepspeed.utils import groups as ds_groups
 
     for table in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP,
                   ds_groups._EXPERT_PARALLEL_GROUP_RANKS, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
         table.clear()  # their process groups die with the default group below
     if dist.is_initialized():
+        rank = dist.get_rank()
         dist.destroy_process_group()
+        _unlink_shm_buffer(rank)
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """Delete DeepSpeed's CPU shared-memory all-reduce buffer (~69 MB a rank), which it never unlinks.
+
+    Every rank mapped all peers' buffers at initialisation, so removing the name now frees the memory
+    once the processes exit instead of leaving it in /dev/shm for good.
+    """
+    port, addr = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR")
+    if port and addr:
+        Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
 class PeerFailed(RuntimeError):

@@ -24,6 +24,7 @@ import torch.distributed as dist
 TAG_PREFIX = "step"
 TMP_PREFIX = ".tmp-"
 MANIFEST = "MANIFEST.json"
+LAYOUT = "parallel_layout.json"  # TP/PP runs: how to reassemble the single-rank weights (training.weights)
 
 
 class CheckpointError(RuntimeError):
@@ -132,9 +133,12 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict, keep: int) 
     _barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), tmp_dir / f"rng_rank{_rank():05d}.pt")
+    layout = parallel_layout(getattr(engine, "module", None))
     _barrier()
     if _rank() == 0:
-        write_manifest(tmp_dir)
+        if layout is not None:
+            _write_atomic(tmp_dir / LAYOUT, json.dumps(layout, indent=1, sort_keys=True))
+        write_manifest(tmp_dir)  # covers every rank's files: per tensor-rank model states, per-layer pipeline files
         if final_dir.exists():
             shutil.rmtree(final_dir)
         os.replace(tmp_dir, final_dir)
@@ -143,6 +147,24 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict, keep: int) 
             for old in complete_tags(ckpt_dir)[:-keep]:
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     _barrier()
+
+
+def parallel_layout(module: Any) -> dict | None:
+    """For a tensor- or pipeline-parallel module, the sizes and every sharded tensor's split (same on all
+    ranks, gathered: a collective); None for a single-rank layout, which needs no reassembly."""
+    from parallel.tensor import sharding_layout, tensor_parallel_size
+
+    rename = getattr(module, "lm_name", None)
+    tp = tensor_parallel_size()
+    if module is None or (tp == 1 and rename is None):
+        return None
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, sharding_layout(module, rename))
+    sharded: dict = {}
+    for part in every:
+        sharded.update(part)
+    pp = module.num_stages if rename is not None else 1
+    return {"tensor": tp, "pipeline": pp, "n_blocks": getattr(module, "n_blocks", 0), "sharded": sharded}
 
 
 def choose_tag(ckpt_dir: Path) -> str:

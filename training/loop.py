@@ -7,6 +7,7 @@ averages scalars across data-parallel ranks for logging.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from parallel.tensor import grad_norm
 from training import checkpoint
-from training.metrics import MetricsLogger
+from training.metrics import MetricsLogger, peak_memory_bytes
 
 
 @dataclass
@@ -31,6 +33,9 @@ class LoopSettings:
     save_every: int
     keep_checkpoints: int
     tokens_per_step: int  # across all data-parallel ranks
+    flops_per_token: float = 0.0  # model training FLOPs per token (training.flops); 0: FLOP/s not logged
+    peak_flops: float = math.nan  # dense peak FLOP/s of one device (training.gpu_peaks); NaN: no MFU (CPU)
+    world_size: int = 1  # devices sharing the work, for per-device FLOP/s and MFU
 
 
 def _mean_across_ranks(value: float, group: Any) -> float:
@@ -48,21 +53,53 @@ def _mean_dict_across_ranks(values: dict[str, float], group: Any) -> dict[str, f
     return dict(zip(values, (t / dist.get_world_size(group)).tolist()))
 
 
+def _throughput(settings: LoopSettings, tokens_per_s: float) -> dict[str, float | None]:
+    """Achieved model TFLOP/s per device and MFU (None where the device's peak is unknown, e.g. on CPU)."""
+    if not settings.flops_per_token:
+        return {}
+    per_device = settings.flops_per_token * tokens_per_s / settings.world_size
+    utilisation = per_device / settings.peak_flops if math.isfinite(settings.peak_flops) else None
+    return {"model_tflops": per_device / 1e12, "mfu": utilisation}
+
+
+def _peak_memory(device: torch.device) -> dict[str, Any]:
+    """Every rank's peak memory (MiB), gathered over the world; a collective, so call it on all ranks at once."""
+    mine = torch.tensor([peak_memory_bytes(device) / 2**20], dtype=torch.float64, device=device)
+    every = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
+    dist.all_gather_into_tensor(every, mine)
+    per_rank = [round(v, 1) for v in every.tolist()]
+    return {"peak_mem_mib": max(per_rank), "peak_mem_mib_per_rank": per_rank}
+
+
 def _loss(engine: Any, batch: torch.Tensor) -> torch.Tensor:
     batch = batch.to(engine.device)
     return engine(batch[:, :-1], labels=batch[:, 1:])  # (B, L) inputs predict the next token
 
 
+def _is_pipeline(engine: Any) -> bool:
+    """DeepSpeed's PipelineEngine runs forward, backward and step itself (``train_batch``, 1F1B)."""
+    return bool(getattr(engine, "pipeline_parallelism", False))
+
+
+def _pipeline_micro_batches(engine: Any, micro: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    # Every stage takes the same micro-batches from its iterator (only the ends use them), so every
+    # rank's data position stays the same and a checkpoint's data state is valid on every rank.
+    return iter([(b[:, :-1].to(engine.device), b[:, 1:].to(engine.device)) for b in micro])
+
+
 def train_step(engine: Any, batches: Iterator[torch.Tensor], grad_accum: int) -> tuple[float, float | None]:
     """One optimizer step over ``grad_accum`` micro-batches; returns this rank's mean loss and the grad norm."""
+    if _is_pipeline(engine):  # the loss comes back already averaged over micro-batches and data-parallel ranks
+        micro = [next(batches) for _ in range(grad_accum)]
+        loss = engine.train_batch(_pipeline_micro_batches(engine, micro))
+        return float(loss), _grad_norm(engine)
     total, norm = 0.0, None
     for micro in range(grad_accum):
         loss = _loss(engine, next(batches))
         engine.backward(loss)
         if micro == grad_accum - 1 and engine.zero_optimization_stage() == 0:
             # Without ZeRO, DeepSpeed clips fp32 gradients but keeps no norm; grads are all-reduced here.
-            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads).item()
+            norm = grad_norm([p for p in engine.module.parameters() if p.grad is not None])
         engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
         total += loss.item()
     return total / grad_accum, _grad_norm(engine) if norm is None else norm
@@ -72,7 +109,11 @@ def train_step(engine: Any, batches: Iterator[torch.Tensor], grad_accum: int) ->
 def evaluate(engine: Any, val_batches: list[torch.Tensor], group: Any) -> float:
     """Mean validation loss over the same fixed batches every time, averaged across ranks."""
     engine.eval()
-    losses = [_loss(engine, b).item() for b in val_batches]
+    if _is_pipeline(engine):
+        losses = [float(engine.eval_batch(_pipeline_micro_batches(engine, [b]), num_micro_batches=1))
+                  for b in val_batches]
+    else:
+        losses = [_loss(engine, b).item() for b in val_batches]
     engine.train()
     return _mean_across_ranks(sum(losses) / max(1, len(losses)), group)
 
@@ -117,12 +158,13 @@ def run(engine: Any, batches: Any, val_batches: list[torch.Tensor], settings: Lo
         recent = (recent + [loss])[-10:]
         record = {**reduced, "lr": engine.get_lr()[0], "grad_norm": grad_norm,
                   "tokens_per_s": settings.tokens_per_step / elapsed, "tokens": tokens}
+        record.update(_throughput(settings, record["tokens_per_s"]))
         if settings.eval_every and (step % settings.eval_every == 0 or step == settings.steps) and val_batches:
             record["val_loss"] = evaluate(engine, val_batches, dp_group)
             if is_main:
                 tqdm.write(f"step {step}: train loss {loss:.4f}, val loss {record['val_loss']:.4f}")
-        if step % settings.log_every == 0 or "val_loss" in record:
-            metrics.log(step, **record)
+        if step % settings.log_every == 0 or "val_loss" in record:  # the same steps on every rank
+            metrics.log(step, **record, **_peak_memory(engine.device))
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", gnorm=f"{grad_norm or 0:.2f}",
                         tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)

@@ -27,8 +27,16 @@ def expert_parameters(model_cfg) -> tuple[int, int]:
 
 
 def estimate_memory(n_params: int, model_cfg, train_cfg, seq_len: int, vocab_size: int,
-                    dp_size: int, precision: str, ep_size: int = 1) -> dict[str, float]:
-    """Bytes per rank by category, plus 'total'."""
+                    dp_size: int, precision: str, ep_size: int = 1, tp_size: int = 1,
+                    pp_size: int = 1) -> dict[str, float]:
+    """Bytes per rank by category, plus 'total'.
+
+    Tensor and pipeline parallelism divide the weights by TP x PP (norms are replicated, a small
+    overcount). Activations follow Korthikanti et al. without sequence parallelism: per layer
+    s*b*h*(10 + 24/t + 5*a*s/(h*t)); under 1F1B the first stage holds PP micro-batches of its L/PP
+    layers, i.e. every layer's worth, so PP leaves the activation term unchanged.
+    """
+    n_params = n_params / (tp_size * pp_size)
     half = precision == "bf16"
     stage = train_cfg.zero_stage
     experts, _ = expert_parameters(model_cfg)
@@ -48,13 +56,13 @@ def estimate_memory(n_params: int, model_cfg, train_cfg, seq_len: int, vocab_siz
     scale = 1 if half else 2
     acts = 0.0
     for layer in parse_pattern(model_cfg.layers, model_cfg.ffn).layers:
-        per_token = 34 + (5 * a * s / h if layer.mixer == "attention" else 16)
+        per_token = 10 + 24 / tp_size + (5 * a * s / h if layer.mixer == "attention" else 16) / tp_size
         acts += s * b * h * per_token * scale
         if layer.ffn == "moe":
             e, k = model_cfg.num_experts, model_cfg.top_k
             capacity = max(model_cfg.min_capacity, math.ceil(model_cfg.capacity_factor * k * s * b / e))
             acts += e * capacity * (2 * h + 2 * model_cfg.ffn_dim) * scale  # slots in/out, hidden before/after GELU
-    logits = s * b * vocab_size * 4 * 2  # fp32 logits and their gradient
+    logits = s * b * vocab_size / tp_size * 4 * 2  # fp32 logits and their gradient (this rank's vocabulary slice)
     out = {"weights": weights, "master_weights": master, "gradients": grads, "optimizer_states": adam,
            "activations": acts + logits}
     out["total"] = sum(out.values())

@@ -10,6 +10,19 @@ from typing import Any
 from training.plots import plot_metrics
 
 
+def peak_memory_bytes(device: Any) -> float:
+    """This process's peak memory: the CUDA caching allocator's high-water mark on GPU, peak RSS on CPU."""
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        return float(torch.cuda.max_memory_allocated(device))
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
+
+
 class MetricsLogger:
     """Appends one JSON object per logged step to ``metrics.jsonl`` (main rank only).
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,8 @@ from data_pipeline.tokenizer import Tokenizer
 from launcher.config import RunConfig, load_config
 from models.config import ModelConfig
 from models.registry import build_arch
-from training.checkpoint import MANIFEST, CheckpointError, choose_tag, complete_tags, latest_tag, verify
+from training.checkpoint import LAYOUT, MANIFEST, CheckpointError, choose_tag, complete_tags, latest_tag, verify
+from training.expert_checkpoint import is_moe_checkpoint, moe_state_dict
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0/1/2; a pre-manifest run is accepted only with it
 
@@ -38,6 +41,10 @@ class RunWeights:
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 state dict of checkpoint `tag` in `ckpt_dir`, on CPU, whatever the ZeRO stage and rank count."""
     tag_dir = ckpt_dir / tag
+    if (tag_dir / LAYOUT).is_file():
+        return _model_parallel_state_dict(tag_dir)
+    if is_moe_checkpoint(tag_dir):  # experts live in per-expert files, which zero_to_fp32 cannot read
+        return moe_state_dict(tag_dir)
     # ZeRO-0/1/2 write mp_rank_00_model_states.pt, ZeRO-3 one zero_pp_rank_*_model_states.pt per rank.
     model_files = sorted(tag_dir.glob("*model_states.pt"))
     if not model_files:
@@ -50,6 +57,51 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
 
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress on stdout; keep it for results
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
+
+
+_PIPE_FILE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
+_TP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+
+
+def _model_parallel_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Reassemble a tensor/pipeline-parallel checkpoint's module weights into the single-rank state dict.
+
+    Reads the module states DeepSpeed writes per tensor rank (``mp_rank_XX_model_states.pt``) or per
+    pipeline layer and tensor rank (``layer_NN-model_XX-model_states.pt``) and joins shards as the
+    ``parallel_layout.json`` beside them says. Those are the weights the engine trains (exact for
+    fp32 runs; a bf16 run's fp32 master copy stays in the optimizer files).
+    """
+    from parallel.pipeline import lm_name
+    from parallel.tensor import merge_shards
+
+    layout = json.loads((tag_dir / LAYOUT).read_text())
+    tp, sharded = layout["tensor"], layout["sharded"]
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    for path in sorted(tag_dir.iterdir()):
+        pipe, tensor = _PIPE_FILE.match(path.name), _TP_FILE.match(path.name)
+        if layout["pipeline"] > 1 and pipe:
+            layer, rank = int(pipe.group(1)), int(pipe.group(2) or 0)
+            states = torch.load(path, map_location="cpu", weights_only=True)
+            names = {k: k if layer == 0 else lm_name(f"{layer}.{k}", layout["n_blocks"]) for k in states}
+        elif layout["pipeline"] == 1 and tensor:
+            rank = int(tensor.group(1))
+            states = torch.load(path, map_location="cpu", weights_only=False)["module"]
+            names = {k: k for k in states}
+        else:
+            continue
+        for key, value in states.items():
+            if torch.is_tensor(value):
+                pieces.setdefault(names[key], {})[rank] = value
+    out = {}
+    for name, by_rank in pieces.items():
+        if name in sharded:
+            if sorted(by_rank) != list(range(tp)):
+                raise CheckpointError(f"{tag_dir}: '{name}' has tensor ranks {sorted(by_rank)}, expected 0..{tp - 1}")
+            value = merge_shards([by_rank[r] for r in range(tp)], *sharded[name])
+        else:
+            value = by_rank[min(by_rank)]
+        out[name] = value.float() if value.is_floating_point() else value
+    return out
 
 
 def load_run(run_dir: str | Path, tag: str | None = None) -> RunWeights:
@@ -108,7 +160,6 @@ def save_consolidated(weights: RunWeights, out_dir: str | Path, extra_config: di
     Tied weights are stored once (the tied model has no lm_head tensor); `extra_config` adds keys to
     config.json (Hugging Face's model_type and auto_map).
     """
-    import json
     import shutil
 
     from safetensors.torch import save_file
@@ -141,8 +192,6 @@ def model_config_from_dict(values: dict) -> ModelConfig:
 
 def load_consolidated(ckpt_dir: str | Path) -> RunWeights:
     """Read a folder written by `save_consolidated`; safetensors only, so loading never unpickles anything."""
-    import json
-
     from safetensors.torch import load_file
 
     ckpt_dir = Path(ckpt_dir)

@@ -11,7 +11,12 @@ from parallel.linear import column_linear, row_linear
 
 
 class MLP(nn.Module):
-    """d_model -> ffn_dim -> d_model with GELU (tanh approximation, as GPT-2 and the H3 reference)."""
+    """d_model -> ffn_dim -> d_model with GELU (tanh approximation, as GPT-2 and the H3 reference).
+
+    Under tensor parallelism each rank holds ``ffn_dim / TP`` hidden units (column then row split).
+    """
+
+    supports_tensor_parallel = True
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()

@@ -13,6 +13,7 @@ from torch import nn
 from kernels.attention import attention
 from models.config import ModelConfig
 from parallel.linear import column_linear, row_linear
+from parallel.tensor import local_size
 
 ROTARY_BASE = 10000.0
 
@@ -32,17 +33,24 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int) -> t
 
 
 class Attention(nn.Module):
-    """Causal self-attention: ``forward(x (B, L, D)) -> (B, L, D)``; recurrent decoding with a KV cache."""
+    """Causal self-attention: ``forward(x (B, L, D)) -> (B, L, D)``; recurrent decoding with a KV cache.
+
+    Under tensor parallelism each rank holds ``n_heads / TP`` whole heads (``n_heads`` and ``d_model``
+    below are this rank's share); the output projection sums the ranks' contributions.
+    """
+
+    supports_tensor_parallel = True
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.d_model, self.n_heads = cfg.d_model, cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
+        self.n_heads = local_size(cfg.n_heads, "model.n_heads")
+        self.d_model = self.n_heads * self.head_dim  # this rank's attention width
         self.rotary_dim = cfg.rotary_dim
         self.dropout = cfg.dropout
-        self.qkv_proj = column_linear(self.d_model, 3 * self.d_model)
-        self.out_proj = row_linear(self.d_model, self.d_model)
+        self.qkv_proj = column_linear(cfg.d_model, 3 * cfg.d_model)
+        self.out_proj = row_linear(cfg.d_model, cfg.d_model)
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (B, L, D) -> q, k, v each (B, H, L, hd), rotary applied to q and k."""

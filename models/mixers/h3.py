@@ -20,22 +20,32 @@ from torch import nn
 from models.config import ModelConfig
 from models.mixers.ssm import DiagonalSSM, ShiftSSM
 from parallel.linear import column_linear, row_linear
+from parallel.tensor import local_size, mark_sharded
 
 
 class H3(nn.Module):
-    """H3 mixer: ``forward(x (B, L, D)) -> (B, L, D)``; recurrent ``allocate_state``/``step``."""
+    """H3 mixer: ``forward(x (B, L, D)) -> (B, L, D)``; recurrent ``allocate_state``/``step``.
+
+    Under tensor parallelism each rank holds ``H / TP`` whole heads: its slice of the q/k/v channels
+    (column projections) and those channels' shift and diagonal SSMs; ``n_heads`` and ``d_model`` below
+    are this rank's share. Its outputs ``j * H_local + h`` are ``head_dim`` strided chunks of the full
+    layout, which the row projection reads with that stride.
+    """
+
+    supports_tensor_parallel = True
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.d_model, self.head_dim = cfg.d_model, cfg.h3_head_dim
-        self.n_heads = cfg.d_model // cfg.h3_head_dim
-        self.q_proj = column_linear(self.d_model, self.d_model)
-        self.k_proj = column_linear(self.d_model, self.d_model)
-        self.v_proj = column_linear(self.d_model, self.d_model)
-        self.shift_ssm = ShiftSSM(self.d_model, cfg.h3_d_state)
-        self.diag_ssm = DiagonalSSM(self.n_heads, cfg.h3_d_state)
-        self.out_proj = row_linear(self.d_model, self.d_model)
+        self.head_dim = cfg.h3_head_dim
+        self.n_heads = local_size(cfg.d_model // cfg.h3_head_dim, "H3 heads (model.d_model / model.h3_head_dim)")
+        self.d_model = self.n_heads * self.head_dim  # this rank's channels
+        self.q_proj = column_linear(cfg.d_model, cfg.d_model)
+        self.k_proj = column_linear(cfg.d_model, cfg.d_model)
+        self.v_proj = column_linear(cfg.d_model, cfg.d_model)
+        self.shift_ssm = mark_sharded(ShiftSSM(self.d_model, cfg.h3_d_state))
+        self.diag_ssm = mark_sharded(DiagonalSSM(self.n_heads, cfg.h3_d_state))
+        self.out_proj = row_linear(cfg.d_model, cfg.d_model, stride=self.head_dim)
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
         """(B, D, ...) -> (B, d, H, ...): channel h*d + i goes to [i, h]."""

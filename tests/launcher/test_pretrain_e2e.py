@@ -91,7 +91,8 @@ def test_empty_corpus_is_one_clear_line(tmp_path):
     [
         (["train.stpes=3"], "did you mean 'train.steps'"),
         (["model.layers=HHZ"], "unknown symbol 'Z'"),
-        (["parallel.tensor=3"], "does not divide the world size 1"),
+        (["parallel.tensor=2"], "does not divide the world size 1"),
+    (["parallel.tensor=3"], "model.n_heads (4) must be divisible by parallel.tensor (3)"),
     ],
 )
 def test_bad_input_exits_with_one_line(tmp_path, args, expected):

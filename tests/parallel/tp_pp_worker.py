@@ -1,0 +1,187 @@
+"""Ranks of the tensor/pipeline/ZeRO equivalence test (launched by tests/parallel/test_tensor_pipeline.py).
+
+One launch of 4 ranks runs several layouts in turn, re-forming megatron-core's groups between them:
+each trains the same small hybrid H3-attention model from the same seed on the same global batches
+for ``STEPS`` optimizer steps through DeepSpeed's engine, and rank 0 records the losses, the engine's
+gradient norms, the full (TP-gathered, PP-assembled) gradients of every optimizer step before the
+update, and the full weights at the end. Rank 0 also runs the single-rank reference: the same model
+at TP=PP=1 in plain PyTorch (AdamW, clipping by the global norm, the same LR schedule) on the whole
+global batch. ``--ckpt``: the layouts in CKPT_LAYOUTS also save a checkpoint after step 2 (recording the
+weights saved) and resume it into a fresh engine, recording that run's step-3 loss and weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from launcher.config import ParallelConfig, TrainConfig  # noqa: E402
+from models import ModelConfig  # noqa: E402
+from parallel import engine as ds_engine  # noqa: E402
+from parallel import groups  # noqa: E402
+from parallel.build import build_model  # noqa: E402
+from parallel.tensor import full_state, gather  # noqa: E402
+from training import checkpoint  # noqa: E402
+from training.loop import train_step  # noqa: E402
+from training.optimizer import param_groups  # noqa: E402
+
+STEPS = 3
+SEED = 0
+GLOBAL_BATCH = 8  # sequences per optimizer step, across data-parallel ranks and micro-batches
+SEQ = 24
+VOCAB = 128
+CLIP = 0.05  # below the gradient norm at every step, so clipping acts and a wrong TP/PP norm would show
+LAYOUTS = {  # name: (tensor, pipeline, zero stage, micro-batches per step, activation checkpointing, tied head)
+    "tp2_dp2_zero1": (2, 1, 1, 1, False, True),
+    "pp2_dp2_zero1_ckpt": (1, 2, 1, 2, True, True),
+    "tp2_pp2_zero1": (2, 2, 1, 2, False, True),
+    "dp4_zero3": (1, 1, 3, 1, False, True),
+    "tp2_dp2_zero2_untied": (2, 1, 2, 1, False, False),
+    "tp2_pp2_zero1_untied": (2, 2, 1, 2, False, False),
+    "tp2_dp2_zero0": (2, 1, 0, 1, False, True),
+}
+
+CKPT_LAYOUTS = ("tp2_pp2_zero1", "tp2_dp2_zero1")  # also save after step 2 and resume into a fresh engine
+
+
+def model_config(tied: bool = True) -> ModelConfig:
+    # The debug hybrid's pattern at a smaller width; H3 head_dim 2 exercises the strided output split.
+    return ModelConfig(vocab_size=VOCAB, d_model=32, n_heads=4, layers="HHAH", h3_d_state=8, h3_head_dim=2,
+                       max_seq_len=SEQ, tie_embeddings=tied)
+
+
+def train_config(zero: int, micro: int, dp: int) -> TrainConfig:
+    return TrainConfig(micro_batch_size=GLOBAL_BATCH // (dp * micro), grad_accum=micro, lr=1e-2, warmup_steps=0,
+                       weight_decay=0.1, grad_clip=CLIP, zero_stage=zero, precision="fp32")
+
+
+def global_batch(step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
+
+
+def reference(tied: bool) -> dict:
+    """The single-rank run in plain PyTorch: what every layout must reproduce."""
+    from models.lm import LanguageModel
+
+    torch.manual_seed(SEED)
+    model = LanguageModel(model_config(tied))
+    t = train_config(0, 1, 1)
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in param_groups(model, t.lr,
+                            t.weight_decay)], lr=t.lr, betas=tuple(t.betas), eps=1e-8)
+    out: dict = {"losses": [], "norms": [], "grads": []}
+    for step in range(STEPS):
+        b = global_batch(step)
+        loss = model(b[:, :-1], labels=b[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        out["grads"].append({n: p.grad.clone() for n, p in model.named_parameters()})
+        out["norms"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        opt.step()
+        out["losses"].append(loss.item())
+    out["weights"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return out
+
+
+def _assemble(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every pipeline stage's (already TP-gathered) tensors, merged on every rank."""
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, local)
+    merged: dict[str, torch.Tensor] = {}
+    for part in every:
+        merged.update(part)
+    return merged
+
+
+def _full_grads(engine, rename) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import safe_get_full_grad
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        out[rename(name)] = gather(safe_get_full_grad(p).detach().clone(), p)
+    return _assemble(out)
+
+
+def build_engine(par: ParallelConfig, t: TrainConfig, dp: int, tied: bool):
+    model = build_model(model_config(tied), par, SEED, dp)
+    mpu = ds_engine.MegatronMPU() if par.tensor > 1 and par.pipeline == 1 else None
+    engine = ds_engine.initialize(model, param_groups(model, t.lr, t.weight_decay),
+                                  ds_engine.deepspeed_config(t, dp), lambda step: 1.0, mpu=mpu)
+    rename = getattr(model, "lm_name", lambda n: n)
+    return engine, rename
+
+
+def run_layout(name: str, ckpt: Path | None) -> dict:
+    tp, pp, zero, micro, checkpointing, tied = LAYOUTS[name]
+    par = ParallelConfig(tensor=tp, pipeline=pp, activation_checkpointing=checkpointing)
+    ctx = groups.initialize(par)
+    dp = ctx.dp_size
+    t = train_config(zero, micro, dp)
+    engine, rename = build_engine(par, t, dp, tied)
+    grads: list = []
+    original = engine._take_model_step
+
+    def capture(*args, **kwargs):  # the averaged gradients, just before clipping and the update
+        grads.append(_full_grads(engine, rename))
+        return original(*args, **kwargs)
+
+    engine._take_model_step = capture
+    out: dict = {"losses": [], "norms": []}
+    for step in range(STEPS):
+        micro_batches = global_batch(step).chunk(dp, dim=0)[ctx.dp_rank].chunk(micro, dim=0)
+        loss, norm = train_step(engine, iter(micro_batches), micro)
+        lt = torch.tensor([loss], dtype=torch.float64)
+        dist.all_reduce(lt, group=groups.data_parallel_group())  # pipeline losses are DP means already: same
+        out["losses"].append(lt.item() / dp if pp == 1 else loss)
+        out["norms"].append(norm)
+        if ckpt is not None and step == STEPS - 2:
+            checkpoint.save(engine, ckpt, step + 1, {"step": step + 1}, keep=1)
+            out["saved_weights"] = _assemble(full_state(engine.module, rename))
+    out["grads"] = grads
+    out["weights"] = _assemble(full_state(engine.module, rename))
+    if ckpt is not None:  # a fresh engine resumed from the step-2 checkpoint repeats step 3
+        engine2, _ = build_engine(par, t, dp, tied)
+        checkpoint.load(engine2, ckpt)
+        micro_batches = global_batch(STEPS - 1).chunk(dp, dim=0)[ctx.dp_rank].chunk(micro, dim=0)
+        loss, _ = train_step(engine2, iter(micro_batches), micro)
+        lt = torch.tensor([loss], dtype=torch.float64)
+        dist.all_reduce(lt, group=groups.data_parallel_group())
+        out["resumed_loss"] = lt.item() / dp if pp == 1 else loss
+        out["resumed_weights"] = _assemble(full_state(engine2.module, rename))
+    _reset_groups()
+    return out
+
+
+def _reset_groups() -> None:
+    """Drop the model-parallel groups (the default group stays) so the next layout can form its own."""
+    dist.barrier()
+    groups.reset_model_parallel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated names from LAYOUTS")
+    parser.add_argument("--ckpt", default="", help="folder for the save/resume checks (one subfolder per layout)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    results = {}
+    try:
+        for name in args.layouts.split(","):
+            ckpt = Path(args.ckpt) / name if args.ckpt and name in CKPT_LAYOUTS else None
+            results[name] = run_layout(name, ckpt)
+        if dist.get_rank() == 0:
+            results["reference"] = {tied: reference(tied) for tied in (True, False)}
+            torch.save(results, args.out)
+    finally:
+        groups.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Consolidate a DeepSpeed checkpoint of an MoE model (any expert-parallel size) into single-rank names.
+
+DeepSpeed writes an MoE model's experts apart from the rest: one ``layer_<i>_expert_<e>_mp_rank_00_model_states.pt``
+per global expert, written by the rank that owns it, with the expert's global id already in the key
+(``...experts.deepspeed_moe.experts.deepspeed_experts.<e>.w_in``), while ``mp_rank_00_model_states.pt``
+holds every other weight. DeepSpeed's ``zero_to_fp32`` cannot read such a folder (it takes the expert
+files for model-state files and stops), so the module weights are read here instead: exact for fp32
+training, which keeps no separate master copy; a bf16 run yields its bf16 weights cast to fp32.
+The experts are renamed to ``LanguageModel``'s ``...experts.mlps.<e>...``, so the result loads at EP=1.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from training.checkpoint import CheckpointError
+
+EXPERT_FILES = "layer_*_expert_*_model_states.pt"
+MAIN_FILE = "mp_rank_00_model_states.pt"
+DS_EXPERT = re.compile(r"^(.*)\.experts\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.*)$")
+
+
+def is_moe_checkpoint(tag_dir: Path) -> bool:
+    return any(Path(tag_dir).glob(EXPERT_FILES))
+
+
+def moe_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict, in single-rank LanguageModel names, of the MoE checkpoint folder `tag_dir`."""
+    tag_dir = Path(tag_dir)
+    main = tag_dir / MAIN_FILE
+    if not main.is_file():
+        raise CheckpointError(f"{main} is missing; expected the non-expert weights of an MoE checkpoint (ZeRO stage "
+                              "0-2: DeepSpeed MoE does not run under ZeRO-3)")
+    states = torch.load(main, map_location="cpu", weights_only=False)  # our own run's file, checksummed by load_run
+    if (states.get("ds_config") or {}).get("bf16", {}).get("enabled"):
+        print(f"warning: {tag_dir} is a bf16 MoE checkpoint; taking its bf16 weights (the fp32 master copies live "
+              "in the ZeRO optimizer partitions)", file=sys.stderr)
+    out = {k: _fp32(v) for k, v in states["module"].items()}
+    for path in sorted(tag_dir.glob(EXPERT_FILES)):
+        for key, value in torch.load(path, map_location="cpu", weights_only=False).items():
+            m = DS_EXPERT.match(key)
+            if not m:
+                raise CheckpointError(f"{path} holds '{key}'; expected DeepSpeed expert keys "
+                                      "'...experts.deepspeed_moe.experts.deepspeed_experts.<id>...'")
+            out[f"{m.group(1)}.experts.mlps.{m.group(2)}.{m.group(3)}"] = _fp32(value)
+    return out
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.is_floating_point() else t
+
