@@ -1,0 +1,1 @@
+"""Weight layers usable in place of ``nn.Linear`` (structured-sparse projections)."""
