@@ -21,7 +21,6 @@ solver settings are ``model.options.deq``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,7 +30,8 @@ from torch import nn
 
 from models.block import Block
 from models.config import ConfigError, ModelConfig
-from models.lm import IGNORE_INDEX, RESIDUAL_OUT_PROJECTIONS
+from models.init import gpt2_init
+from models.lm import IGNORE_INDEX
 from models.options import layer_options
 from models.pattern import parse_pattern
 from models.registry import build_ffn, build_mixer
@@ -134,18 +134,7 @@ class DEQLanguageModel(nn.Module):
 
     def reset_parameters(self) -> None:
         """GPT-2 init as LanguageModel's; residual outputs scaled as for a 1-layer stack."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(module.weight, std=self.cfg.init_std)
-                    if getattr(module, "bias", None) is not None:
-                        nn.init.zeros_(module.bias)
-            for name, p in self.named_parameters():
-                if name.endswith(RESIDUAL_OUT_PROJECTIONS):
-                    nn.init.normal_(p, std=self.cfg.init_std / math.sqrt(2))
+        gpt2_init(self, self.cfg.init_std, residual_layers=1)
 
     def f(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The layer map: z, x (B, L, D) -> (B, L, D); x plus the block's branches at z + x."""

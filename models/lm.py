@@ -7,8 +7,6 @@ already encode order; attention layers may add rotary embeddings (``cfg.rotary_d
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -16,13 +14,13 @@ from torch.utils.checkpoint import checkpoint
 from models.block import Block
 from models.config import ConfigError, ModelConfig
 from models.ffn.moe import MoE
+from models.init import gpt2_init
 from models.pattern import parse_pattern
 from models.registry import build_ffn, build_mixer
 from parallel import vocab
 from parallel.linear import column_linear
 
 IGNORE_INDEX = vocab.IGNORE_INDEX
-RESIDUAL_OUT_PROJECTIONS = ("out_proj.weight", "down_proj.weight")  # weights that write into the residual stream
 
 
 def make_block(cfg: ModelConfig, layer_idx: int) -> Block:
@@ -72,21 +70,7 @@ class LanguageModel(nn.Module):
         Also the way to materialise a model built on the meta device: ``to_empty(device=...)`` then this.
         Submodules (norms, SSMs) first apply their own init; projections are then overwritten.
         """
-        std = self.cfg.init_std
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(module.weight, std=std)
-                    if getattr(module, "bias", None) is not None:
-                        nn.init.zeros_(module.bias)
-            # Each layer adds two branches to the residual stream; this keeps its variance O(1) with depth.
-            residual_std = std / math.sqrt(2 * len(self.blocks))
-            for name, p in self.named_parameters():
-                if name.endswith(RESIDUAL_OUT_PROJECTIONS):
-                    nn.init.normal_(p, std=residual_std)
+        gpt2_init(self, self.cfg.init_std, residual_layers=len(self.blocks))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> logits (..., V), or this rank's (..., V / TP) under tensor parallelism."""

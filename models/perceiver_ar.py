@@ -12,7 +12,6 @@ layer instead of O(L²). Only the latent positions predict, so the loss is taken
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +20,8 @@ from torch import nn
 
 from models.block import Block
 from models.config import ConfigError, ModelConfig
-from models.lm import IGNORE_INDEX, RESIDUAL_OUT_PROJECTIONS
+from models.init import gpt2_init
+from models.lm import IGNORE_INDEX
 from models.mixers.attention import apply_rotary
 from models.options import layer_options
 from models.pattern import parse_pattern
@@ -100,20 +100,8 @@ class PerceiverAR(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 init as LanguageModel: N(0, init_std), zero biases, residual outputs / sqrt(2 · layers)."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(module.weight, std=self.cfg.init_std)
-                    if getattr(module, "bias", None) is not None:
-                        nn.init.zeros_(module.bias)
-            residual_std = self.cfg.init_std / math.sqrt(2 * (len(self.blocks) + 1))  # +1: the cross layer
-            for name, p in self.named_parameters():
-                if name.endswith(RESIDUAL_OUT_PROJECTIONS):
-                    nn.init.normal_(p, std=residual_std)
+        """GPT-2 init as LanguageModel's; the cross-attention layer counts as one more residual layer."""
+        gpt2_init(self, self.cfg.init_std, residual_layers=len(self.blocks) + 1)
 
     def num_latents(self, length: int) -> int:
         """Latents used for a sequence of `length` tokens."""

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ConfigError, ModelConfig
-from models.lm import IGNORE_INDEX, RESIDUAL_OUT_PROJECTIONS
+from models.init import gpt2_init
+from models.lm import IGNORE_INDEX
 from models.options import layer_options
 from models.pattern import parse_pattern
 from models.registry import build_ffn
@@ -175,19 +176,9 @@ class StructFormer(nn.Module):
 
     def reset_parameters(self) -> None:
         """GPT-2 init as LanguageModel's (projections N(0, init_std), residual outputs / sqrt(2 n_layers))."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        gpt2_init(self, self.cfg.init_std, residual_layers=len(self.attns))
         with torch.no_grad():
             self.log_scales.zero_()
-            for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(module.weight, std=self.cfg.init_std)
-                    if getattr(module, "bias", None) is not None:
-                        nn.init.zeros_(module.bias)
-            for name, p in self.named_parameters():
-                if name.endswith(RESIDUAL_OUT_PROJECTIONS):
-                    nn.init.normal_(p, std=self.cfg.init_std / math.sqrt(2 * len(self.attns)))
 
     def relations(self, h: torch.Tensor) -> torch.Tensor:
         """Embeddings (B, L, D) -> causal (parent, child) distributions stacked as (B, 2, L, L), in fp32."""

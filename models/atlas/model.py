@@ -24,6 +24,7 @@ from models.atlas import losses
 from models.atlas.passages import PassageSource
 from models.atlas.reader import FiDReader
 from models.config import ConfigError, ModelConfig
+from models.init import gpt2_init
 from models.options import layer_options
 from retrieval.encoder import BiEncoder, EncoderConfig
 
@@ -88,15 +89,8 @@ class Atlas(nn.Module):
 
     def reset_parameters(self) -> None:
         """Projections and embeddings ~ N(0, init_std) as the LM; SSM layers keep their own init."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        gpt2_init(self, self.cfg.init_std)
         with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(module.weight, std=self.cfg.init_std)
-                    if getattr(module, "bias", None) is not None:
-                        nn.init.zeros_(module.bias)
             if self.frozen_passage_tower is not None:
                 self.frozen_passage_tower.load_state_dict(self.retriever.state_dict())
 

@@ -24,10 +24,10 @@ from torch import nn
 from models.config import ConfigError, ModelConfig
 from models.mixers.ssm import SSM_OPTIM
 from models.options import layer_options
-from models.ssm.bidirectional import refuse_step, ssm_convolve
+from models.ssm.bidirectional import refuse_step
 from models.ssm.cauchy import bilinear, dplr_kernel
+from models.ssm.conv_mixer import ConvSSMMixer
 from models.ssm.hippo import nplr_legs
-from parallel.linear import row_linear
 
 
 @dataclass
@@ -103,31 +103,14 @@ class DPLRSSM(nn.Module):
         return dA, dB, C
 
 
-class S4(nn.Module):
+class S4(ConvSSMMixer):
     """S4 mixer: ``forward(x (B, L, D)) -> (B, L, D)``; causal ones also ``allocate_state``/``step``."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
         opts = layer_options(cfg, "s4", S4Options)
-        self.layer_idx, self.d_model = layer_idx, cfg.d_model
-        self.bidirectional = opts.bidirectional
         kernels = 2 if opts.bidirectional else 1  # bidirectional: a causal and an anti-causal SSM per channel
-        self.ssm = DPLRSSM(kernels * cfg.d_model, opts.d_state or cfg.h3_d_state, opts.dt_min, opts.dt_max)
-        self.D = nn.Parameter(torch.empty(cfg.d_model))
-        self.out_proj = row_linear(cfg.d_model, cfg.d_model)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.D)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, D) -> (B, L, D)."""
-        L = x.shape[1]
-        k = self.ssm.kernel(L)  # (D, L) or (2 D, L)
-        if self.bidirectional:
-            k = k.view(2, self.d_model, L)  # (2, D, L): forward, backward
-        y = ssm_convolve(x.transpose(1, 2), k, self.D, self.bidirectional).transpose(1, 2)  # (B, L, D)
-        return self.out_proj(F.gelu(y, approximate="tanh"))
+        ssm = DPLRSSM(kernels * cfg.d_model, opts.d_state or cfg.h3_d_state, opts.dt_min, opts.dt_max)
+        super().__init__(cfg.d_model, layer_idx, ssm, opts.bidirectional)
 
     def allocate_state(
         self, batch_size: int, max_len: int, device: torch.device | None = None, dtype: torch.dtype | None = None
