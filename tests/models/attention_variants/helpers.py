@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from launcher.config import load_config
-from models.registry import build_arch
+from tests.models.one_batch import train_on_one_batch
 
 
 def step_through(mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -16,18 +15,6 @@ def step_through(mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def fixed_batch_losses(config: str, steps: int, overrides: list[str], batch: int = 2, seed: int = 0) -> list[float]:
-    """Build `config`'s model (with overrides, vocab 256) and train it `steps` AdamW steps on one random batch."""
-    cfg = load_config(config, [*overrides, "model.vocab_size=256", "data.vocab_size=256"])
-    torch.manual_seed(seed)
-    model = build_arch(cfg.model)
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 256, (batch, cfg.data.seq_len + 1), generator=gen)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(steps):
-        loss = model(ids[:, :-1], labels=ids[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    """`config`'s model (with overrides, vocab 256) trained `steps` AdamW steps on one random batch."""
+    return train_on_one_batch(config, steps, [*overrides, "model.vocab_size=256", "data.vocab_size=256"], batch,
+                              vocab=256, seed=seed)
