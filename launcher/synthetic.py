@@ -41,8 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rotary-dim", type=int, default=d.rotary_dim,
                         help="rotary dims per attention head; -1: whole heads if every layer is attention, else 0 "
                         "(H3 and S4D layers give the stack its positions)")
-    parser.add_argument("--loss-on", choices=("sequence", "answer"), default=d.loss_on,
-                        help="train on every next token (the H3 paper's code) or on the answer alone")
+    parser.add_argument("--loss-on", choices=("sequence", "answer"), default=None,
+                        help="train on every next token (as the H3 paper's code) or on the answer alone "
+                        "(default: sequence for associative_recall, answer for induction_head)")
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--eval-every", type=int, default=10, help="epochs between test evaluations")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         task=args.task, layers=args.layers, vocab=args.vocab, seq_len=args.seq_len, train_size=args.train_size,
         test_size=args.test_size, epochs=args.epochs, batch_size=args.batch_size, d_model=args.width,
         n_heads=args.heads, d_state=args.d_state, h3_head_dim=args.h3_head_dim, rotary_dim=args.rotary_dim, lr=args.lr,
-        weight_decay=args.weight_decay, seed=args.seed, loss_on=args.loss_on,
+        weight_decay=args.weight_decay, seed=args.seed, loss_on=args.loss_on or "",
     )
     try:
         for name in ("train_size", "test_size", "epochs", "batch_size"):

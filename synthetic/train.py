@@ -38,9 +38,14 @@ class SyntheticRun:
     lr: float = 5e-4
     weight_decay: float = 0.1
     warmup_epochs: int = 1
-    # "sequence": next-token loss at every position, as the H3 paper's code (safari) trains: every repeated
-    # key in the sequence is then a recall example. "answer": only the final answer is scored.
-    loss_on: str = "sequence"
+    # "sequence": next-token loss at every position, as the H3 paper's code (safari) trains: in associative
+    # recall every repeated key is then a recall example. "answer": only the final answer is scored, better
+    # for induction head, whose other positions are random tokens (noise). "": that choice, per task.
+    loss_on: str = ""
+
+    @property
+    def loss_mode(self) -> str:
+        return self.loss_on or ("sequence" if self.task == "associative_recall" else "answer")
     seed: int = 0
     history: list[float] = field(default_factory=list)  # test accuracy after each evaluation
 
@@ -85,8 +90,8 @@ def train_synthetic(
     Evaluates every `eval_every` epochs (and at the end); `stop_at` ends training early once the test
     accuracy reaches it (default: never, so runs are comparable).
     """
-    if run.loss_on not in ("sequence", "answer"):
-        raise ValueError(f"loss_on must be 'sequence' or 'answer', got '{run.loss_on}'")
+    if run.loss_on not in ("", "sequence", "answer"):
+        raise ValueError(f"loss_on must be 'sequence', 'answer' or '' (per task), got '{run.loss_on}'")
     torch.manual_seed(run.seed)
     train = make_task(run.task, run.train_size, run.vocab, run.seq_len, run.seed)
     test = make_task(run.task, run.test_size, run.vocab, run.seq_len, run.seed + TEST_SEED_OFFSET)
@@ -103,7 +108,7 @@ def train_synthetic(
         order = torch.randperm(len(train), generator=order_rng)
         for i in range(0, len(train), run.batch_size):
             idx = order[i : i + run.batch_size]
-            loss = _loss(model, train.inputs[idx], train.targets[idx], run.loss_on)
+            loss = _loss(model, train.inputs[idx], train.targets[idx], run.loss_mode)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
