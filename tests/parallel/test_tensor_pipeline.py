@@ -30,7 +30,7 @@ from tests.procs import REPO, _free_port
 
 WORKER = REPO / "tests" / "parallel" / "tp_pp_worker.py"
 LAYOUTS = ("tp2_dp2_zero1", "pp2_dp2_zero1_ckpt", "tp2_pp2_zero1", "dp4_zero3", "tp2_dp2_zero2_untied",
-           "tp2_pp2_zero1_untied", "tp2_dp2_zero0")
+           "tp2_pp2_zero1_untied", "tp2_dp2_zero0", "tp2_dp2_zero3")
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,7 @@ LAYOUTS = {  # name: (tensor, pipeline, zero stage, micro-batches per step, acti
     "tp2_dp2_zero2_untied": (2, 1, 2, 1, False, False),
     "tp2_pp2_zero1_untied": (2, 2, 1, 2, False, False),
     "tp2_dp2_zero0": (2, 1, 0, 1, False, True),
+    "tp2_dp2_zero3": (2, 1, 3, 1, False, True),
 }
 
 CKPT_LAYOUTS = ("tp2_pp2_zero1", "tp2_dp2_zero1")  # also save after step 2 and resume into a fresh engine
