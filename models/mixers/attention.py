@@ -78,6 +78,10 @@ class Attention(nn.Module):
         kwargs = {"device": device or weight.device, "dtype": dtype or weight.dtype}
         return {"k": torch.zeros(shape, **kwargs), "v": torch.zeros(shape, **kwargs), "pos": 0}
 
+    def _step_mask(self, pos: int, device: torch.device) -> torch.Tensor | None:
+        """Which cached keys 0..pos the query at `pos` sees, (1, 1, 1, pos + 1) bool; None: all of them (causal)."""
+        return None
+
     def step(self, x_t: torch.Tensor, state: dict) -> torch.Tensor:
         """x_t: (B, D) -> y_t: (B, D); writes this position's k, v into the cache and advances `pos`."""
         pos = state["pos"]
@@ -87,8 +91,8 @@ class Attention(nn.Module):
         state["k"][:, :, pos : pos + 1] = k
         state["v"][:, :, pos : pos + 1] = v
         state["pos"] = pos + 1
-        # A single query may see every cached position, so no mask is needed.
-        y = F.scaled_dot_product_attention(q, state["k"][:, :, : pos + 1], state["v"][:, :, : pos + 1])
+        y = F.scaled_dot_product_attention(q, state["k"][:, :, : pos + 1], state["v"][:, :, : pos + 1],
+                                           attn_mask=self._step_mask(pos, x_t.device))
         return self.out_proj(y.reshape(x_t.shape[0], self.d_model))  # (B, D)
 
     def prefill(self, x: torch.Tensor, state: dict) -> torch.Tensor:

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kernels.attention import attention
 from models.config import ConfigError, ModelConfig
@@ -97,23 +96,10 @@ class BigBird(Attention):
         y = attention(q, k, v, causal=True, block_mask=self.block_mask(L, x.device), block=self.opts.block)
         return self.out_proj(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, D)
 
-    def _visible(self, pos: int, device: torch.device) -> torch.Tensor:
-        """(pos + 1,) bool: which keys 0..pos the query at `pos` sees."""
+    def _step_mask(self, pos: int, device: torch.device) -> torch.Tensor:
+        """(1, 1, 1, pos + 1) bool: which cached keys the query at `pos` sees (its row of the block mask)."""
         row = self.block_mask(pos + 1, device)[0, pos // self.opts.block]  # (n,)
-        return row.repeat_interleave(self.opts.block)[: pos + 1]
-
-    def step(self, x_t: torch.Tensor, state: dict) -> torch.Tensor:
-        """x_t: (B, D) -> y_t: (B, D); caches this position's k, v and attends to the visible cached keys."""
-        pos = state["pos"]
-        if pos >= state["k"].shape[2]:
-            raise RuntimeError(f"bigbird KV cache is full ({pos} positions); allocate_state with a larger max_len")
-        q, k, v = self._qkv(x_t.unsqueeze(1), torch.tensor([pos], device=x_t.device))  # each (B, H, 1, hd)
-        state["k"][:, :, pos : pos + 1] = k
-        state["v"][:, :, pos : pos + 1] = v
-        state["pos"] = pos + 1
-        mask = self._visible(pos, x_t.device).view(1, 1, 1, -1)  # (1, 1, 1, pos + 1)
-        y = F.scaled_dot_product_attention(q, state["k"][:, :, : pos + 1], state["v"][:, :, : pos + 1], attn_mask=mask)
-        return self.out_proj(y.reshape(x_t.shape[0], -1))  # (B, D)
+        return row.repeat_interleave(self.opts.block)[: pos + 1].view(1, 1, 1, -1)
 
     def prefill(self, x: torch.Tensor, state: dict) -> torch.Tensor:
         """x: (B, L, D) -> forward(x), writing the L positions' keys and values into an empty KV cache."""
