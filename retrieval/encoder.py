@@ -52,6 +52,26 @@ class EncoderConfig:
         return ModelConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_heads=self.n_heads, dropout=self.dropout)
 
 
+def pad_token_lists(tokens: Sequence[Sequence[int]], pad_id: int, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ids (B, L) right-padded with `pad_id` and mask (B, L), True on real tokens.
+
+    L is `length`, or the longest list when 0.
+    """
+    L = length or max(len(t) for t in tokens)
+    ids = torch.full((len(tokens), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(tokens), L), dtype=torch.bool)
+    for i, t in enumerate(tokens):
+        ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        mask[i, : len(t)] = True
+    return ids, mask
+
+
+def tokenize_padded(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """texts -> padded ids and mask; each text cut to `max_len` tokens (an empty one becomes a lone EOS)."""
+    enc = [t[:max_len] or [tokenizer.eos_id] for t in tokenizer.encode_batch(list(texts))]
+    return pad_token_lists(enc, tokenizer.pad_id)
+
+
 class BidirectionalAttention(nn.Module):
     """Multi-head self-attention without a causal mask; padded keys are masked out."""
 
@@ -137,14 +157,7 @@ class DualEncoder(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """texts -> ids (B, L) padded with pad_id and mask (B, L); each text cut to max_len tokens."""
-        enc = [t[: self.cfg.max_len] or [self.tokenizer.eos_id] for t in self.tokenizer.encode_batch(list(texts))]
-        L = max(len(t) for t in enc)
-        ids = torch.full((len(enc), L), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(enc), L), dtype=torch.bool)
-        for i, t in enumerate(enc):
-            ids[i, : len(t)] = torch.tensor(t)
-            mask[i, : len(t)] = True
-        return ids, mask
+        return tokenize_padded(self.tokenizer, texts, self.cfg.max_len)
 
     def encode_queries(self, texts: Sequence[str]) -> torch.Tensor:
         """(n, D), with gradients when training."""

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from data_pipeline.tokenizer import Tokenizer
-from retrieval.encoder import state_dict_sha256
+from retrieval.encoder import pad_token_lists, state_dict_sha256, tokenize_padded
 from retrieval.passages import PassageStore
 from retrieval.protocol import Retriever
 
@@ -40,13 +40,8 @@ class PassageSource:
                              f"(passage store {self.store.path} has {len(self.store)})")
         rows = self.store.rows_of(ids.reshape(-1))
         toks = self.tokens_of_rows(rows.tolist())
-        P = self.passage_len
-        out = torch.full((len(toks), P), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(toks), P), dtype=torch.bool)
-        for i, t in enumerate(toks):
-            out[i, : len(t)] = torch.tensor(t)
-            mask[i, : len(t)] = True
-        B = ids.shape[0]
+        out, mask = pad_token_lists(toks, self.tokenizer.pad_id, self.passage_len)  # (B * n, P)
+        B, P = ids.shape[0], self.passage_len
         return ids, out.view(B, n, P), mask.view(B, n, P)
 
 
@@ -67,12 +62,7 @@ class PassageEmbedder:
         out = []
         try:
             for i in range(0, len(texts), self.batch_size):
-                enc = [t[: self.passage_len] or [self.tokenizer.eos_id]
-                       for t in self.tokenizer.encode_batch(list(texts[i : i + self.batch_size]))]
-                ids = torch.full((len(enc), max(map(len, enc))), self.tokenizer.pad_id, dtype=torch.long)
-                mask = torch.zeros(ids.shape, dtype=torch.bool)
-                for j, t in enumerate(enc):
-                    ids[j, : len(t)], mask[j, : len(t)] = torch.tensor(t), True
+                ids, mask = tokenize_padded(self.tokenizer, texts[i : i + self.batch_size], self.passage_len)
                 out.append(tower(ids.to(device), mask.to(device)).float().cpu().numpy())
         finally:
             tower.train(was)
