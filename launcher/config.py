@@ -68,17 +68,12 @@ class ParallelConfig:
     pipeline: int = 1  # pipeline stages: '|' cuts in model.layers, or an even split; micro-batches = train.grad_accum
     expert: int = 1  # expert-parallel size: each MoE layer's experts are split over this many DP ranks
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
-    sequence_parallel: bool = False  # refused: see validate
+    sequence_parallel: bool = False  # split norms/residuals along the sequence over the tensor ranks (needs tensor > 1)
 
     def validate(self) -> None:
         for name in ("tensor", "pipeline", "expert"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"parallel.{name} must be a positive integer, got {getattr(self, name)}")
-        if self.sequence_parallel:
-            # megatron-core's sequence parallelism needs its fused Apex/Transformer-Engine norms (GPU only)
-            # and its H3 analogue would split the long convolutions' sequence axis: not offered.
-            raise ConfigError("parallel.sequence_parallel is not supported (megatron-core's needs Apex/Transformer "
-                              "Engine norms, GPU only); expected parallel.sequence_parallel=false")
 
     def check_world(self, world_size: int) -> int:
         """Return the data-parallel size, or raise ConfigError if the sizes do not divide the world."""
@@ -161,19 +156,16 @@ class RunConfig:
 
     def _validate_model_parallel(self) -> None:
         """Tensor and pipeline parallelism against the model and ZeRO stage (parallel/ owns the rules)."""
-        from parallel import pipeline, tensor
+        from parallel import pipeline, sequence, tensor
 
         tensor.check_model(self.model, self.parallel.tensor)
         pipeline.check_model(self.model, self.parallel.pipeline, self.train.zero_stage, self.train.grad_clip)
-        if self.parallel.tensor > 1 and self.train.zero_stage == 3:
-            # Training itself matches the single-rank run (tests/parallel: tp2_dp2_zero3), but its checkpoints
-            # (ZeRO-3 partitions of each tensor-parallel shard) cannot be consolidated yet for resume elsewhere,
-            # conversion or evaluation.
-            raise ConfigError(f"train.zero_stage=3 with parallel.tensor={self.parallel.tensor} is not supported: its "
-                              "checkpoints cannot be consolidated yet; expected train.zero_stage <= 2")
-        if self.parallel.expert > 1 and self.parallel.tensor * self.parallel.pipeline > 1:
-            raise ConfigError("parallel.expert > 1 with tensor or pipeline parallelism is not supported yet "
-                              "(tracked in issue 6); expected parallel.tensor=1 and parallel.pipeline=1")
+        if self.parallel.sequence_parallel:
+            sequence.check_model(self.model, self.parallel.tensor, self.data.seq_len, self.train.zero_stage)
+        # ZeRO-3 with T > 1 is allowed: DeepSpeed partitions each tensor rank's shard over its data-parallel group,
+        # and training.weights consolidates those partitions per tensor rank before merging the shards.
+        # Expert parallelism composes with tensor and pipeline parallelism (experts whole on every tensor rank,
+        # EP groups within one tensor rank and stage); parallel.check_world makes EP divide the data-parallel size.
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:

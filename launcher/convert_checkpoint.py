@@ -4,7 +4,7 @@ Reads like a table of contents: load the run (any ZeRO stage, checksums verified
 model.safetensors + config.json + config.yaml + tokenizer.model -> with ``--format hf`` also the
 Hugging Face configuration and modeling files, so ``AutoModelForCausalLM.from_pretrained(out,
 trust_remote_code=True)`` loads it (the project package must be installed there: the modeling file
-imports ``models.lm``). Only tensor/pipeline-parallel degree 1 layouts exist in the trainer so far.
+imports ``models.lm``).
 """
 
 from __future__ import annotations

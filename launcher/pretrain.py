@@ -59,7 +59,8 @@ def dry_run(cfg: RunConfig, world_size: int) -> None:
     precision = resolve_precision(cfg.train.precision)
     ep = cfg.parallel.expert
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-    mem = estimate_memory(n, model_cfg, cfg.train, cfg.data.seq_len, vocab, dp, precision, ep, tp_size=tp, pp_size=pp)
+    mem = estimate_memory(n, model_cfg, cfg.train, cfg.data.seq_len, vocab, dp, precision, ep, tp_size=tp, pp_size=pp,
+                          sequence_parallel=cfg.parallel.sequence_parallel)
     print(f"config: {cfg.name}  layers: {cfg.model.layers}  d_model: {cfg.model.d_model}  vocab: {vocab}")
     print(f"parameters: {n:,} ({n / 1e6:.1f}M)")
     experts, active_experts = expert_parameters(model_cfg)
@@ -99,6 +100,8 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None =
     from data_pipeline import IndexedData, PreparedData, RankBatches, eval_batches, prepare_data
     from parallel import engine as ds_engine
     from parallel import groups
+    from parallel import pipeline as pipeline_parallel
+    from parallel import sequence as sequence_parallel
     from parallel import tensor as tensor_parallel
     from parallel.build import build_model
     from training import checkpoint, loop
@@ -146,7 +149,8 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None =
         engine = ds_engine.initialize(
             model,
             param_groups(model, t.lr, t.weight_decay),
-            ds_engine.deepspeed_config(t, ctx.dp_size),
+            {**ds_engine.deepspeed_config(t, ctx.dp_size), **pipeline_parallel.deepspeed_config(model_cfg),
+             **sequence_parallel.deepspeed_config()},
             warmup_cosine(t.warmup_steps, t.steps, t.min_lr_ratio),
             mpu=ds_engine.MegatronMPU() if cfg.parallel.tensor > 1 and cfg.parallel.pipeline == 1 else None,
         )
@@ -159,7 +163,7 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None =
             batches.load_state_dict(state["data"])
             if ctx.is_main:
                 print(f"resumed from step {start_step} ({run_dir / 'checkpoints' / state['tag']})", flush=True)
-        n = sum(p.numel() for p in model.parameters())
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: partitioned
         # The pattern-stack LM is counted whole (unsharded, all experts); other architectures as built.
         flops = training_flops_per_token(model_cfg, cfg.data.seq_len, None if model_cfg.arch == "lm" else n)
         if ctx.is_main:

@@ -17,7 +17,7 @@ from models.ffn.moe import MoE
 from models.init import gpt2_init
 from models.pattern import parse_pattern
 from models.registry import build_ffn, build_mixer
-from parallel import vocab
+from parallel import sequence, vocab
 from parallel.linear import column_linear
 
 IGNORE_INDEX = vocab.IGNORE_INDEX
@@ -29,8 +29,8 @@ def make_block(cfg: ModelConfig, layer_idx: int) -> Block:
     return Block(
         build_mixer(layer.mixer, cfg, layer_idx),
         build_ffn(layer.ffn, cfg, layer_idx),
-        nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps),
-        nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps),
+        sequence.layer_norm(cfg.d_model, cfg.norm_eps),  # nn.LayerNorm unless sequence parallelism is on
+        sequence.layer_norm(cfg.d_model, cfg.norm_eps),
         dropout=cfg.dropout,
     )
 
@@ -38,8 +38,10 @@ def make_block(cfg: ModelConfig, layer_idx: int) -> Block:
 class LanguageModel(nn.Module):
     """Causal LM: ``forward(input_ids (B, L), labels=None)``; generation via ``allocate_state``/``step``.
 
-    Parallelism stays outside: projections, the embedding and the loss come from ``parallel/`` (plain
-    torch at TP=1); ``parallel.pipeline`` cuts the same layers into stages. ``checkpoint_activations``
+    Parallelism stays outside: projections, the embedding, the norms and the loss come from ``parallel/``
+    (plain torch at TP=1); ``parallel.pipeline`` cuts the same layers into stages. Under sequence
+    parallelism the embedding returns this rank's positions, the blocks keep them and the head gathers
+    the whole sequence back, so nothing here changes shape-wise for the caller. ``checkpoint_activations``
     recomputes each block in the backward pass instead of keeping its activations.
     """
 
@@ -59,7 +61,7 @@ class LanguageModel(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(make_block(cfg, i) for i in range(len(self.plan.layers)))
         self.moe_layers = [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]  # views, not modules
-        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = sequence.layer_norm(cfg.d_model, cfg.norm_eps)
         # Tied: the head reuses the embedding matrix (saves V x D parameters, GPT-2 practice).
         self.lm_head = None if cfg.tie_embeddings else column_linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
@@ -85,7 +87,7 @@ class LanguageModel(nn.Module):
         scaled by their coefficients). `labels` (B, L) is aligned with the logits: labels[:, t] is
         the token to predict after input_ids[:, t] (the data pipeline does the shift).
         """
-        h = self.drop(self.embedding(input_ids))  # (B, L, D)
+        h = self.drop(self.embedding(input_ids))  # (B, L, D), or (B, L / TP, D) under sequence parallelism
         for block in self.blocks:
             if self.checkpoint_activations and self.training:
                 h = checkpoint(block, h, use_reentrant=False)

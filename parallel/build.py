@@ -38,7 +38,8 @@ def build_model(model_cfg, parallel_cfg, seed: int, dp_size: int) -> nn.Module:
         model = build_arch(model_cfg)
         load_full_state(model, full)
         _set_checkpointing(model, checkpointing)
-    return model
+    # Expert-parallel ranks keep E/EP experts of each MoE layer, cut after the single-rank weights are in.
+    return parallelize_experts(model, parallel_cfg.expert)
 
 
 def _set_checkpointing(model: nn.Module, enabled: bool) -> None:

@@ -11,17 +11,24 @@ Choice of machinery, and why:
   global expert, which loads back at any EP size. Its own gate is never called.
 
 At EP=1 the same container runs without any exchange, so checkpoints look alike at every EP size.
+
+Composition (no expert tensor parallelism, as Megatron-DeepSpeed): under tensor parallelism the MoE input
+follows a row-parallel all-reduce, so it is identical on every tensor rank; each tensor rank routes the
+same tokens and runs whole experts, and the expert-parallel group joins data-parallel ranks of one tensor
+rank (parallel.groups). Under pipeline parallelism each stage's MoE layers exchange tokens within that
+stage's data-parallel ranks, and their aux and z losses ride to the last stage's loss (parallel.pipeline).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.ffn.moe import MoE, combine, dispatch
+from models.ffn.moe import LocalExperts, MoE, combine, dispatch
 from models.ffn.router import RoutingResult
 
 
@@ -35,6 +42,26 @@ def expert_parallel_group(ep_size: int) -> dist.ProcessGroup | None:
     from deepspeed.utils import groups
 
     return groups._get_expert_parallel_group(expert_group_name(ep_size)) if ep_size > 1 else None
+
+
+def expert_parallel_rank(ep_size: int) -> int:
+    """This rank's place in its expert-parallel group: it holds experts ``[rank * E/EP, (rank + 1) * E/EP)``."""
+    return dist.get_rank(expert_parallel_group(ep_size)) if ep_size > 1 else 0
+
+
+_LOCAL_EXPERT = re.compile(r"^(.*)\.experts\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.*)$")
+
+
+def single_rank_expert_name(name: str, ep_rank: int, n_local: int) -> str:
+    """A container parameter name with a local expert index -> the single-rank LanguageModel's name.
+
+    ``blocks.1.ffn.experts.deepspeed_moe.experts.deepspeed_experts.1.w_in`` on expert-parallel rank 1 with
+    2 local experts -> ``blocks.1.ffn.experts.mlps.3.w_in``; other names are returned unchanged.
+    """
+    m = _LOCAL_EXPERT.match(name)
+    if not m:
+        return name
+    return f"{m.group(1)}.experts.mlps.{ep_rank * n_local + int(m.group(2))}.{m.group(3)}"
 
 
 @functools.cache
@@ -119,15 +146,42 @@ def _exchange(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 def parallelize_experts(model: nn.Module, ep_size: int) -> nn.Module:
     """Swap every MoE layer's local experts for this rank's expert-parallel slice, in place; returns ``model``.
 
-    Call on every rank after building the model from the same seed (so the slices come from identical
-    full weights) and before making optimizer groups. A model without MoE layers is returned unchanged.
+    Call on every rank after building the model from the same seed, or after loading the single-rank
+    weights into a tensor slice / pipeline stage (so the slices come from identical full weights), and
+    before making optimizer groups. Layers already swapped and models without MoE layers are left as they are.
     """
-    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    layers = [m for m in model.modules() if isinstance(m, MoE) and isinstance(m.experts, LocalExperts)]
     if not layers:
         return model
-    ep_rank = dist.get_rank(expert_parallel_group(ep_size)) if ep_size > 1 else 0
+    ep_rank = expert_parallel_rank(ep_size)
     for layer in layers:
         if layer.num_experts % ep_size:
             raise ValueError(f"num_experts ({layer.num_experts}) must be divisible by parallel.expert ({ep_size})")
         layer.experts = build_expert_parallel(layer, ep_size, ep_rank)
     return model
+
+
+def pipeline_moe_metrics(stage: nn.Module, num_experts: int, pipe_group: dist.ProcessGroup) -> dict[str, float]:
+    """``LanguageModel.moe_metrics`` for a pipeline: this stage's MoE layers summed with every other stage's.
+
+    A collective over the pipeline group, so every stage returns the same keys (a stage without MoE layers
+    adds zeros), as the training loop's data-parallel average needs.
+    """
+    routed = [m.last for m in stage.modules() if isinstance(m, MoE) and m.last is not None]
+    device = next(stage.parameters()).device  # NCCL reduces device tensors only
+    totals = torch.zeros(4 + num_experts, dtype=torch.float64, device=device)  # aux, z, dropped, layers, tokens (E,)
+    for r in routed:
+        one = torch.ones((), device=r.aux_loss.device)
+        totals += torch.cat([torch.stack([r.aux_loss.detach(), r.z_loss.detach(), r.dropped_fraction, one]),
+                             r.tokens_per_expert]).to(device, torch.float64)
+    dist.all_reduce(totals, group=pipe_group)
+    aux, z, dropped, layers = totals[:4].tolist()
+    tokens = totals[4:]
+    if not layers:
+        return {}
+    load = tokens / tokens.mean().clamp(min=1e-9)
+    out = {"moe_aux_loss": aux, "moe_z_loss": z, "moe_dropped_fraction": dropped / layers,
+           "moe_load_max": load.max().item(), "moe_load_min": load.min().item()}
+    if num_experts <= 16:
+        out.update({f"moe_tokens_expert_{e}": n for e, n in enumerate(tokens.tolist())})
+    return out

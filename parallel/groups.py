@@ -82,7 +82,10 @@ def initialize(parallel) -> ParallelContext:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline
     )
-    _initialize_expert_groups(getattr(parallel, "expert", 1))
+    _initialize_expert_groups(getattr(parallel, "expert", 1), parallel.tensor, parallel.pipeline)
+    from parallel import sequence
+
+    sequence.set_enabled(getattr(parallel, "sequence_parallel", False))  # read by the layers built next
     return ParallelContext(
         rank=rank,
         world_size=world,
@@ -93,17 +96,43 @@ def initialize(parallel) -> ParallelContext:
     )
 
 
-def _initialize_expert_groups(ep_size: int) -> None:
-    """Expert-parallel groups of ``ep_size`` consecutive ranks, and expert-data-parallel groups across them.
+def _initialize_expert_groups(ep_size: int, tp: int = 1, pp: int = 1) -> None:
+    """Expert-parallel groups of ``ep_size`` data-parallel ranks, and expert-data-parallel groups across them.
 
-    Built by DeepSpeed, not megatron-core (whose ``expert_model_parallel_size`` makes equivalent groups):
-    DeepSpeed's engine reduces expert gradients and names expert checkpoint files by its own groups
-    (``ep_size_N``), so these are the ones that must exist; made for EP=1 too, since the engine looks them up.
+    Built by DeepSpeed's rank arithmetic, not megatron-core (whose ``expert_model_parallel_size`` makes
+    equivalent groups): DeepSpeed's engine reduces expert gradients and names expert checkpoint files by
+    its own groups (``ep_size_N``), so these are the ones that must exist; made for EP=1 too, since the
+    engine looks them up. Under tensor/pipeline parallelism the experts are not tensor-split (as in
+    Megatron-DeepSpeed without expert tensor parallelism): an expert-parallel group joins ranks of the same
+    tensor rank and pipeline stage, so EP divides DP. ``_get_expert_parallel_ranks`` lays ranks out as
+    megatron-core does (tensor fastest, then data, then pipeline); its caller
+    ``_create_expert_data_and_model_parallel`` is not used because it reads sizes from the ``mpu`` an engine
+    records later.
     """
     from deepspeed.utils import groups as ds_groups
 
-    if f"ep_size_{ep_size}" not in ds_groups._get_expert_parallel_group_dict():
-        ds_groups._create_expert_and_data_parallel(ep_size)
+    name = f"ep_size_{ep_size}"
+    if name in ds_groups._get_expert_parallel_group_dict():
+        return
+    rank = dist.get_rank()
+    ep_ranks, edp_ranks = ds_groups._get_expert_parallel_ranks(dist.get_world_size(), tp, ep_size, pp)
+    for table, ranks_table, all_ranks in ((ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
+                                           ep_ranks),
+                                          (ds_groups._EXPERT_DATA_PARALLEL_GROUP,
+                                           ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS, edp_ranks)):
+        for ranks in all_ranks:  # every rank creates every group, in the same order (torch.distributed's rule)
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                table[name], ranks_table[name] = group, ranks
+    ds_groups.expert_tensor_parallel_world_size = tp
+
+
+def _forget_expert_groups() -> None:
+    from deepspeed.utils import groups as ds_groups
+
+    for table in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP,
+                  ds_groups._EXPERT_PARALLEL_GROUP_RANKS, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+        table.clear()  # their process groups die with the default group, or linger unused until then
 
 
 def data_parallel_group() -> dist.ProcessGroup:
@@ -121,16 +150,15 @@ def reset_model_parallel() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     ds_groups.mpu = None  # else an engine built without mpu would inherit the previous engine's
+    _forget_expert_groups()  # they depend on the tensor/pipeline sizes of the layout
+    from parallel import sequence
+
+    sequence.set_enabled(False)
 
 
 def destroy() -> None:
     """Tear groups down; without it gloo runs sometimes abort at interpreter exit."""
     reset_model_parallel()
-    from deepspeed.utils import groups as ds_groups
-
-    for table in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP,
-                  ds_groups._EXPERT_PARALLEL_GROUP_RANKS, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
-        table.clear()  # their process groups die with the default group below
     if dist.is_initialized():
         rank = dist.get_rank()
         dist.destroy_process_group()

@@ -13,6 +13,14 @@ head is DeepSpeed's ``TiedLayerSpec``: both end stages hold the embedding matrix
 all-reduces its gradient between them. Tensor parallelism composes: layers are built with
 ``parallel.linear``/``parallel.vocab`` and the topology lays ranks out as megatron-core does
 (tensor fastest, then data, then pipeline).
+
+Mixture-of-experts layers make their load-balancing and z losses on whatever stage holds them, but the
+loss lives on the last stage. So a model with MoE layers passes ``(h, aux)`` between stages: every block
+adds its MoE losses to the running ``aux`` (1,) and the last stage's loss is ``cross-entropy + aux``,
+exactly the LanguageModel's loss. DeepSpeed scales that loss by 1/micro-batches and sends ``aux``'s
+gradient back through the pipe like any activation's, so each stage's routers get the gradient they get
+at PP=1 (megatron-core's ``MoEAuxLossAutoScaler`` instead keeps a process-global scale that must be set
+to the engine's micro-batch count, which the stages do not know).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from torch import nn
 
 from models.config import ConfigError, ModelConfig
 from models.pattern import parse_pattern
-from parallel import vocab
+from parallel import sequence, vocab
 
 PIPE_NAME = re.compile(r"^(\d+)\.(.*)$")
 TIED_EMBEDDING = "tied_modules.embed."
@@ -44,10 +52,6 @@ def check_model(model_cfg: ModelConfig, pp: int, zero_stage: int, grad_clip: flo
                           f"parallel.pipeline is {pp}; expected {pp - 1} '|' or none (even split)")
     if len(plan.layers) < pp:
         raise ConfigError(f"model.layers has {len(plan.layers)} layers, fewer than parallel.pipeline ({pp}) stages")
-    if any(layer.ffn == "moe" for layer in plan.layers):
-        # The MoE aux and z losses live on every stage's layers but the loss only on the last stage.
-        raise ConfigError(f"parallel.pipeline={pp} with MoE layers (model.ffn '{model_cfg.ffn}') is not supported "
-                          "yet (tracked in issue 6); expected parallel.pipeline=1")
     if zero_stage >= 2:
         raise ConfigError(f"train.zero_stage={zero_stage} with parallel.pipeline={pp}: DeepSpeed's pipeline engine "
                           "supports ZeRO-0 and ZeRO-1 only (ZeRO-2/3 shard gradients it accumulates across "
@@ -71,6 +75,34 @@ def block_bounds(model_cfg: ModelConfig, pp: int) -> list[int]:
     return list(partition_uniform(num_items=n, num_parts=pp))
 
 
+def has_moe(cfg: ModelConfig) -> bool:
+    """Whether the stages pass ``(h, aux)`` (MoE layers somewhere in the stack) rather than ``h``."""
+    return any(layer.ffn == "moe" for layer in parse_pattern(cfg.layers, cfg.ffn).layers)
+
+
+def deepspeed_config(cfg: ModelConfig) -> dict:
+    """What the DeepSpeed JSON needs for this model's pipeline: merge into the engine's config.
+
+    Under tensor x pipeline parallelism DeepSpeed splits each stage's output across the tensor ranks
+    before sending it ("pipe_partitioned"), which it supports for one gradient-carrying tensor only; a
+    model with MoE layers also sends ``aux``, so the whole (replicated) activations travel instead.
+    """
+    return {"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}} if has_moe(cfg) else {}
+
+
+def embed_with_aux(stage: EmbeddingStage, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids (B, L) -> (h (B, L, D), aux (1,) zero): the first stage of a model with MoE layers."""
+    h = stage(input_ids)
+    # A leaf that requires grad: DeepSpeed runs backward on every floating-point output of a stage.
+    return h, torch.zeros(1, device=h.device).requires_grad_()
+
+
+def cross_entropy_with_aux(outputs: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """The LanguageModel's loss on the last stage: cross-entropy plus every stage's MoE aux and z losses."""
+    logits, aux = outputs
+    return vocab.cross_entropy(logits, labels) + aux.sum()
+
+
 class EmbeddingStage(nn.Module):
     """input_ids (B, L) -> h (B, L, D); on the last stage also the tied head (``head_logits``)."""
 
@@ -83,18 +115,21 @@ class EmbeddingStage(nn.Module):
         return self.drop(self.embedding(input_ids))
 
 
-def head_logits(stage: EmbeddingStage, h: torch.Tensor) -> torch.Tensor:
-    """The tied head: h (B, L, D) -> logits (B, L, V / TP) against the embedding matrix."""
+def head_logits(stage: EmbeddingStage, h):
+    """The tied head: h (B, L, D) -> logits (B, L, V / TP) against the embedding matrix; ``(h, aux)`` passes aux on."""
+    if isinstance(h, tuple):
+        return vocab.tied_logits(h[0], stage.embedding.weight), h[1]
     return vocab.tied_logits(h, stage.embedding.weight)
 
 
 class NormStage(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = sequence.layer_norm(cfg.d_model, cfg.norm_eps)  # nn.LayerNorm unless sequence-parallel
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.norm(h)
+    def forward(self, h):
+        """h (B, L, D) -> (B, L, D); ``(h, aux)`` passes aux on."""
+        return (self.norm(h[0]), h[1]) if isinstance(h, tuple) else self.norm(h)
 
 
 class HeadStage(nn.Module):
@@ -106,8 +141,8 @@ class HeadStage(nn.Module):
 
         self.lm_head = column_linear(cfg.d_model, cfg.vocab_size, bias=False)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h)
+    def forward(self, h):
+        return (self.lm_head(h[0]), h[1]) if isinstance(h, tuple) else self.lm_head(h)
 
 
 def lm_name(pipe_name: str, n_blocks: int) -> str:
@@ -129,7 +164,18 @@ def _pipeline_class() -> type[nn.Module]:
     from deepspeed.pipe import LayerSpec, PipelineModule
 
     from models.block import Block
+    from models.ffn.moe import MoE
     from models.lm import make_block
+
+    class AuxBlock(Block):
+        """A block of a model with MoE layers: ``(h, aux) -> (h, aux + this block's MoE aux and z losses)``."""
+
+        def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            h, aux = inputs  # (B, L, D), (1,)
+            h = super().forward(h)
+            if isinstance(self.ffn, MoE):
+                aux = aux + self.ffn.last.aux_loss + self.ffn.last.z_loss
+            return h, aux
 
     class BlockSpec(LayerSpec):
         """Builds block ``layer_idx`` only on the stage that holds it."""
@@ -139,7 +185,10 @@ def _pipeline_class() -> type[nn.Module]:
             self.cfg, self.layer_idx = cfg, layer_idx
 
         def build(self, log: bool = False) -> nn.Module:
-            return make_block(self.cfg, self.layer_idx)
+            block = make_block(self.cfg, self.layer_idx)
+            if not has_moe(self.cfg):
+                return block
+            return AuxBlock(block.mixer, block.ffn, block.norm1, block.norm2, dropout=self.cfg.dropout)
 
     class LanguageModelPipe(PipelineModule):
         """PipelineModule whose stage boundaries are ours (``block_bounds``), not DeepSpeed's partitioners."""
@@ -149,7 +198,9 @@ def _pipeline_class() -> type[nn.Module]:
 
             self.cfg, self.n_blocks = cfg, len(bounds) and bounds[-1]
             self._block_bounds = bounds
-            layers = [TiedLayerSpec("embed", EmbeddingStage, cfg, tied_weight_attr="embedding.weight")]
+            moe = has_moe(cfg)
+            layers = [TiedLayerSpec("embed", EmbeddingStage, cfg, forward_fn=embed_with_aux if moe else None,
+                                    tied_weight_attr="embedding.weight")]
             layers += [BlockSpec(cfg, i) for i in range(self.n_blocks)]
             layers.append(LayerSpec(NormStage, cfg))
             if cfg.tie_embeddings:
@@ -157,9 +208,10 @@ def _pipeline_class() -> type[nn.Module]:
                                             tied_weight_attr="embedding.weight"))
             else:
                 layers.append(LayerSpec(HeadStage, cfg))
-            super().__init__(layers=layers, topology=topology, loss_fn=vocab.cross_entropy,
+            super().__init__(layers=layers, topology=topology,
+                             loss_fn=cross_entropy_with_aux if moe else vocab.cross_entropy,
                              activation_checkpoint_interval=1 if checkpoint_activations else 0,
-                             checkpointable_layers=["Block"])
+                             checkpointable_layers=["Block", "AuxBlock"])
 
         def _partition_layers(self, method: str = "uniform") -> None:
             stage_id = self._topo.get_coord(self.global_rank).pipe
@@ -169,6 +221,14 @@ def _pipeline_class() -> type[nn.Module]:
 
         def lm_name(self, name: str) -> str:
             return lm_name(name, self.n_blocks)
+
+        def step_metrics(self) -> dict[str, float]:
+            """MoE routing statistics of the last micro-batch, over every stage's layers (a pipeline collective)."""
+            if not has_moe(self.cfg):
+                return {}
+            from parallel.expert import pipeline_moe_metrics
+
+            return pipeline_moe_metrics(self, self.cfg.num_experts, self._grid.get_pipe_parallel_group())
 
     return LanguageModelPipe
 

@@ -130,10 +130,9 @@ def check_model(model_cfg, tp: int) -> None:
     for layer in plan.layers:
         for table, kind, name in ((MIXERS, "mixer", layer.mixer), (FFNS, "ffn", layer.ffn)):
             if not getattr(resolve(table, kind, name), "supports_tensor_parallel", False):
-                hint = " (MoE layers: tracked in issue 6)" if name == "moe" else ""
                 raise ConfigError(f"parallel.tensor={tp}: the {kind} '{name}' in model.layers/model.ffn has no "
-                                  f"tensor-parallel split yet{hint}; expected parallel.tensor=1 or layers from "
-                                  "attention (A), h3 (H) with dense mlp (D)")
+                                  "tensor-parallel split yet; expected parallel.tensor=1 or layers from "
+                                  "attention (A), h3 (H) with dense mlp (D) or mixture of experts (E)")
     checks = [("model.n_heads", model_cfg.n_heads), ("model.d_model", model_cfg.d_model),
               ("model.d_ffn (4 x d_model when 0)", model_cfg.ffn_dim),
               ("H3 heads, model.d_model / model.h3_head_dim", model_cfg.d_model // model_cfg.h3_head_dim)]
@@ -145,6 +144,10 @@ def check_model(model_cfg, tp: int) -> None:
     for what, n in checks:
         if n % tp:
             raise ConfigError(f"{what} ({n}) must be divisible by parallel.tensor ({tp})")
+    if "E" in model_cfg.ffn and model_cfg.jitter > 0:
+        # MoE layers are replicated across tensor ranks and must route identically; jitter draws per-rank noise.
+        raise ConfigError(f"model.jitter={model_cfg.jitter} with parallel.tensor={tp}: every tensor rank must route "
+                          "the same tokens, and router jitter draws random noise per rank; expected model.jitter=0")
     if model_cfg.dropout > 0:
         # Dropout inside the split heads/channels would draw different numbers of random values per rank
         # and desynchronise the replicated dropout after them; megatron's fix is its CUDA-only RNG tracker.

@@ -5,32 +5,68 @@ exactly as a single-rank model computes them. At TP > 1 each rank holds ``V / TP
 embedding (megatron-core's ``VocabParallelEmbedding``), computes logits for those rows only and
 megatron-core's ``vocab_parallel_cross_entropy`` reduces max and sum-exp across ranks, so the
 (B, L, V) logits are never gathered in training.
+
+Under sequence parallelism (``parallel.sequence``) the embedding reduce-scatters its per-rank lookups to
+this rank's positions (B, L / TP, D) instead of all-reducing them, and the tied head gathers the
+positions back (its backward reduce-scatters), so the logits and the loss cover the whole sequence
+on every tensor rank exactly as without it.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel import sequence
 from parallel.tensor import tensor_parallel_group, tensor_parallel_size
 
 IGNORE_INDEX = -100
 
 
 def vocab_embedding(vocab_size: int, d_model: int) -> nn.Module:
-    """Token embedding (V, D); at TP > 1 this rank's contiguous V / TP rows."""
+    """Token embedding (V, D); at TP > 1 this rank's contiguous V / TP rows.
+
+    Under sequence parallelism it maps (B, L) ids to this rank's positions (B, L / TP, D).
+    """
     if tensor_parallel_size() == 1:
         return nn.Embedding(vocab_size, d_model)
     from megatron.core.tensor_parallel import VocabParallelEmbedding
 
     from parallel.linear import _init, _megatron_config
 
-    return VocabParallelEmbedding(vocab_size, d_model, init_method=_init, config=_megatron_config())
+    cls = _sequence_parallel_embedding() if sequence.is_enabled() else VocabParallelEmbedding
+    return cls(vocab_size, d_model, init_method=_init, config=_megatron_config())
+
+
+@functools.cache
+def _sequence_parallel_embedding() -> type[nn.Module]:
+    """VocabParallelEmbedding whose output is reduce-scattered along our batch-first sequence dim.
+
+    Hand-written because megatron's ``reduce_scatter_embeddings=True`` returns sequence-first activations
+    and allocates its output on CUDA; the lookup below is megatron's, written out.
+    """
+    from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+    class SequenceParallelEmbedding(VocabParallelEmbedding):
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            if input_ids.dim() != 2:
+                raise ValueError(f"a sequence-parallel embedding reads (B, L) token ids, got shape "
+                                 f"{tuple(input_ids.shape)} (decode with the consolidated single-rank model)")
+            outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)  # other ranks' rows
+            local = F.embedding((input_ids - self.vocab_start_index).masked_fill(outside, 0), self.weight)
+            local = local.masked_fill(outside.unsqueeze(-1), 0.0)  # (B, L, D): this rank's rows only
+            return sequence.reduce_scatter(local)  # (B, L / TP, D), summed over the ranks' vocabulary slices
+
+    return SequenceParallelEmbedding
 
 
 def tied_logits(h: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
     """h (..., D) -> logits (..., V / TP) against this rank's embedding rows (the tied head)."""
+    if sequence.is_enabled():
+        return sequence.gathered_linear(h, embedding_weight)  # (B, L / TP, D) -> (B, L, V / TP)
     if tensor_parallel_size() > 1:
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 

@@ -138,7 +138,9 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict, keep: int) 
     if _rank() == 0:
         if layout is not None:
             _write_atomic(tmp_dir / LAYOUT, json.dumps(layout, indent=1, sort_keys=True))
-        write_manifest(tmp_dir)  # covers every rank's files: per tensor-rank model states, per-layer pipeline files
+        # Covers every rank's files: per tensor-rank model states, per-layer pipeline files, and under ZeRO-3
+        # one model and one optimizer partition per (data, tensor) rank.
+        write_manifest(tmp_dir)
         if final_dir.exists():
             shutil.rmtree(final_dir)
         os.replace(tmp_dir, final_dir)

@@ -7,10 +7,16 @@ holds every other weight. DeepSpeed's ``zero_to_fp32`` cannot read such a folder
 files for model-state files and stops), so the module weights are read here instead: exact for fp32
 training, which keeps no separate master copy; a bf16 run yields its bf16 weights cast to fp32.
 The experts are renamed to ``LanguageModel``'s ``...experts.mlps.<e>...``, so the result loads at EP=1.
+
+Composed with tensor or pipeline parallelism (a ``parallel_layout.json`` beside the files), DeepSpeed
+numbers both kinds of file by its model-parallel rank: the tensor rank, or ``stage x TP + tensor rank``
+under a pipeline (whose MoE checkpoints hold each stage's whole module in ``mp_rank_XX`` files instead of
+per-layer files, and number MoE layers per stage). Experts are whole on every tensor rank.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -53,3 +59,43 @@ def moe_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
 def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() else t
 
+
+
+def moe_model_parallel_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict, in single-rank names, of an MoE checkpoint written under tensor and/or pipeline
+    parallelism (any expert-parallel size); module weights as trained (exact for fp32 runs)."""
+    from parallel.pipeline import lm_name
+    from parallel.tensor import merge_shards
+    from training.checkpoint import LAYOUT
+
+    tag_dir = Path(tag_dir)
+    layout = json.loads((tag_dir / LAYOUT).read_text())
+    tp, pp, sharded = layout["tensor"], layout["pipeline"], layout["sharded"]
+
+    def single_rank_name(key: str) -> str:
+        name = lm_name(key, layout["n_blocks"]) if pp > 1 else key
+        m = DS_EXPERT.match(name)
+        return f"{m.group(1)}.experts.mlps.{m.group(2)}.{m.group(3)}" if m else name
+
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    for mp_rank in range(tp * pp):
+        tensor_rank = mp_rank % tp
+        main = tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
+        if not main.is_file():
+            raise CheckpointError(f"{main} is missing; expected one model-states file per tensor rank and pipeline "
+                                  f"stage ({tp * pp} for parallel.tensor={tp}, parallel.pipeline={pp})")
+        states = dict(torch.load(main, map_location="cpu", weights_only=False)["module"])
+        for path in sorted(tag_dir.glob(f"layer_*_expert_*_mp_rank_{mp_rank:02d}_model_states.pt")):
+            states.update(torch.load(path, map_location="cpu", weights_only=False))
+        for key, value in states.items():
+            if torch.is_tensor(value):
+                pieces.setdefault(single_rank_name(key), {})[tensor_rank] = value
+    out = {}
+    for name, by_rank in pieces.items():
+        if name in sharded:
+            if sorted(by_rank) != list(range(tp)):
+                raise CheckpointError(f"{tag_dir}: '{name}' has tensor ranks {sorted(by_rank)}, expected 0..{tp - 1}")
+            out[name] = _fp32(merge_shards([by_rank[r] for r in range(tp)], *sharded[name]))
+        else:
+            out[name] = _fp32(by_rank[min(by_rank)])
+    return out

@@ -81,6 +81,8 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
     used: set[str] = set()
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():  # params keep their TP attributes
+            if not torch.is_tensor(tensor):  # megatron-core's `_extra_state` (Transformer Engine metadata): no weights
+                continue
             key = rename(name)
             if key not in state_dict:
                 raise CheckpointError(f"--init-from {source}: the checkpoint has no tensor '{key}' (model tensor "

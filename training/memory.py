@@ -28,19 +28,20 @@ def expert_parameters(model_cfg) -> tuple[int, int]:
 
 def estimate_memory(n_params: int, model_cfg, train_cfg, seq_len: int, vocab_size: int,
                     dp_size: int, precision: str, ep_size: int = 1, tp_size: int = 1,
-                    pp_size: int = 1) -> dict[str, float]:
+                    pp_size: int = 1, sequence_parallel: bool = False) -> dict[str, float]:
     """Bytes per rank by category, plus 'total'.
 
     Tensor and pipeline parallelism divide the weights by TP x PP (norms are replicated, a small
-    overcount). Activations follow Korthikanti et al. without sequence parallelism: per layer
-    s*b*h*(10 + 24/t + 5*a*s/(h*t)); under 1F1B the first stage holds PP micro-batches of its L/PP
-    layers, i.e. every layer's worth, so PP leaves the activation term unchanged.
+    overcount). Activations follow Korthikanti et al.: per layer s*b*h*(10 + 24/t + 5*a*s/(h*t)); with
+    sequence parallelism the 10 s*b*h outside the tensor-parallel regions is split too (their 34/t); under
+    1F1B the first stage holds PP micro-batches of its L/PP layers, i.e. every layer's worth, so PP leaves
+    the activation term unchanged.
     """
-    n_params = n_params / (tp_size * pp_size)
     half = precision == "bf16"
     stage = train_cfg.zero_stage
     experts, _ = expert_parameters(model_cfg)
-    dense, local_experts = n_params - experts, experts / ep_size
+    # Experts are whole on every tensor rank (no expert tensor parallelism) and split across pipeline stages.
+    dense, local_experts = (n_params - experts) / (tp_size * pp_size), experts / (ep_size * pp_size)
     expert_dp = max(1, dp_size // ep_size)  # ranks holding copies of the same experts
 
     def sharded(bytes_per_param: float, shard: bool) -> float:
@@ -56,7 +57,8 @@ def estimate_memory(n_params: int, model_cfg, train_cfg, seq_len: int, vocab_siz
     scale = 1 if half else 2
     acts = 0.0
     for layer in parse_pattern(model_cfg.layers, model_cfg.ffn).layers:
-        per_token = 10 + 24 / tp_size + (5 * a * s / h if layer.mixer == "attention" else 16) / tp_size
+        outside_tp = 10 / tp_size if sequence_parallel else 10  # norms, residuals, dropout: split by SP only
+        per_token = outside_tp + 24 / tp_size + (5 * a * s / h if layer.mixer == "attention" else 16) / tp_size
         acts += s * b * h * per_token * scale
         if layer.ffn == "moe":
             e, k = model_cfg.num_experts, model_cfg.top_k

@@ -23,7 +23,7 @@ from launcher.config import RunConfig, load_config
 from models.config import ModelConfig
 from models.registry import build_arch
 from training.checkpoint import LAYOUT, MANIFEST, CheckpointError, choose_tag, complete_tags, latest_tag, verify
-from training.expert_checkpoint import is_moe_checkpoint, moe_state_dict
+from training.expert_checkpoint import is_moe_checkpoint, moe_model_parallel_state_dict, moe_state_dict
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0/1/2; a pre-manifest run is accepted only with it
 
@@ -42,6 +42,8 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     """Full fp32 state dict of checkpoint `tag` in `ckpt_dir`, on CPU, whatever the ZeRO stage and rank count."""
     tag_dir = ckpt_dir / tag
     if (tag_dir / LAYOUT).is_file():
+        if is_moe_checkpoint(tag_dir):  # EP x TP / EP x PP: DeepSpeed's expert files (training.expert_checkpoint)
+            return moe_model_parallel_state_dict(tag_dir)
         return _model_parallel_state_dict(tag_dir)
     if is_moe_checkpoint(tag_dir):  # experts live in per-expert files, which zero_to_fp32 cannot read
         return moe_state_dict(tag_dir)
@@ -61,6 +63,43 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
 
 _PIPE_FILE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 _TP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+# ZeRO-3 under tensor parallelism: each tensor rank's shard is partitioned over its data-parallel group, one model
+# and one optimizer file per (dp rank, tensor rank); bf16 runs prefix the optimizer files with "bf16_".
+_ZERO3_TP_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
+
+
+def _zero3_tensor_shards(tag_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """Tensor rank -> that rank's whole (un-partitioned) fp32 shard, from a ZeRO-3 checkpoint's partitions.
+
+    DeepSpeed's zero_to_fp32 consolidates the data-parallel partitions of one model-parallel rank: it
+    globs every ``*_model_states.pt`` / ``*_optim_states.pt`` in a folder. So each tensor rank gets a
+    folder of symlinks to its own files only, and the public ``get_fp32_state_dict_from_zero_checkpoint``
+    does the rest (the fp32 master weights, exact). Empty when `tag_dir` holds no such files.
+    """
+    import tempfile
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    files: dict[int, list[Path]] = {}
+    for path in tag_dir.iterdir():
+        m = _ZERO3_TP_FILE.match(path.name)
+        if m:
+            files.setdefault(int(m.group(2)), []).append(path)
+    if not any(p.name.endswith("_model_states.pt") for paths in files.values() for p in paths):
+        return {}  # ZeRO-1/2 name their optimizer partitions alike, but keep whole shards in mp_rank_XX_model_states.pt
+    shards = {}
+    for rank, paths in sorted(files.items()):
+        with tempfile.TemporaryDirectory(prefix="zero3-tp-") as tmp:
+            (Path(tmp) / tag_dir.name).mkdir()
+            for path in paths:
+                (Path(tmp) / tag_dir.name / path.name).symlink_to(path.resolve())
+            with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress on stdout
+                try:
+                    shards[rank] = dict(get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag_dir.name))
+                except (FileNotFoundError, ValueError) as e:  # a missing partition: DeepSpeed names the count
+                    raise CheckpointError(f"{tag_dir}: tensor rank {rank}'s ZeRO-3 partitions do not consolidate: "
+                                          f"{e}") from None
+    return shards
 
 
 def _model_parallel_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -69,7 +108,9 @@ def _model_parallel_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     Reads the module states DeepSpeed writes per tensor rank (``mp_rank_XX_model_states.pt``) or per
     pipeline layer and tensor rank (``layer_NN-model_XX-model_states.pt``) and joins shards as the
     ``parallel_layout.json`` beside them says. Those are the weights the engine trains (exact for
-    fp32 runs; a bf16 run's fp32 master copy stays in the optimizer files).
+    fp32 runs; a bf16 run's fp32 master copy stays in the optimizer files). Under ZeRO-3 no file holds
+    a whole shard, so each tensor rank's fp32 master weights are first consolidated from its
+    data-parallel partitions (``_zero3_tensor_shards``).
     """
     from parallel.pipeline import lm_name
     from parallel.tensor import merge_shards
@@ -77,7 +118,11 @@ def _model_parallel_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     layout = json.loads((tag_dir / LAYOUT).read_text())
     tp, sharded = layout["tensor"], layout["sharded"]
     pieces: dict[str, dict[int, torch.Tensor]] = {}
-    for path in sorted(tag_dir.iterdir()):
+    zero3 = _zero3_tensor_shards(tag_dir) if layout["pipeline"] == 1 else {}
+    for rank, states in zero3.items():
+        for key, value in states.items():
+            pieces.setdefault(key, {})[rank] = value
+    for path in [] if zero3 else sorted(tag_dir.iterdir()):  # ZeRO-0/1/2: each tensor rank's module is whole
         pipe, tensor = _PIPE_FILE.match(path.name), _TP_FILE.match(path.name)
         if layout["pipeline"] > 1 and pipe:
             layer, rank = int(pipe.group(1)), int(pipe.group(2) or 0)

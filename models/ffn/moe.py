@@ -80,7 +80,13 @@ class MoE(nn.Module):
     """Token-choice MoE feed-forward (Switch at ``top_k=1``, GLaM at 2) on (..., D) inputs.
 
     After each forward ``last`` holds the RoutingResult, whose aux and z losses the LM adds to its loss.
+
+    Tensor parallelism keeps it whole on every tensor rank (no expert tensor parallelism, as
+    Megatron-DeepSpeed): its input follows a row-parallel all-reduce, so every tensor rank routes the same
+    tokens and computes the same output, and its parameters count as replicated (clipping norm, checkpoints).
     """
+
+    supports_tensor_parallel = True
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()

@@ -52,20 +52,29 @@ class Attention(nn.Module):
         self.qkv_proj = column_linear(cfg.d_model, 3 * cfg.d_model)
         self.out_proj = row_linear(cfg.d_model, cfg.d_model)
 
-    def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (B, L, D) -> q, k, v each (B, H, L, hd), rotary applied to q and k."""
-        B, L, _ = x.shape
+    def _qkv(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, L, D) -> q, k, v each (B, H, L, hd), rotary applied to q and k (positions: 0..L-1 if None).
+
+        L is the projection's: under sequence parallelism x holds this rank's positions and the column
+        projection returns all of them.
+        """
+        qkv = self.qkv_proj(x)  # (B, L, 3 D)
+        B, L, _ = qkv.shape
         # Head-major layout (H, 3, hd) so a column split of the fused projection keeps whole heads per rank.
-        qkv = self.qkv_proj(x).view(B, L, -1, 3, self.head_dim)  # (B, L, H, 3, hd)
+        qkv = qkv.view(B, L, -1, 3, self.head_dim)  # (B, L, H, 3, hd)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, H, L, hd)
+        if positions is None:
+            positions = torch.arange(L, device=x.device)
         if self.rotary_dim:
             q, k = apply_rotary(q, positions, self.rotary_dim), apply_rotary(k, positions, self.rotary_dim)
         return q, k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, L, D) -> (B, L, D)."""
-        B, L, _ = x.shape
-        q, k, v = self._qkv(x, torch.arange(L, device=x.device))
+        q, k, v = self._qkv(x)
+        B, _, L, _ = q.shape
         y = attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)  # (B, H, L, hd)
         return self.out_proj(y.transpose(1, 2).reshape(B, L, self.d_model))  # (B, L, D)
 

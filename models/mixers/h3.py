@@ -19,7 +19,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.mixers.ssm import DiagonalSSM, ShiftSSM
-from parallel.linear import column_linear, row_linear
+from parallel.linear import column_linear, row_linear, shared_input
 from parallel.tensor import local_size, mark_sharded
 
 
@@ -54,9 +54,10 @@ class H3(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, L, D) -> (B, L, D)."""
-        B, L, _ = x.shape
         d, H = self.head_dim, self.n_heads
-        q, k, v = (proj(x).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, D, L)
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        q, k, v = (y.transpose(1, 2) for y in shared_input(x, projections))  # (B, D, L)
+        B, _, L = q.shape  # the projections' length: all positions, also when x holds a sequence-parallel slice
         k = self.shift_ssm(k)  # (B, D, L)
         kv = self._split(k).unsqueeze(2) * self._split(v).unsqueeze(1)  # (B, d_i, d_j, H, L)
         y = self.diag_ssm(kv.reshape(B * d * d, H, L)).view(B, d, d, H, L)  # (B, d_i, d_j, H, L)

@@ -1,4 +1,5 @@
-"""Tensor, pipeline and ZeRO-3 data parallelism on real ranks over gloo equal the single-rank run.
+"""Tensor (with and without sequence parallelism), pipeline and ZeRO-3 data parallelism on real ranks over gloo
+equal the single-rank run.
 
 One 4-rank launch of tests/parallel/tp_pp_worker.py trains the same small hybrid (``HHAH``, H3
 head_dim 2, tied or untied head) from the same seed on the same global batches under each layout, and
@@ -30,7 +31,8 @@ from tests.procs import REPO, _free_port
 
 WORKER = REPO / "tests" / "parallel" / "tp_pp_worker.py"
 LAYOUTS = ("tp2_dp2_zero1", "pp2_dp2_zero1_ckpt", "tp2_pp2_zero1", "dp4_zero3", "tp2_dp2_zero2_untied",
-           "tp2_pp2_zero1_untied", "tp2_dp2_zero0", "tp2_dp2_zero3")
+           "tp2_pp2_zero1_untied", "tp2_dp2_zero0", "tp2_dp2_zero3", "tp2_dp2_sp_zero1", "tp2_dp2_sp_ckpt_zero2_untied",
+           "tp2_pp2_sp")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def test_layout_matches_single_rank(results, layout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ("tp2_pp2_zero1", "tp2_dp2_zero1"))
+@pytest.mark.parametrize("layout", ("tp2_pp2_zero1", "tp2_dp2_zero1", "tp2_dp2_zero3"))
 def test_checkpoint_resumes_exactly_and_consolidates(results, layout):
     from training.checkpoint import latest_tag, verify
     from training.weights import consolidated_state_dict

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from launcher.config import ParallelConfig, TrainConfig  # noqa: E402
 from models import ModelConfig  # noqa: E402
 from parallel import engine as ds_engine  # noqa: E402
-from parallel import groups  # noqa: E402
+from parallel import groups, sequence  # noqa: E402
 from parallel.build import build_model  # noqa: E402
 from parallel.tensor import full_state, gather  # noqa: E402
 from training import checkpoint  # noqa: E402
@@ -46,9 +46,14 @@ LAYOUTS = {  # name: (tensor, pipeline, zero stage, micro-batches per step, acti
     "tp2_pp2_zero1_untied": (2, 2, 1, 2, False, False),
     "tp2_dp2_zero0": (2, 1, 0, 1, False, True),
     "tp2_dp2_zero3": (2, 1, 3, 1, False, True),
+    "tp2_dp2_sp_zero1": (2, 1, 1, 1, False, True),
+    "tp2_dp2_sp_ckpt_zero2_untied": (2, 1, 2, 1, True, False),
+    "tp2_pp2_sp": (2, 2, 1, 2, False, True),
 }
+SEQUENCE_PARALLEL = {"tp2_dp2_sp_zero1", "tp2_dp2_sp_ckpt_zero2_untied", "tp2_pp2_sp"}  # parallel.sequence_parallel on
 
-CKPT_LAYOUTS = ("tp2_pp2_zero1", "tp2_dp2_zero1")  # also save after step 2 and resume into a fresh engine
+# Also save after step 2 and resume into a fresh engine.
+CKPT_LAYOUTS = ("tp2_pp2_zero1", "tp2_dp2_zero1", "tp2_dp2_zero3")
 
 
 def model_config(tied: bool = True) -> ModelConfig:
@@ -112,16 +117,19 @@ def _full_grads(engine, rename) -> dict[str, torch.Tensor]:
 def build_engine(par: ParallelConfig, t: TrainConfig, dp: int, tied: bool):
     model = build_model(model_config(tied), par, SEED, dp)
     mpu = ds_engine.MegatronMPU() if par.tensor > 1 and par.pipeline == 1 else None
-    engine = ds_engine.initialize(model, param_groups(model, t.lr, t.weight_decay),
-                                  ds_engine.deepspeed_config(t, dp), lambda step: 1.0, mpu=mpu)
+    ds_config = {**ds_engine.deepspeed_config(t, dp), **sequence.deepspeed_config()}
+    engine = ds_engine.initialize(model, param_groups(model, t.lr, t.weight_decay), ds_config, lambda step: 1.0,
+                                  mpu=mpu)
     rename = getattr(model, "lm_name", lambda n: n)
     return engine, rename
 
 
 def run_layout(name: str, ckpt: Path | None) -> dict:
     tp, pp, zero, micro, checkpointing, tied = LAYOUTS[name]
-    par = ParallelConfig(tensor=tp, pipeline=pp, activation_checkpointing=checkpointing)
+    par = ParallelConfig(tensor=tp, pipeline=pp, activation_checkpointing=checkpointing,
+                         sequence_parallel=name in SEQUENCE_PARALLEL)
     ctx = groups.initialize(par)
+    sequence.set_enabled(par.sequence_parallel)
     dp = ctx.dp_size
     t = train_config(zero, micro, dp)
     engine, rename = build_engine(par, t, dp, tied)
@@ -163,6 +171,7 @@ def _reset_groups() -> None:
     """Drop the model-parallel groups (the default group stays) so the next layout can form its own."""
     dist.barrier()
     groups.reset_model_parallel()
+    sequence.set_enabled(False)
 
 
 def main() -> None:
