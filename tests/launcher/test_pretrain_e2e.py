@@ -164,7 +164,8 @@ def test_sigkill_mid_training_then_resume_reproduces_losses_exactly(tmp_path):
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+    port = _free_port()
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
            str(REPO / "launcher" / "pretrain.py"), *common, f"run_dir={killed}"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -177,6 +178,8 @@ def test_sigkill_mid_training_then_resume_reproduces_losses_exactly(tmp_path):
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    for rank in range(2):  # killed ranks cannot unlink DeepSpeed's shared-memory buffers (groups.destroy does)
+        Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}").unlink(missing_ok=True)
     killed_at = len(metrics.read_text().splitlines())
     assert killed_at < 12
 
