@@ -15,15 +15,11 @@ tensor's error is at most 1.4e-5 of the gradient norm (measured); the bound 1e-4
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.procs import REPO, _free_port
+from tests.parallel.layout_runs import assert_resumes_and_consolidates, rel_error, run_worker
+from tests.procs import REPO
 
 WORKER = REPO / "tests" / "parallel" / "ep_composition_worker.py"
 LAYOUTS = ("ep2_tp2_top2", "ep2_pp2_top1", "ep2_tp2_top1", "ep2_pp2_top2")
@@ -34,20 +30,7 @@ CLIP = 0.05
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("ep_compose")
-    out = tmp / "results.pt"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.executable).parents[1] / "torch_extensions"))
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", "4", "--master_port", str(_free_port()), str(WORKER),
-           "--layouts", ",".join(LAYOUTS), "--ckpt", str(tmp / "ckpt"), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return {**torch.load(out, weights_only=False), "ckpt": tmp / "ckpt"}
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+    return run_worker(WORKER, LAYOUTS, tmp_path_factory.mktemp("ep_compose"))
 
 
 def _reference(results: dict, layout: str) -> dict:
@@ -67,15 +50,15 @@ def test_layout_matches_single_rank(results, layout):
         assert grads.keys() == ref_grads.keys(), f"step {step}: parameters differ"
         assert sum(".experts.mlps." in k for k in grads) == 2 * 4 * 4  # 2 MoE layers x 4 experts x 4 tensors
         if step == 0:
-            worst = max(ref_grads, key=lambda k: _rel(grads[k], ref_grads[k]))
-            assert _rel(grads[worst], ref_grads[worst]) < 1e-5, f"step 0: gradient of {worst}"
+            worst = max(ref_grads, key=lambda k: rel_error(grads[k], ref_grads[k]))
+            assert rel_error(grads[worst], ref_grads[worst]) < 1e-5, f"step 0: gradient of {worst}"
         else:
             norm = ref["norms"][step]
             worst = max(ref_grads, key=lambda k: (grads[k] - ref_grads[k]).norm().item())
             assert (grads[worst] - ref_grads[worst]).norm().item() / norm < 1e-4, f"step {step}: gradient of {worst}"
     assert got["weights"].keys() == ref["weights"].keys()
     for name, w in ref["weights"].items():
-        assert _rel(got["weights"][name], w) < 2e-4, name
+        assert rel_error(got["weights"][name], w) < 2e-4, name
 
 
 @pytest.mark.slow
@@ -97,26 +80,13 @@ def test_moe_metrics_match_the_reference_groups(results, layout):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ("ep2_tp2_top2", "ep2_pp2_top1"))
 def test_checkpoint_resumes_exactly_and_consolidates_to_single_rank(results, layout):
-    from training.checkpoint import latest_tag, verify
-    from training.weights import consolidated_state_dict
-
     got = results[layout]
-    # A fresh engine loading the step-2 checkpoint repeats step 3 bit for bit.
-    assert got["resumed_loss"] == got["losses"][-1]
-    for name, w in got["weights"].items():
-        assert torch.equal(got["resumed_weights"][name], w), name
-    ckpt = results["ckpt"] / layout
-    tag = latest_tag(ckpt)
-    assert verify(ckpt / tag) is None
-    merged = consolidated_state_dict(ckpt, tag)
-    # The single-rank names and weights, experts from every expert-parallel rank included.
-    assert merged.keys() == got["saved_weights"].keys()
-    for name, w in got["saved_weights"].items():
-        assert torch.equal(merged[name], w), name
+    # Experts from every expert-parallel rank come back under their single-rank names.
+    merged = assert_resumes_and_consolidates(got, results["ckpt"] / layout)
     ref_step2 = _reference(results, layout)["weights_after"][1]
     assert merged.keys() == ref_step2.keys()
     for name, w in ref_step2.items():
-        assert _rel(merged[name], w) < 2e-4, name
+        assert rel_error(merged[name], w) < 2e-4, name
 
 
 @pytest.mark.parametrize("overrides,world,dp", [

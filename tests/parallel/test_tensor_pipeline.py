@@ -19,15 +19,11 @@ bug: DeepSpeed's ZeRO-0 clipping under PP (now refused) showed 3e-2 at step 2 an
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.procs import REPO, _free_port
+from tests.parallel.layout_runs import assert_resumes_and_consolidates, rel_error, run_worker
+from tests.procs import REPO
 
 WORKER = REPO / "tests" / "parallel" / "tp_pp_worker.py"
 LAYOUTS = ("tp2_dp2_zero1", "pp2_dp2_zero1_ckpt", "tp2_pp2_zero1", "dp4_zero3", "tp2_dp2_zero2_untied",
@@ -37,20 +33,7 @@ LAYOUTS = ("tp2_dp2_zero1", "pp2_dp2_zero1_ckpt", "tp2_pp2_zero1", "dp4_zero3", 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("tp_pp")
-    out = tmp / "results.pt"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.executable).parents[1] / "torch_extensions"))
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", "4", "--master_port", str(_free_port()), str(WORKER),
-           "--layouts", ",".join(LAYOUTS), "--ckpt", str(tmp / "ckpt"), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return {**torch.load(out, weights_only=False), "ckpt": tmp / "ckpt"}
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+    return run_worker(WORKER, LAYOUTS, tmp_path_factory.mktemp("tp_pp"))
 
 
 @pytest.mark.slow
@@ -63,29 +46,15 @@ def test_layout_matches_single_rank(results, layout):
     for step, (grads, ref_grads) in enumerate(zip(got["grads"], ref["grads"])):
         assert grads.keys() == ref_grads.keys(), f"step {step}: parameters differ"
         bound = 1e-5 if step == 0 else 5e-4
-        worst = max(ref_grads, key=lambda k: _rel(grads[k], ref_grads[k]))
-        assert _rel(grads[worst], ref_grads[worst]) < bound, f"step {step}: gradient of {worst}"
+        worst = max(ref_grads, key=lambda k: rel_error(grads[k], ref_grads[k]))
+        assert rel_error(grads[worst], ref_grads[worst]) < bound, f"step {step}: gradient of {worst}"
     assert got["weights"].keys() == ref["weights"].keys()
     for name, w in ref["weights"].items():
-        assert _rel(got["weights"][name], w) < 2e-4, name
+        assert rel_error(got["weights"][name], w) < 2e-4, name
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ("tp2_pp2_zero1", "tp2_dp2_zero1", "tp2_dp2_zero3"))
 def test_checkpoint_resumes_exactly_and_consolidates(results, layout):
-    from training.checkpoint import latest_tag, verify
-    from training.weights import consolidated_state_dict
-
-    got = results[layout]
-    # A fresh engine loading the step-2 checkpoint (per tensor-rank, per-layer files) repeats step 3 bit for bit.
-    assert got["resumed_loss"] == got["losses"][-1]
-    for name, w in got["weights"].items():
-        assert torch.equal(got["resumed_weights"][name], w), name
-    # Every rank's files are under the manifest, and they reassemble into the single-rank state dict.
-    ckpt = results["ckpt"] / layout
-    tag = latest_tag(ckpt)
-    assert verify(ckpt / tag) is None
-    merged = consolidated_state_dict(ckpt, tag)
-    assert merged.keys() == got["saved_weights"].keys()
-    for name, w in got["saved_weights"].items():
-        assert torch.equal(merged[name], w), name
+    # Per tensor-rank, per-layer (and under ZeRO-3 per data-rank) files reassemble into the single-rank state dict.
+    assert_resumes_and_consolidates(results[layout], results["ckpt"] / layout)
