@@ -50,7 +50,7 @@ def synthetic_accuracy(symbol: str, task: str, args: argparse.Namespace) -> floa
     run = SyntheticRun(task=task, layers=symbol * args.depth, vocab=args.vocab, seq_len=args.seq_len,
                        train_size=args.train_size, test_size=args.test_size, epochs=args.epochs,
                        batch_size=args.batch_size, d_model=args.d_model, n_heads=args.n_heads, d_state=args.d_state,
-                       lr=args.lr, seed=args.seed)
+                       lr=args.lr, seed=args.seed, warmup_epochs=1, embed_dropout=0.0)  # as the recorded table
     _, acc = train_synthetic(run, eval_every=args.epochs, progress=False, log=lambda _: None)
     return acc
 

@@ -4,7 +4,8 @@
 
 The H3 paper's baseline for the synthetic recall tasks: H3 without the shift SSM and without the
 multiplicative q/k/v interactions. It keeps a decaying summary of the past but cannot look up a
-token it saw next to a key, which is why it fails associative recall and induction heads.
+token it saw next to a key: with two layers and an MLP between them it still learns induction head
+(one marked token to carry forward), not associative recall over many key-value pairs (bench/RESULTS.md).
 
 The kernel is the ZOH Vandermonde product ``K_l = 2 Re(sum_n C_n dB_n exp(dt A_n l))`` (``kernels.fftconv``).
 Options (``model.options.s4d``): d_state (0: model.h3_d_state), init ``lin`` (S4D-Lin, A_n = -1/2 + i pi n)
