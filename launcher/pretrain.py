@@ -101,7 +101,6 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None =
     from parallel import engine as ds_engine
     from parallel import groups
     from parallel import pipeline as pipeline_parallel
-    from parallel import sequence as sequence_parallel
     from parallel import tensor as tensor_parallel
     from parallel.build import build_model
     from training import checkpoint, loop
@@ -149,8 +148,7 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None =
         engine = ds_engine.initialize(
             model,
             param_groups(model, t.lr, t.weight_decay),
-            {**ds_engine.deepspeed_config(t, ctx.dp_size), **pipeline_parallel.deepspeed_config(model_cfg),
-             **sequence_parallel.deepspeed_config()},
+            {**ds_engine.deepspeed_config(t, ctx.dp_size), **pipeline_parallel.deepspeed_config(model_cfg)},
             warmup_cosine(t.warmup_steps, t.steps, t.min_lr_ratio),
             mpu=ds_engine.MegatronMPU() if cfg.parallel.tensor > 1 and cfg.parallel.pipeline == 1 else None,
         )

@@ -84,10 +84,14 @@ def deepspeed_config(cfg: ModelConfig) -> dict:
     """What the DeepSpeed JSON needs for this model's pipeline: merge into the engine's config.
 
     Under tensor x pipeline parallelism DeepSpeed splits each stage's output across the tensor ranks
-    before sending it ("pipe_partitioned"), which it supports for one gradient-carrying tensor only; a
-    model with MoE layers also sends ``aux``, so the whole (replicated) activations travel instead.
+    before sending it and all-gathers it on arrival ("pipe_partitioned"/"grad_partitioned"). That needs
+    one gradient-carrying tensor that is identical on every tensor rank: a model with MoE layers also
+    sends ``aux``, and under sequence parallelism each tensor rank holds its own positions, so there the
+    whole activations travel instead.
     """
-    return {"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}} if has_moe(cfg) else {}
+    if has_moe(cfg) or sequence.is_enabled():
+        return {"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}}
+    return {}
 
 
 def embed_with_aux(stage: EmbeddingStage, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -195,14 +195,3 @@ def layer_norm(d_model: int, eps: float) -> nn.LayerNorm:
     cls = SequenceParallelLayerNorm if is_enabled() else nn.LayerNorm
     return cls(d_model, eps=eps)
 
-
-def deepspeed_config() -> dict:
-    """Keys for the DeepSpeed JSON under sequence parallelism (empty otherwise).
-
-    DeepSpeed's pipeline engine by default sends each activation between stages split across the
-    tensor ranks and all-gathers it on arrival (``pipe_partitioned``/``grad_partitioned``), which assumes
-    the tensor ranks hold identical activations; under sequence parallelism each holds its own positions.
-    """
-    if not is_enabled():
-        return {}
-    return {"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}}

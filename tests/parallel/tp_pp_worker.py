@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from launcher.config import ParallelConfig, TrainConfig  # noqa: E402
 from models import ModelConfig  # noqa: E402
 from parallel import engine as ds_engine  # noqa: E402
-from parallel import groups, sequence  # noqa: E402
+from parallel import groups, pipeline, sequence  # noqa: E402
 from parallel.build import build_model  # noqa: E402
 from parallel.tensor import full_state, gather  # noqa: E402
 from training import checkpoint  # noqa: E402
@@ -117,7 +117,7 @@ def _full_grads(engine, rename) -> dict[str, torch.Tensor]:
 def build_engine(par: ParallelConfig, t: TrainConfig, dp: int, tied: bool):
     model = build_model(model_config(tied), par, SEED, dp)
     mpu = ds_engine.MegatronMPU() if par.tensor > 1 and par.pipeline == 1 else None
-    ds_config = {**ds_engine.deepspeed_config(t, dp), **sequence.deepspeed_config()}
+    ds_config = {**ds_engine.deepspeed_config(t, dp), **pipeline.deepspeed_config(model_config(tied))}
     engine = ds_engine.initialize(model, param_groups(model, t.lr, t.weight_decay), ds_config, lambda step: 1.0,
                                   mpu=mpu)
     rename = getattr(model, "lm_name", lambda n: n)
