@@ -162,10 +162,6 @@ class RunConfig:
         pipeline.check_model(self.model, self.parallel.pipeline, self.train.zero_stage, self.train.grad_clip)
         if self.parallel.sequence_parallel:
             sequence.check_model(self.model, self.parallel.tensor, self.data.seq_len, self.train.zero_stage)
-        # ZeRO-3 with T > 1 is allowed: DeepSpeed partitions each tensor rank's shard over its data-parallel group,
-        # and training.weights consolidates those partitions per tensor rank before merging the shards.
-        # Expert parallelism composes with tensor and pipeline parallelism (experts whole on every tensor rank,
-        # EP groups within one tensor rank and stage); parallel.check_world makes EP divide the data-parallel size.
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:

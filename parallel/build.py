@@ -24,20 +24,20 @@ def build_model(model_cfg, parallel_cfg, seed: int, dp_size: int) -> nn.Module:
     tp, pp = parallel_cfg.tensor, parallel_cfg.pipeline
     torch.manual_seed(seed)  # identical initial weights on every rank
     if tp == 1 and pp == 1:
-        model = parallelize_experts(build_arch(model_cfg), parallel_cfg.expert)
-        _set_checkpointing(model, checkpointing)
-        return model
-    with single_rank():
-        full = build_arch(model_cfg).state_dict()
-    if pp > 1:
-        from parallel.pipeline import build_pipeline
-
-        model = build_pipeline(model_cfg, pp, tp, dp_size, checkpointing)
-        load_full_state(model, full, model.lm_name)
-    else:
         model = build_arch(model_cfg)
-        load_full_state(model, full)
         _set_checkpointing(model, checkpointing)
+    else:
+        with single_rank():
+            full = build_arch(model_cfg).state_dict()
+        if pp > 1:
+            from parallel.pipeline import build_pipeline
+
+            model = build_pipeline(model_cfg, pp, tp, dp_size, checkpointing)
+            load_full_state(model, full, model.lm_name)
+        else:
+            model = build_arch(model_cfg)
+            load_full_state(model, full)
+            _set_checkpointing(model, checkpointing)
     # Expert-parallel ranks keep E/EP experts of each MoE layer, cut after the single-rank weights are in.
     return parallelize_experts(model, parallel_cfg.expert)
 

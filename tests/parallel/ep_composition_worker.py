@@ -32,7 +32,7 @@ from models import ModelConfig  # noqa: E402
 from parallel import engine as ds_engine  # noqa: E402
 from parallel import groups, pipeline  # noqa: E402
 from parallel.build import build_model  # noqa: E402
-from parallel.expert import expert_parallel_rank, parallelize_experts, single_rank_expert_name  # noqa: E402
+from parallel.expert import expert_parallel_rank, single_rank_expert_name  # noqa: E402
 from parallel.tensor import full_state, gather  # noqa: E402
 from tests.parallel.tp_pp_worker import (  # noqa: E402
     CLIP,
@@ -97,8 +97,7 @@ def build_engine(name: str, dp: int):
     tp, pp, ep, zero, micro, top_k = LAYOUTS[name]
     par = ParallelConfig(tensor=tp, pipeline=pp, expert=ep)
     t = train_config(zero, micro, dp)
-    # build_model swaps in the expert-parallel slice itself only at TP = PP = 1; parallelize_experts is idempotent.
-    model = parallelize_experts(build_model(model_config(top_k), par, SEED, dp), ep)
+    model = build_model(model_config(top_k), par, SEED, dp)  # this rank's tensor slice, stage and experts
     mpu = ds_engine.MegatronMPU() if tp > 1 and pp == 1 else None
     ds_config = {**ds_engine.deepspeed_config(t, dp), **pipeline.deepspeed_config(model_config(top_k))}
     engine = ds_engine.initialize(model, param_groups(model, t.lr, t.weight_decay), ds_config, lambda step: 1.0,
