@@ -49,16 +49,18 @@ def expert_parallel_rank(ep_size: int) -> int:
     return dist.get_rank(expert_parallel_group(ep_size)) if ep_size > 1 else 0
 
 
-_LOCAL_EXPERT = re.compile(r"^(.*)\.experts\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.*)$")
+# A DeepSpeed expert container's parameter: in memory the index is local, in checkpoint files global.
+EXPERT_KEY = re.compile(r"^(.*)\.experts\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.*)$")
 
 
-def single_rank_expert_name(name: str, ep_rank: int, n_local: int) -> str:
-    """A container parameter name with a local expert index -> the single-rank LanguageModel's name.
+def single_rank_expert_name(name: str, ep_rank: int = 0, n_local: int = 0) -> str:
+    """A container parameter name -> the single-rank LanguageModel's name.
 
     ``blocks.1.ffn.experts.deepspeed_moe.experts.deepspeed_experts.1.w_in`` on expert-parallel rank 1 with
-    2 local experts -> ``blocks.1.ffn.experts.mlps.3.w_in``; other names are returned unchanged.
+    2 local experts -> ``blocks.1.ffn.experts.mlps.3.w_in``; with the defaults the index is kept (checkpoint
+    files number experts globally). Other names are returned unchanged.
     """
-    m = _LOCAL_EXPERT.match(name)
+    m = EXPERT_KEY.match(name)
     if not m:
         return name
     return f"{m.group(1)}.experts.mlps.{ep_rank * n_local + int(m.group(2))}.{m.group(3)}"

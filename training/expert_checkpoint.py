@@ -17,17 +17,16 @@ per-layer files, and number MoE layers per stage). Experts are whole on every te
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import torch
 
+from parallel.expert import EXPERT_KEY, single_rank_expert_name
 from training.checkpoint import CheckpointError
 
 EXPERT_FILES = "layer_*_expert_*_model_states.pt"
 MAIN_FILE = "mp_rank_00_model_states.pt"
-DS_EXPERT = re.compile(r"^(.*)\.experts\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.*)$")
 
 
 def is_moe_checkpoint(tag_dir: Path) -> bool:
@@ -48,11 +47,10 @@ def moe_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
     out = {k: _fp32(v) for k, v in states["module"].items()}
     for path in sorted(tag_dir.glob(EXPERT_FILES)):
         for key, value in torch.load(path, map_location="cpu", weights_only=False).items():
-            m = DS_EXPERT.match(key)
-            if not m:
+            if not EXPERT_KEY.match(key):
                 raise CheckpointError(f"{path} holds '{key}'; expected DeepSpeed expert keys "
                                       "'...experts.deepspeed_moe.experts.deepspeed_experts.<id>...'")
-            out[f"{m.group(1)}.experts.mlps.{m.group(2)}.{m.group(3)}"] = _fp32(value)
+            out[single_rank_expert_name(key)] = _fp32(value)
     return out
 
 
@@ -60,22 +58,19 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() else t
 
 
-
 def moe_model_parallel_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
     """Full fp32 state dict, in single-rank names, of an MoE checkpoint written under tensor and/or pipeline
     parallelism (any expert-parallel size); module weights as trained (exact for fp32 runs)."""
     from parallel.pipeline import lm_name
-    from parallel.tensor import merge_shards
     from training.checkpoint import LAYOUT
+    from training.shards import join_tensor_ranks
 
     tag_dir = Path(tag_dir)
     layout = json.loads((tag_dir / LAYOUT).read_text())
     tp, pp, sharded = layout["tensor"], layout["pipeline"], layout["sharded"]
 
     def single_rank_name(key: str) -> str:
-        name = lm_name(key, layout["n_blocks"]) if pp > 1 else key
-        m = DS_EXPERT.match(name)
-        return f"{m.group(1)}.experts.mlps.{m.group(2)}.{m.group(3)}" if m else name
+        return single_rank_expert_name(lm_name(key, layout["n_blocks"]) if pp > 1 else key)
 
     pieces: dict[str, dict[int, torch.Tensor]] = {}
     for mp_rank in range(tp * pp):
@@ -90,12 +85,4 @@ def moe_model_parallel_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor
         for key, value in states.items():
             if torch.is_tensor(value):
                 pieces.setdefault(single_rank_name(key), {})[tensor_rank] = value
-    out = {}
-    for name, by_rank in pieces.items():
-        if name in sharded:
-            if sorted(by_rank) != list(range(tp)):
-                raise CheckpointError(f"{tag_dir}: '{name}' has tensor ranks {sorted(by_rank)}, expected 0..{tp - 1}")
-            out[name] = _fp32(merge_shards([by_rank[r] for r in range(tp)], *sharded[name]))
-        else:
-            out[name] = _fp32(by_rank[min(by_rank)])
-    return out
+    return join_tensor_ranks(pieces, sharded, tp, tag_dir)

@@ -24,6 +24,7 @@ from models.config import ModelConfig
 from models.registry import build_arch
 from training.checkpoint import LAYOUT, MANIFEST, CheckpointError, choose_tag, complete_tags, latest_tag, verify
 from training.expert_checkpoint import is_moe_checkpoint, moe_model_parallel_state_dict, moe_state_dict
+from training.shards import join_tensor_ranks
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0/1/2; a pre-manifest run is accepted only with it
 
@@ -113,7 +114,6 @@ def _model_parallel_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     data-parallel partitions (``_zero3_tensor_shards``).
     """
     from parallel.pipeline import lm_name
-    from parallel.tensor import merge_shards
 
     layout = json.loads((tag_dir / LAYOUT).read_text())
     tp, sharded = layout["tensor"], layout["sharded"]
@@ -137,16 +137,7 @@ def _model_parallel_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
         for key, value in states.items():
             if torch.is_tensor(value):
                 pieces.setdefault(names[key], {})[rank] = value
-    out = {}
-    for name, by_rank in pieces.items():
-        if name in sharded:
-            if sorted(by_rank) != list(range(tp)):
-                raise CheckpointError(f"{tag_dir}: '{name}' has tensor ranks {sorted(by_rank)}, expected 0..{tp - 1}")
-            value = merge_shards([by_rank[r] for r in range(tp)], *sharded[name])
-        else:
-            value = by_rank[min(by_rank)]
-        out[name] = value.float() if value.is_floating_point() else value
-    return out
+    return join_tensor_ranks(pieces, sharded, tp, tag_dir)
 
 
 def load_run(run_dir: str | Path, tag: str | None = None) -> RunWeights:
