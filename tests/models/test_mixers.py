@@ -8,6 +8,7 @@ from torch import nn
 
 from models.mixers.attention import Attention, apply_rotary
 from models.mixers.h3 import H3
+from tests.models.mixer_checks import assert_causal, step_through
 
 MIXER_CASES = {
     "attention": (Attention, {}),
@@ -23,21 +24,8 @@ def mixer(request: pytest.FixtureRequest, make_cfg) -> nn.Module:
     return cls(make_cfg(**overrides), layer_idx=0).eval()
 
 
-def step_through(mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x: (B, L, D) -> (B, L, D), one `step` per position."""
-    state = mixer.allocate_state(x.shape[0], max_len=x.shape[1])
-    return torch.stack([mixer.step(x[:, t], state) for t in range(x.shape[1])], dim=1)
-
-
-@torch.no_grad()
 def test_causal(mixer: nn.Module) -> None:
-    x = torch.randn(2, 16, 32)
-    y = mixer(x)
-    for t in (0, 7, 14):
-        x_changed = x.clone()
-        x_changed[:, t + 1 :] = torch.randn_like(x_changed[:, t + 1 :])
-        torch.testing.assert_close(mixer(x_changed)[:, : t + 1], y[:, : t + 1], rtol=1e-5, atol=1e-6)
-        assert not torch.allclose(mixer(x_changed)[:, t + 1 :], y[:, t + 1 :])
+    assert_causal(mixer, torch.randn(2, 16, 32), (0, 7, 14))
 
 
 @torch.no_grad()
