@@ -9,6 +9,7 @@ from models import LanguageModel
 from models.config import ConfigError
 from models.mixers.dlr import DLR
 from models.pattern import parse_pattern
+from tests.models.mixer_checks import assert_step_and_prefill_match
 
 
 def _dlr(make_cfg, mode: str) -> DLR:
@@ -43,11 +44,7 @@ def test_paths_equal_naive_recurrence_and_step(make_cfg, mode: str) -> None:
     x = torch.randn(2, 23, 32, dtype=torch.float64)
     y = m(x)
     torch.testing.assert_close(y, naive_dlr(m, x))
-    state = m.allocate_state(2, 23)
-    torch.testing.assert_close(torch.stack([m.step(x[:, t], state) for t in range(23)], 1), y)
-    pre = m.allocate_state(2, 23)
-    torch.testing.assert_close(m.prefill(x, pre), y)
-    torch.testing.assert_close(pre["ssm"], state["ssm"])
+    assert_step_and_prefill_match(m, x, y, "ssm")
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from models.config import ConfigError
 from models.mixers.s5 import S5, hippo_n
 from models.pattern import parse_pattern
 from models.registry import build_mixer
+from tests.models.mixer_checks import assert_step_and_prefill_match
 
 
 def _s5(make_cfg, **options) -> S5:
@@ -70,11 +71,7 @@ def test_causal_step_and_prefill_equal_forward(make_cfg) -> None:
     changed = x.clone()
     changed[:, 9:] += 1.0
     torch.testing.assert_close(m(changed)[:, :9], y[:, :9])
-    state = m.allocate_state(2, 15)
-    torch.testing.assert_close(torch.stack([m.step(x[:, t], state) for t in range(15)], 1), y)
-    pre = m.allocate_state(2, 15)
-    torch.testing.assert_close(m.prefill(x, pre), y)
-    torch.testing.assert_close(pre["ssm"], state["ssm"])
+    assert_step_and_prefill_match(m, x, y, "ssm")
 
 
 @torch.no_grad()
