@@ -29,7 +29,12 @@ SETUPS = {  # name: (ranks, overrides)
     "1 rank": (1, []),
     "DP=2": (2, []),
     "TP=2": (2, ["parallel.tensor=2"]),
+    # Opt-in (--setups): the two pipeline schedules on the same stages, DeepSpeed's PipelineEngine (ZeRO-1)
+    # against parallel/one_f_one_b.py (ZeRO-2), 4 micro-batches per step.
+    "PP=2 Z1": (2, ["parallel.pipeline=2", "train.zero_stage=1", "train.grad_accum=4"]),
+    "PP=2 Z2": (2, ["parallel.pipeline=2", "train.zero_stage=2", "train.grad_accum=4"]),
 }
+DEFAULT_SETUPS = ("1 rank", "DP=2", "TP=2")
 
 
 def launch(ranks: int, overrides: list[str], run_dir: Path, threads: int, port: int) -> subprocess.CompletedProcess:
@@ -58,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=4, help="first steps left out of the timing")
     parser.add_argument("--rounds", type=int, default=3, help="times each setup runs, alternating")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (OMP_NUM_THREADS)")
-    parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated subset of: {', '.join(SETUPS)}")
+    parser.add_argument("--setups", default=",".join(DEFAULT_SETUPS),
+                        help=f"comma-separated subset of: {', '.join(SETUPS)}")
     parser.add_argument("--port", type=int, default=29731, help="rendezvous port of the runs")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. data.seq_len=256")
     args = parser.parse_args(argv)
@@ -120,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         if base and name in names and name not in failed:
             ratio = best(name)["tokens_per_s"] / best(base)["tokens_per_s"]
             print(f"{label}: {ratio:.2f}x tokens/s (ideal 2.00x, efficiency {ratio / 2:.0%})")
+    if {"PP=2 Z1", "PP=2 Z2"} <= set(names) - set(failed):
+        ratio = best("PP=2 Z2")["tokens_per_s"] / best("PP=2 Z1")["tokens_per_s"]
+        print(f"PP=2 ZeRO-2 (our 1F1B) / ZeRO-1 (DeepSpeed's pipeline engine): {ratio:.2f}x tokens/s")
     return 1 if failed else 0
 
 

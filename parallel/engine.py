@@ -79,10 +79,17 @@ def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict
                lr_lambda: Callable[[int], float], mpu: Any = None) -> Any:
     """Wrap ``model`` in a DeepSpeed engine with our parameter groups and LR multiplier schedule.
 
-    A ``PipelineModule`` gives a ``PipelineEngine`` (``train_batch``); ``mpu`` (a MegatronMPU) is for
-    tensor parallelism without a pipeline.
+    A ``PipelineModule`` gives a ``PipelineEngine`` (``train_batch``), or under ZeRO-2 our 1F1B schedule
+    over the plain engine (``parallel.one_f_one_b``); ``mpu`` (a MegatronMPU) is for tensor parallelism
+    without a pipeline.
     """
     import deepspeed
+    from deepspeed.pipe import PipelineModule
+
+    if isinstance(model, PipelineModule) and ds_config["zero_optimization"]["stage"] >= 2:
+        from parallel import one_f_one_b
+
+        return one_f_one_b.initialize(model, param_groups, ds_config, lr_lambda, wrap=initialize)
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
@@ -95,4 +102,8 @@ def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
         mpu=mpu,
     )
+    if isinstance(model, PipelineModule) and ds_config["zero_optimization"]["stage"] >= 1:
+        from parallel.pipeline import one_norm_all_reduce
+
+        one_norm_all_reduce(engine.optimizer)  # stages hold different parameter groups
     return engine

@@ -4,7 +4,8 @@ Why DeepSpeed's ``PipelineModule``/``PipelineEngine`` and not megatron-core's sc
 schedules are CUDA-bound (streams, ``torch.cuda`` calls; see /work/shared/CPU_NOTES.md) while
 DeepSpeed's engine runs its 1F1B schedule, ZeRO-1, activation checkpointing and checkpoints on CPU
 over gloo unpatched, and is the same engine the non-pipelined runs use. Micro-batches per step are
-``train.grad_accum``.
+``train.grad_accum``. The pipeline engine refuses ZeRO-2, so under ZeRO-2 the same stages run our
+own 1F1B schedule over DeepSpeed's ordinary engine instead (``parallel.one_f_one_b``).
 
 The stack is ``[embedding, block 0 .. block n-1, final norm, head]``. Stage cuts come from ``|`` in
 ``model.layers`` (``HH|AH``: blocks 0-1 on stage 0, 2-3 on stage 1) or, without cuts, an even split
@@ -38,6 +39,7 @@ from parallel import sequence, vocab
 
 PIPE_NAME = re.compile(r"^(\d+)\.(.*)$")
 TIED_EMBEDDING = "tied_modules.embed."
+ENGINE_PREFIX = "pipe."  # parallel.one_f_one_b's engine module holds the stage under this name
 
 
 def check_model(model_cfg: ModelConfig, pp: int, zero_stage: int, grad_clip: float = 0.0) -> None:
@@ -52,10 +54,10 @@ def check_model(model_cfg: ModelConfig, pp: int, zero_stage: int, grad_clip: flo
                           f"parallel.pipeline is {pp}; expected {pp - 1} '|' or none (even split)")
     if len(plan.layers) < pp:
         raise ConfigError(f"model.layers has {len(plan.layers)} layers, fewer than parallel.pipeline ({pp}) stages")
-    if zero_stage >= 2:
-        raise ConfigError(f"train.zero_stage={zero_stage} with parallel.pipeline={pp}: DeepSpeed's pipeline engine "
-                          "supports ZeRO-0 and ZeRO-1 only (ZeRO-2/3 shard gradients it accumulates across "
-                          "micro-batches); expected train.zero_stage <= 1")
+    if zero_stage >= 3:
+        raise ConfigError(f"train.zero_stage={zero_stage} with parallel.pipeline={pp}: ZeRO-3 would gather every "
+                          "stage's weights for each micro-batch's forward and backward; expected "
+                          "train.zero_stage <= 2 (or parallel.pipeline=1)")
     if zero_stage == 0 and grad_clip > 0:
         # Without ZeRO, DeepSpeed's clip_grad_norm_ counts replicated parameters on model-parallel rank 0
         # only, i.e. on the first stage: later stages' norms and biases drop out of the norm (measured).
@@ -92,6 +94,31 @@ def deepspeed_config(cfg: ModelConfig) -> dict:
     if has_moe(cfg) or sequence.is_enabled():
         return {"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}}
     return {}
+
+
+def one_norm_all_reduce(zero_optimizer) -> None:
+    """Make a ZeRO-1/2 optimizer sum its clipping norm over the stages with one all-reduce.
+
+    DeepSpeed all-reduces each parameter group's norm over the model-parallel group (all stages and
+    tensor ranks), one collective per group. Stages hold different groups (an attention-only stage has
+    no SSM group with its own LR), so the counts differ and the stages deadlock. Here each rank takes
+    its own norm over all groups (still reduced over its data-parallel group) and the squares are
+    summed over the model-parallel group once: the same global norm.
+    """
+    local_norm, group = zero_optimizer.scaled_global_norm, zero_optimizer.model_parallel_group
+
+    def global_norm(norm_type: int = 2) -> torch.Tensor:
+        zero_optimizer.model_parallel_group = None  # DeepSpeed then skips its per-group model-parallel all-reduce
+        try:
+            norm = local_norm(norm_type)
+        finally:
+            zero_optimizer.model_parallel_group = group
+        squares = torch.where(norm >= 0, norm.float() ** 2, torch.full_like(norm.float(), float("inf")))  # -1: inf/nan
+        torch.distributed.all_reduce(squares, group=group)
+        total = squares.sqrt()
+        return torch.where(torch.isfinite(total), total, torch.full_like(total, -1.0))  # DeepSpeed's inf/nan mark
+
+    zero_optimizer.scaled_global_norm = global_norm
 
 
 def embed_with_aux(stage: EmbeddingStage, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,6 +178,7 @@ class HeadStage(nn.Module):
 
 def lm_name(pipe_name: str, n_blocks: int) -> str:
     """A pipeline parameter name -> the LanguageModel's name for it (``3.mixer.q_proj.weight`` -> ``blocks.2...``)."""
+    pipe_name = pipe_name.removeprefix(ENGINE_PREFIX)  # ZeRO-2 runs hold the stage inside a plain engine
     if pipe_name.startswith(TIED_EMBEDDING):
         return pipe_name[len(TIED_EMBEDDING):].removeprefix("drop.")
     m = PIPE_NAME.match(pipe_name)

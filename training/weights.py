@@ -122,16 +122,20 @@ def _model_parallel_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     for rank, states in zero3.items():
         for key, value in states.items():
             pieces.setdefault(key, {})[rank] = value
-    for path in [] if zero3 else sorted(tag_dir.iterdir()):  # ZeRO-0/1/2: each tensor rank's module is whole
+    paths = [] if zero3 else sorted(tag_dir.iterdir())  # ZeRO-0/1/2: each tensor rank's module is whole
+    # DeepSpeed's pipeline engine writes per-layer files; a ZeRO-2 pipeline (parallel.one_f_one_b) and TP runs
+    # write one file per model-parallel rank, numbered stage x TP + tensor rank.
+    per_layer = layout["pipeline"] > 1 and any(_PIPE_FILE.match(p.name) for p in paths)
+    for path in paths:
         pipe, tensor = _PIPE_FILE.match(path.name), _TP_FILE.match(path.name)
-        if layout["pipeline"] > 1 and pipe:
+        if per_layer and pipe:
             layer, rank = int(pipe.group(1)), int(pipe.group(2) or 0)
             states = torch.load(path, map_location="cpu", weights_only=True)
             names = {k: k if layer == 0 else lm_name(f"{layer}.{k}", layout["n_blocks"]) for k in states}
-        elif layout["pipeline"] == 1 and tensor:
-            rank = int(tensor.group(1))
+        elif not per_layer and tensor:
+            rank = int(tensor.group(1)) % tp
             states = torch.load(path, map_location="cpu", weights_only=False)["module"]
-            names = {k: k for k in states}
+            names = {k: lm_name(k, layout["n_blocks"]) if layout["pipeline"] > 1 else k for k in states}
         else:
             continue
         for key, value in states.items():

@@ -33,7 +33,7 @@ from parallel import engine as ds_engine  # noqa: E402
 from parallel import groups, pipeline  # noqa: E402
 from parallel.build import build_model  # noqa: E402
 from parallel.expert import expert_parallel_rank, single_rank_expert_name  # noqa: E402
-from parallel.tensor import full_state, gather  # noqa: E402
+from parallel.tensor import full_state  # noqa: E402
 from tests.parallel.tp_pp_worker import (  # noqa: E402
     CLIP,
     SEED,
@@ -41,6 +41,7 @@ from tests.parallel.tp_pp_worker import (  # noqa: E402
     STEPS,
     VOCAB,
     _assemble,
+    capture_step_grads,
     global_batch,
     train_config,
 )
@@ -54,9 +55,10 @@ LAYOUTS = {  # name: (tensor, pipeline, expert, zero stage, micro-batches per st
     "ep2_pp2_top1": (1, 2, 2, 1, 2, 1),
     "ep2_tp2_top1": (2, 1, 2, 1, 1, 1),
     "ep2_pp2_top2": (1, 2, 2, 1, 2, 2),
+    "ep2_pp2_zero2_top2": (1, 2, 2, 2, 2, 2),  # the 1F1B schedule of parallel/one_f_one_b.py
     "ep2_tp2_pp2_top2": (2, 2, 2, 1, 2, 2),  # 8 ranks: run by hand (deepspeed --num_gpus 8 ... --layouts ...)
 }
-CKPT_LAYOUTS = ("ep2_tp2_top2", "ep2_pp2_top1", "ep2_tp2_pp2_top2")
+CKPT_LAYOUTS = ("ep2_tp2_top2", "ep2_pp2_top1", "ep2_tp2_pp2_top2", "ep2_pp2_zero2_top2")
 
 
 def model_config(top_k: int) -> ModelConfig:
@@ -111,13 +113,6 @@ def build_engine(name: str, dp: int):
     return engine, rename
 
 
-def _full_grads(engine, rename) -> dict[str, torch.Tensor]:
-    from deepspeed.utils import safe_get_full_grad
-
-    out = {rename(n): gather(safe_get_full_grad(p).detach().clone(), p) for n, p in engine.module.named_parameters()}
-    return _assemble(out)
-
-
 def _dp_mean(values: dict[str, float]) -> dict[str, float]:
     t = torch.tensor(list(values.values()), dtype=torch.float64)
     dist.all_reduce(t, group=groups.data_parallel_group())
@@ -141,14 +136,7 @@ def run_layout(name: str, ckpt: Path | None) -> dict:
     ctx = groups.initialize(ParallelConfig(tensor=tp, pipeline=pp, expert=ep))
     dp = ctx.dp_size
     engine, rename = build_engine(name, dp)
-    grads: list = []
-    original = engine._take_model_step
-
-    def capture(*args, **kwargs):  # the averaged gradients, just before clipping and the update
-        grads.append(_full_grads(engine, rename))
-        return original(*args, **kwargs)
-
-    engine._take_model_step = capture
+    grads = capture_step_grads(engine, rename)
     out: dict = {"losses": [], "norms": [], "metrics": []}
     for step in range(STEPS):
         loss, norm = _step(engine, step, dp, ctx.dp_rank, micro, pp)

@@ -2,9 +2,10 @@
 
 One 4-rank launch of tests/parallel/ep_composition_worker.py trains the hybrid H3/attention + MoE model
 (``HAHA``, ffn ``DEDE``, 4 experts, Switch top-1 and GLaM top-2) under EP=2 x TP=2 and EP=2 x PP=2 (DP=2
-each, ZeRO-1, clipping below the gradient norm) and compares with the single-rank reference routing the
-same groups: every step's loss (cross-entropy + aux + z), gradient norm and full gradients, the final
-weights and the MoE metrics. Capacity factor 1.0 drops tokens (~30-60 % of assignments), identically.
+each, ZeRO-1, and ZeRO-2 with the 1F1B schedule of parallel/one_f_one_b.py; clipping below the gradient
+norm) and compares with the single-rank reference routing the same groups: every step's loss
+(cross-entropy + aux + z), gradient norm and full gradients, the final weights and the MoE metrics.
+Capacity factor 1.0 drops tokens (~30-60 % of assignments), identically.
 
 Tolerances as tests/parallel/test_tensor_pipeline.py (relative L2 error per tensor; fp32 sums reordered,
 then amplified by AdamW's ~lr-sized steps), except that gradients after step 1 are compared by their
@@ -22,9 +23,10 @@ from tests.parallel.layout_runs import assert_resumes_and_consolidates, rel_erro
 from tests.procs import REPO
 
 WORKER = REPO / "tests" / "parallel" / "ep_composition_worker.py"
-LAYOUTS = ("ep2_tp2_top2", "ep2_pp2_top1", "ep2_tp2_top1", "ep2_pp2_top2")
+LAYOUTS = ("ep2_tp2_top2", "ep2_pp2_top1", "ep2_tp2_top1", "ep2_pp2_top2", "ep2_pp2_zero2_top2")
 SHAPES = {"ep2_tp2_top2": (2, 1, 1, 2), "ep2_pp2_top1": (1, 2, 2, 1), "ep2_tp2_top1": (2, 1, 1, 1),
-          "ep2_pp2_top2": (1, 2, 2, 2)}  # name: (tensor, pipeline, micro-batches, top-k), as in the worker
+          "ep2_pp2_top2": (1, 2, 2, 2), "ep2_pp2_zero2_top2": (1, 2, 2, 2)}  # name: (tensor, pipeline, micro-batches,
+# top-k), as in the worker
 CLIP = 0.05
 
 
@@ -78,7 +80,7 @@ def test_moe_metrics_match_the_reference_groups(results, layout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ("ep2_tp2_top2", "ep2_pp2_top1"))
+@pytest.mark.parametrize("layout", ("ep2_tp2_top2", "ep2_pp2_top1", "ep2_pp2_zero2_top2"))
 def test_checkpoint_resumes_exactly_and_consolidates_to_single_rank(results, layout):
     got = results[layout]
     # Experts from every expert-parallel rank come back under their single-rank names.
@@ -94,6 +96,7 @@ def test_checkpoint_resumes_exactly_and_consolidates_to_single_rank(results, lay
     (["parallel.pipeline=2", "parallel.expert=2"], 4, 2),
     (["parallel.tensor=2", "parallel.pipeline=2", "parallel.expert=2", "model.layers=HH|AH"], 8, 2),
     (["parallel.tensor=2", "parallel.expert=1"], 2, 1),
+    (["parallel.pipeline=2", "parallel.expert=2", "train.zero_stage=2"], 4, 2),
 ])
 def test_config_accepts_expert_parallelism_with_tensor_and_pipeline(overrides, world, dp):
     from launcher.config import load_config
@@ -103,7 +106,7 @@ def test_config_accepts_expert_parallelism_with_tensor_and_pipeline(overrides, w
 
 
 @pytest.mark.parametrize("overrides,world,message", [
-    (["parallel.pipeline=2", "train.zero_stage=2"], 4, "ZeRO-0 and ZeRO-1 only"),
+    (["parallel.pipeline=2", "train.zero_stage=3"], 4, "ZeRO-3 would gather every stage's weights"),
     (["parallel.tensor=2", "model.jitter=0.1"], 4, "model.jitter=0.1 with parallel.tensor=2"),
     (["parallel.tensor=2", "train.zero_stage=0"], 4, "would clip by a wrong gradient norm"),
     (["parallel.tensor=2", "parallel.sequence_parallel=true"], 4, "parallel.sequence_parallel with MoE layers"),

@@ -2,7 +2,9 @@
 equal the single-rank run.
 
 One 4-rank launch of tests/parallel/tp_pp_worker.py trains the same small hybrid (``HHAH``, H3
-head_dim 2, tied or untied head) from the same seed on the same global batches under each layout, and
+head_dim 2, tied or untied head) from the same seed on the same global batches under each layout
+(ZeRO-2 pipelines run our 1F1B schedule, parallel/one_f_one_b.py; PP=4 puts an attention-only stage,
+with fewer parameter groups, between H3 stages), and
 compares with the single-rank reference in plain PyTorch: every step's loss, the engine's gradient
 norm, the full gradient of every parameter before each update (TP shards gathered, PP stages
 assembled) and the weights after 3 AdamW steps. Clipping is set below the gradient norm so a wrong
@@ -28,7 +30,8 @@ from tests.procs import REPO
 WORKER = REPO / "tests" / "parallel" / "tp_pp_worker.py"
 LAYOUTS = ("tp2_dp2_zero1", "pp2_dp2_zero1_ckpt", "tp2_pp2_zero1", "dp4_zero3", "tp2_dp2_zero2_untied",
            "tp2_pp2_zero1_untied", "tp2_dp2_zero0", "tp2_dp2_zero3", "tp2_dp2_sp_zero1", "tp2_dp2_sp_ckpt_zero2_untied",
-           "tp2_pp2_sp")
+           "tp2_pp2_sp", "pp2_dp2_zero2", "tp2_pp2_zero2", "pp4_zero2_ckpt", "pp4_zero1")
+LAYOUTS_8_RANKS = ("tp2_pp2_zero1", "tp2_pp2_zero2")
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +39,26 @@ def results(tmp_path_factory) -> dict:
     return run_worker(WORKER, LAYOUTS, tmp_path_factory.mktemp("tp_pp"))
 
 
+@pytest.fixture(scope="module")
+def results_8_ranks(tmp_path_factory) -> dict:
+    return run_worker(WORKER, LAYOUTS_8_RANKS, tmp_path_factory.mktemp("tp_pp_8"), ranks=8)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_matches_single_rank(results, layout):
+    assert_matches_single_rank(results, layout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS_8_RANKS)
+def test_data_tensor_pipeline_with_zero_1_and_2_matches_single_rank(results_8_ranks, layout):
+    # On 8 ranks the TP=2 x PP=2 layouts get DP=2: data x tensor x pipeline, ZeRO-1 (DeepSpeed's pipeline
+    # engine) and ZeRO-2 (our 1F1B schedule).
+    assert_matches_single_rank(results_8_ranks, layout)
+
+
+def assert_matches_single_rank(results: dict, layout: str) -> None:
     ref, got = results["reference"][not layout.endswith("_untied")], results[layout]
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(ref["norms"]), rtol=1e-4, atol=0)
@@ -54,7 +74,8 @@ def test_layout_matches_single_rank(results, layout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ("tp2_pp2_zero1", "tp2_dp2_zero1", "tp2_dp2_zero3"))
+@pytest.mark.parametrize("layout", ("tp2_pp2_zero1", "tp2_dp2_zero1", "tp2_dp2_zero3", "pp2_dp2_zero2"))
 def test_checkpoint_resumes_exactly_and_consolidates(results, layout):
-    # Per tensor-rank, per-layer (and under ZeRO-3 per data-rank) files reassemble into the single-rank state dict.
+    # Per tensor-rank, per-layer (under ZeRO-3 per data-rank; under a ZeRO-2 pipeline per stage and tensor rank)
+    # files reassemble into the single-rank state dict.
     assert_resumes_and_consolidates(results[layout], results["ckpt"] / layout)

@@ -59,11 +59,14 @@ def test_pipeline_names_map_to_language_model_names():
     assert lm_name("4.norm2.bias", 4) == "blocks.3.norm2.bias"
     assert lm_name("5.norm.weight", 4) == "norm.weight"
     assert lm_name("6.lm_head.weight", 4) == "lm_head.weight"
+    # ZeRO-2 pipelines (parallel.one_f_one_b) save the stage inside a plain engine's module
+    assert lm_name("pipe.tied_modules.embed.embedding.weight", 4) == "embedding.weight"
+    assert lm_name("pipe.2.mixer.q_proj.weight", 4) == "blocks.1.mixer.q_proj.weight"
 
 
 @pytest.mark.parametrize("overrides,message", [
     (["parallel.tensor=3"], "model.n_heads (4) must be divisible by parallel.tensor (3)"),
-    (["parallel.pipeline=2", "train.zero_stage=2"], "ZeRO-0 and ZeRO-1 only"),
+    (["parallel.pipeline=2", "train.zero_stage=3"], "ZeRO-3 would gather every stage's weights"),
     (["parallel.pipeline=2", "train.zero_stage=0"], "would clip by a wrong gradient norm"),
     (["parallel.pipeline=3", "model.layers=HH|AH"], "has 2 stages"),
     (["parallel.tensor=2", "model.layers=HSAH"], "the mixer 's4d'"),

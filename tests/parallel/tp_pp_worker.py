@@ -49,11 +49,15 @@ LAYOUTS = {  # name: (tensor, pipeline, zero stage, micro-batches per step, acti
     "tp2_dp2_sp_zero1": (2, 1, 1, 1, False, True),
     "tp2_dp2_sp_ckpt_zero2_untied": (2, 1, 2, 1, True, False),
     "tp2_pp2_sp": (2, 2, 1, 2, False, True),
+    "pp2_dp2_zero2": (1, 2, 2, 2, False, True),
+    "tp2_pp2_zero2": (2, 2, 2, 2, False, True),
+    "pp4_zero2_ckpt": (1, 4, 2, 4, True, True),
+    "pp4_zero1": (1, 4, 1, 4, False, True),
 }
 SEQUENCE_PARALLEL = {"tp2_dp2_sp_zero1", "tp2_dp2_sp_ckpt_zero2_untied", "tp2_pp2_sp"}  # parallel.sequence_parallel on
 
 # Also save after step 2 and resume into a fresh engine.
-CKPT_LAYOUTS = ("tp2_pp2_zero1", "tp2_dp2_zero1", "tp2_dp2_zero3")
+CKPT_LAYOUTS = ("tp2_pp2_zero1", "tp2_dp2_zero1", "tp2_dp2_zero3", "pp2_dp2_zero2")
 
 
 def model_config(tied: bool = True) -> ModelConfig:
@@ -110,8 +114,24 @@ def _full_grads(engine, rename) -> dict[str, torch.Tensor]:
 
     out = {}
     for name, p in engine.module.named_parameters():
+        if getattr(p, "ds_pipe_replicated", False):
+            continue  # the last stage's copy of the tied matrix; the first stage holds its whole gradient
         out[rename(name)] = gather(safe_get_full_grad(p).detach().clone(), p)
     return _assemble(out)
+
+
+def capture_step_grads(engine, rename) -> list[dict[str, torch.Tensor]]:
+    """A list that receives the full averaged gradients just before each optimizer update (and clipping)."""
+    grads: list = []
+    inner = getattr(engine, "ds_engine", engine)  # ZeRO-2 pipelines: the DeepSpeed engine inside the 1F1B schedule
+    original = inner._take_model_step
+
+    def capture(*args, **kwargs):
+        grads.append(_full_grads(engine, rename))
+        return original(*args, **kwargs)
+
+    inner._take_model_step = capture
+    return grads
 
 
 def build_engine(par: ParallelConfig, t: TrainConfig, dp: int, tied: bool):
@@ -133,14 +153,7 @@ def run_layout(name: str, ckpt: Path | None) -> dict:
     dp = ctx.dp_size
     t = train_config(zero, micro, dp)
     engine, rename = build_engine(par, t, dp, tied)
-    grads: list = []
-    original = engine._take_model_step
-
-    def capture(*args, **kwargs):  # the averaged gradients, just before clipping and the update
-        grads.append(_full_grads(engine, rename))
-        return original(*args, **kwargs)
-
-    engine._take_model_step = capture
+    grads = capture_step_grads(engine, rename)
     out: dict = {"losses": [], "norms": []}
     for step in range(STEPS):
         micro_batches = global_batch(step).chunk(dp, dim=0)[ctx.dp_rank].chunk(micro, dim=0)

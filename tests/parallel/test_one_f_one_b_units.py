@@ -1,0 +1,23 @@
+"""Pieces of the ZeRO-2 pipeline schedule that need no ranks (the schedule itself: test_tensor_pipeline.py,
+test_expert_composition.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parallel.one_f_one_b import _empty_from_header, _header
+
+
+def test_activation_header_round_trips_shapes_and_dtypes():
+    # A model with MoE layers sends (h, aux); bf16 training sends bf16 h with an fp32 aux.
+    sent = (torch.randn(2, 12, 32).bfloat16(), torch.zeros(1))
+    received = _empty_from_header(_header(sent), torch.device("cpu"))
+    assert [(t.shape, t.dtype) for t in received] == [(t.shape, t.dtype) for t in sent]
+
+
+def test_header_refuses_what_it_cannot_describe():
+    with pytest.raises(ValueError, match="at most 4 dimensions"):
+        _header((torch.zeros(1, 1, 1, 1, 1),))
+    with pytest.raises(ValueError, match="int64"):
+        _header((torch.zeros(2, dtype=torch.int64),))
