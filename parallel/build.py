@@ -38,6 +38,11 @@ def build_model(model_cfg, parallel_cfg, seed: int, dp_size: int) -> nn.Module:
             model = build_arch(model_cfg)
             load_full_state(model, full)
             _set_checkpointing(model, checkpointing)
+    if tp > 1 and model_cfg.dropout > 0:  # per-rank masks where the tensor ranks hold different slices
+        from parallel import rng, sequence
+        from parallel.tensor import tensor_parallel_rank
+
+        rng.split_dropout_regions(model, tensor_parallel_rank(), sequence.is_enabled())
     # Expert-parallel ranks keep E/EP experts of each MoE layer, cut after the single-rank weights are in.
     return parallelize_experts(model, parallel_cfg.expert)
 

@@ -148,11 +148,6 @@ def check_model(model_cfg, tp: int) -> None:
         # MoE layers are replicated across tensor ranks and must route identically; jitter draws per-rank noise.
         raise ConfigError(f"model.jitter={model_cfg.jitter} with parallel.tensor={tp}: every tensor rank must route "
                           "the same tokens, and router jitter draws random noise per rank; expected model.jitter=0")
-    if model_cfg.dropout > 0:
-        # Dropout inside the split heads/channels would draw different numbers of random values per rank
-        # and desynchronise the replicated dropout after them; megatron's fix is its CUDA-only RNG tracker.
-        raise ConfigError(f"model.dropout={model_cfg.dropout} with parallel.tensor={tp}: dropout under tensor "
-                          "parallelism is not supported on this path; expected model.dropout=0")
 
 
 def load_full_state(module: nn.Module, full: dict[str, torch.Tensor], rename=None) -> None:

@@ -70,7 +70,6 @@ def test_pipeline_names_map_to_language_model_names():
     (["parallel.pipeline=2", "train.zero_stage=0"], "would clip by a wrong gradient norm"),
     (["parallel.pipeline=3", "model.layers=HH|AH"], "has 2 stages"),
     (["parallel.tensor=2", "model.layers=HSAH"], "the mixer 's4d'"),
-    (["parallel.tensor=2", "model.dropout=0.1"], "model.dropout"),
     (["parallel.tensor=2", "model.vocab_size=1001"], "model.vocab_size (1001)"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
 ])

@@ -53,17 +53,23 @@ LAYOUTS = {  # name: (tensor, pipeline, zero stage, micro-batches per step, acti
     "tp2_pp2_zero2": (2, 2, 2, 2, False, True),
     "pp4_zero2_ckpt": (1, 4, 2, 4, True, True),
     "pp4_zero1": (1, 4, 1, 4, False, True),
+    "tp2_dp2_dropout": (2, 1, 1, 1, False, True),
+    "tp2_dp2_sp_ckpt_dropout": (2, 1, 1, 1, True, True),
 }
-SEQUENCE_PARALLEL = {"tp2_dp2_sp_zero1", "tp2_dp2_sp_ckpt_zero2_untied", "tp2_pp2_sp"}  # parallel.sequence_parallel on
+SEQUENCE_PARALLEL = {"tp2_dp2_sp_zero1", "tp2_dp2_sp_ckpt_zero2_untied", "tp2_pp2_sp",
+                     "tp2_dp2_sp_ckpt_dropout"}  # parallel.sequence_parallel on
+# model.dropout=DROPOUT: no single-rank reference (other masks); the test checks the tensor ranks stay in step.
+DROPOUT_LAYOUTS = {"tp2_dp2_dropout", "tp2_dp2_sp_ckpt_dropout"}
+DROPOUT = 0.1
 
 # Also save after step 2 and resume into a fresh engine.
-CKPT_LAYOUTS = ("tp2_pp2_zero1", "tp2_dp2_zero1", "tp2_dp2_zero3", "pp2_dp2_zero2")
+CKPT_LAYOUTS = ("tp2_pp2_zero1", "tp2_dp2_zero1", "tp2_dp2_zero3", "pp2_dp2_zero2", "tp2_dp2_sp_ckpt_dropout")
 
 
-def model_config(tied: bool = True) -> ModelConfig:
+def model_config(tied: bool = True, dropout: float = 0.0) -> ModelConfig:
     # The debug hybrid's pattern at a smaller width; H3 head_dim 2 exercises the strided output split.
     return ModelConfig(vocab_size=VOCAB, d_model=32, n_heads=4, layers="HHAH", h3_d_state=8, h3_head_dim=2,
-                       max_seq_len=SEQ, tie_embeddings=tied)
+                       max_seq_len=SEQ, tie_embeddings=tied, dropout=dropout)
 
 
 def train_config(zero: int, micro: int, dp: int) -> TrainConfig:
@@ -134,8 +140,23 @@ def capture_step_grads(engine, rename) -> list[dict[str, torch.Tensor]]:
     return grads
 
 
-def build_engine(par: ParallelConfig, t: TrainConfig, dp: int, tied: bool):
-    model = build_model(model_config(tied), par, SEED, dp)
+def _replicated_spread(module) -> float:
+    """The largest difference of a replicated (not tensor-split) parameter between tensor ranks, over all ranks."""
+    from parallel.tensor import is_sharded, tensor_parallel_group, tensor_parallel_size
+
+    worst = torch.zeros(())
+    if tensor_parallel_size() > 1:
+        for p in module.parameters():
+            if not is_sharded(p):
+                copies = [torch.empty_like(p) for _ in range(tensor_parallel_size())]
+                dist.all_gather(copies, p.detach().contiguous(), group=tensor_parallel_group())
+                worst = torch.maximum(worst, max((c - copies[0]).abs().max() for c in copies))
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return worst.item()
+
+
+def build_engine(par: ParallelConfig, t: TrainConfig, dp: int, tied: bool, dropout: float = 0.0):
+    model = build_model(model_config(tied, dropout), par, SEED, dp)
     mpu = ds_engine.MegatronMPU() if par.tensor > 1 and par.pipeline == 1 else None
     ds_config = {**ds_engine.deepspeed_config(t, dp), **pipeline.deepspeed_config(model_config(tied))}
     engine = ds_engine.initialize(model, param_groups(model, t.lr, t.weight_decay), ds_config, lambda step: 1.0,
@@ -152,7 +173,8 @@ def run_layout(name: str, ckpt: Path | None) -> dict:
     sequence.set_enabled(par.sequence_parallel)
     dp = ctx.dp_size
     t = train_config(zero, micro, dp)
-    engine, rename = build_engine(par, t, dp, tied)
+    dropout = DROPOUT if name in DROPOUT_LAYOUTS else 0.0
+    engine, rename = build_engine(par, t, dp, tied, dropout)
     grads = capture_step_grads(engine, rename)
     out: dict = {"losses": [], "norms": []}
     for step in range(STEPS):
@@ -167,8 +189,9 @@ def run_layout(name: str, ckpt: Path | None) -> dict:
             out["saved_weights"] = _assemble(full_state(engine.module, rename))
     out["grads"] = grads
     out["weights"] = _assemble(full_state(engine.module, rename))
+    out["replicated_spread"] = _replicated_spread(engine.module)
     if ckpt is not None:  # a fresh engine resumed from the step-2 checkpoint repeats step 3
-        engine2, _ = build_engine(par, t, dp, tied)
+        engine2, _ = build_engine(par, t, dp, tied, dropout)
         checkpoint.load(engine2, ckpt)
         micro_batches = global_batch(STEPS - 1).chunk(dp, dim=0)[ctx.dp_rank].chunk(micro, dim=0)
         loss, _ = train_step(engine2, iter(micro_batches), micro)
