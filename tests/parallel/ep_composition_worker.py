@@ -18,7 +18,6 @@ and the reference drops exactly the same ones.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from tests.parallel.tp_pp_worker import (  # noqa: E402
     _assemble,
     capture_step_grads,
     global_batch,
+    run_layouts,
     train_config,
 )
 from training import checkpoint  # noqa: E402
@@ -159,24 +159,16 @@ def run_layout(name: str, ckpt: Path | None) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated names from LAYOUTS")
-    parser.add_argument("--ckpt", default="", help="folder for the save/resume checks (one subfolder per layout)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    results: dict = {"reference": {}}
     try:
-        for name in args.layouts.split(","):
-            ckpt = Path(args.ckpt) / name if args.ckpt and name in CKPT_LAYOUTS else None
-            results[name] = run_layout(name, ckpt)
+        results, out = run_layouts(__doc__, LAYOUTS, CKPT_LAYOUTS, run_layout)
         if dist.get_rank() == 0:
-            for name in args.layouts.split(","):
+            references: dict = {}
+            for name in results:
                 tp, pp, ep, zero, micro, top_k = LAYOUTS[name]
                 n_groups = dist.get_world_size() // (tp * pp) * micro
-                if (top_k, n_groups) not in results["reference"]:
-                    results["reference"][(top_k, n_groups)] = reference(top_k, n_groups)
-            torch.save(results, args.out)
+                if (top_k, n_groups) not in references:
+                    references[(top_k, n_groups)] = reference(top_k, n_groups)
+            torch.save({**results, "reference": references}, out)
     finally:
         groups.destroy()
 

@@ -210,21 +210,27 @@ def _reset_groups() -> None:
     sequence.set_enabled(False)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated names from LAYOUTS")
+def run_layouts(description: str, layouts: dict, ckpt_layouts: tuple[str, ...], run) -> tuple[dict, Path]:
+    """A layout worker's command line: ``run(name, ckpt folder or None)`` for each layout asked for; returns
+    the results by layout name and the path rank 0 writes them to."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--layouts", default=",".join(layouts), help="comma-separated names from LAYOUTS")
     parser.add_argument("--ckpt", default="", help="folder for the save/resume checks (one subfolder per layout)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     results = {}
+    for name in args.layouts.split(","):
+        results[name] = run(name, Path(args.ckpt) / name if args.ckpt and name in ckpt_layouts else None)
+    return results, Path(args.out)
+
+
+def main() -> None:
     try:
-        for name in args.layouts.split(","):
-            ckpt = Path(args.ckpt) / name if args.ckpt and name in CKPT_LAYOUTS else None
-            results[name] = run_layout(name, ckpt)
+        results, out = run_layouts(__doc__, LAYOUTS, CKPT_LAYOUTS, run_layout)
         if dist.get_rank() == 0:
             results["reference"] = {tied: reference(tied) for tied in (True, False)}
-            torch.save(results, args.out)
+            torch.save(results, out)
     finally:
         groups.destroy()
 
