@@ -22,7 +22,8 @@ each other.
 - **Clipping and checkpoints.** The engine's ``mpu`` is the pipeline's grid: its data-parallel group
   is the stage's, its model-parallel group spans tensor ranks and stages (so the clipping norm is
   global and every (stage, tensor rank) writes its own ``mp_rank_XX`` files, XX = stage x TP + tensor
-  rank), and replicated parameters count once per stage (tensor rank 0).
+  rank), and replicated parameters count once per stage (tensor rank 0). Stages hold different
+  parameter groups, so the norm is summed over them in one all-reduce (``pipeline.one_norm_all_reduce``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def _as_tuple(x: Any) -> tuple[torch.Tensor, ...]:
 
 
 def _header(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    if len(tensors) > (_HEADER - 1) // 6:
+        raise ValueError(f"a stage sends at most {(_HEADER - 1) // 6} tensors (h, aux), got {len(tensors)}")
     values = [len(tensors)]
     for t in tensors:
         if t.ndim > 4:

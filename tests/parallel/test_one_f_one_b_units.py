@@ -21,3 +21,5 @@ def test_header_refuses_what_it_cannot_describe():
         _header((torch.zeros(1, 1, 1, 1, 1),))
     with pytest.raises(ValueError, match="int64"):
         _header((torch.zeros(2, dtype=torch.int64),))
+    with pytest.raises(ValueError, match="at most 2 tensors"):
+        _header((torch.zeros(1),) * 3)
