@@ -85,13 +85,16 @@ def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict
     """
     import deepspeed
     from deepspeed.pipe import PipelineModule
-
-    if isinstance(model, PipelineModule) and ds_config["zero_optimization"]["stage"] >= 2:
-        from parallel import one_f_one_b
-
-        return one_f_one_b.initialize(model, param_groups, ds_config, lr_lambda, wrap=initialize)
     from deepspeed.utils import logger as ds_logger
 
+    from parallel import one_f_one_b
+    from parallel.pipeline import one_norm_all_reduce
+
+    pipe = model if isinstance(model, PipelineModule) else None
+    zero_stage = ds_config["zero_optimization"]["stage"]
+    scheduled = pipe is not None and zero_stage >= 2  # DeepSpeed's PipelineEngine refuses ZeRO-2
+    if scheduled:
+        model, param_groups, mpu = one_f_one_b.plain_engine_args(pipe, param_groups)
     ds_logger.setLevel(logging.WARNING)
     # ZeRO calls torch's deprecated all_gather_into_tensor every step; one warning per rank is noise.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
@@ -102,8 +105,6 @@ def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
         mpu=mpu,
     )
-    if isinstance(model, PipelineModule) and ds_config["zero_optimization"]["stage"] >= 1:
-        from parallel.pipeline import one_norm_all_reduce
-
+    if pipe is not None and zero_stage >= 1:
         one_norm_all_reduce(engine.optimizer)  # stages hold different parameter groups
-    return engine
+    return one_f_one_b.OneFOneBEngine(pipe, engine) if scheduled else engine

@@ -29,14 +29,12 @@ each other.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from parallel.pipeline import one_norm_all_reduce
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _HEADER = 16  # int64s: tensor count, then (dtype code, ndim, 4 dims) per tensor
@@ -114,14 +112,14 @@ class OneFOneBEngine:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
 
-    def _send_activations(self, outputs: Any, recv_grads_for: Any = None) -> tuple[torch.Tensor, ...] | None:
-        """Send ``outputs`` to the next stage (header first); with ``recv_grads_for``, receive the gradients
-        of those outputs from the next stage in the same exchange."""
+    def _send_activations(self, outputs: Any, recv_grads: bool = False) -> tuple[torch.Tensor, ...]:
+        """Send ``outputs`` to the next stage (header first); with ``recv_grads``, receive their gradients
+        from the next stage in the same exchange and return them."""
         tensors = tuple(t.detach() for t in _as_tuple(outputs))
-        grads = tuple(torch.empty_like(t) for t in _as_tuple(recv_grads_for)) if recv_grads_for is not None else ()
+        grads = tuple(torch.empty_like(t) for t in tensors) if recv_grads else ()
         self._p2p([(_header(tensors).to(tensors[0].device), self.next), *[(t, self.next) for t in tensors]],
                   [(g, self.next) for g in grads])
-        return grads if recv_grads_for is not None else None
+        return grads
 
     def _recv_activations(self, send_grads: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, ...]:
         """Receive the previous stage's outputs (header, then tensors); ``send_grads`` go back in the same exchange."""
@@ -212,7 +210,7 @@ class OneFOneBEngine:
         received = None if self.is_first or warmup == m else self._recv_activations()
         for i in range(m - warmup):  # steady state: one forward, one backward
             out = forward(received)
-            input_grads = backward(None if self.is_last else self._send_activations(out, recv_grads_for=out))
+            input_grads = backward(None if self.is_last else self._send_activations(out, recv_grads=True))
             if i < m - warmup - 1 and not self.is_first:
                 received = self._recv_activations(send_grads=input_grads)
             elif not self.is_first:
@@ -250,12 +248,9 @@ class OneFOneBEngine:
         return loss
 
 
-def initialize(pipe: nn.Module, param_groups: list[dict], ds_config: dict, lr_lambda: Callable[[int], float],
-               wrap: Callable[..., Any]) -> OneFOneBEngine:
-    """``pipe`` (a LanguageModelPipe) in the plain DeepSpeed engine (``wrap``: parallel.engine.initialize)
-    with its grid as ``mpu``; the last stage's copies of tied weights stay out of the optimizer."""
+def plain_engine_args(pipe: nn.Module, param_groups: list[dict]) -> tuple[nn.Module, list[dict], Any]:
+    """``deepspeed.initialize``'s model, parameter groups and ``mpu`` for a ZeRO-2 stage: the stage behind a
+    plain module, the groups without the last stage's copies of tied weights, and the pipeline's grid."""
     groups = [{**g, "params": [p for p in g["params"] if not getattr(p, "ds_pipe_replicated", False)]}
               for g in param_groups]
-    engine = wrap(_Stage(pipe), [g for g in groups if g["params"]], ds_config, lr_lambda, mpu=pipe.mpu())
-    one_norm_all_reduce(engine.optimizer)  # stages hold different parameter groups
-    return OneFOneBEngine(pipe, engine)
+    return _Stage(pipe), [g for g in groups if g["params"]], pipe.mpu()

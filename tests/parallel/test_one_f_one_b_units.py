@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from parallel.one_f_one_b import _empty_from_header, _header
+from parallel.one_f_one_b import _empty_from_header, _header, _Stage
+from parallel.pipeline import ENGINE_PREFIX, lm_name
 
 
 def test_activation_header_round_trips_shapes_and_dtypes():
@@ -23,3 +25,11 @@ def test_header_refuses_what_it_cannot_describe():
         _header((torch.zeros(2, dtype=torch.int64),))
     with pytest.raises(ValueError, match="at most 2 tensors"):
         _header((torch.zeros(1),) * 3)
+
+
+def test_the_engine_module_names_its_stage_as_consolidation_expects():
+    # Checkpoint keys of a ZeRO-2 pipeline carry the wrapper's prefix; lm_name strips exactly that.
+    stage = nn.ModuleDict({"1": nn.Linear(2, 2)})
+    keys = list(_Stage(stage).state_dict())
+    assert keys and all(k.startswith(ENGINE_PREFIX) for k in keys)
+    assert lm_name(keys[0], 4) == "blocks.0.weight"
