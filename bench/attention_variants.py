@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from data_pipeline import PreparedData, RankBatches, eval_batches, prepare_data  # noqa: E402
-from data_pipeline.config import DataConfig  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.lm import IGNORE_INDEX  # noqa: E402
-from models.registry import build_arch  # noqa: E402
+from hybrid_pretrain.data_pipeline.config import DataConfig
+from hybrid_pretrain.data_pipeline.packing import PreparedData, prepare_data
+from hybrid_pretrain.data_pipeline.sampler import RankBatches, eval_batches
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.lm import IGNORE_INDEX
+from hybrid_pretrain.models.registry import build_arch
 
 
 def variants(d_model: int, n_heads: int, vocab: int, seq_len: int, latents: int, block: int) -> dict[str, ModelConfig]:

@@ -12,22 +12,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# This file's name shadows the `data_pipeline` package when run as a script: import from the repo root.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
-
-from data_pipeline.indexed import IndexedData  # noqa: E402
-from data_pipeline.preprocess import PreprocessSettings, _chunks, preprocess  # noqa: E402
-from data_pipeline.sampler import RankBatches  # noqa: E402
-from data_pipeline.sources import parse_sources  # noqa: E402
-from data_pipeline.tokenizer import train_tokenizer  # noqa: E402
+from hybrid_pretrain.data_pipeline.indexed import IndexedData
+from hybrid_pretrain.data_pipeline.preprocess import PreprocessSettings, _chunks, preprocess
+from hybrid_pretrain.data_pipeline.sampler import RankBatches
+from hybrid_pretrain.data_pipeline.sources import parse_sources
+from hybrid_pretrain.data_pipeline.tokenizer import train_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -52,7 +47,7 @@ def corpus_docs(work: Path, max_bytes: int) -> list[str]:
 
 def write_shards(docs: list[str], folder: Path, n: int) -> str:
     """The documents as `n` .jsonl.zst files, so the process pool has units to share."""
-    from tests.data_pipeline.corpora import write_jsonl_zst
+    from hybrid_pretrain.tests.data_pipeline.corpora import write_jsonl_zst
 
     for k in range(n):
         write_jsonl_zst(folder / f"{k:02d}.jsonl.zst", [{"text": d} for d in docs[k::n]])

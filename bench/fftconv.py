@@ -23,12 +23,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from kernels.fftconv import (  # noqa: E402
+from hybrid_pretrain.kernels.fftconv import (
     TRITON_MAX_LEN,
     fftconv_triton,
     ssm_conv,
@@ -37,7 +35,7 @@ from kernels.fftconv import (  # noqa: E402
     ssm_conv_state_passing,
     ssm_kernel,
 )
-from models.mixers.ssm import DiagonalSSM  # noqa: E402
+from hybrid_pretrain.models.mixers.ssm import DiagonalSSM
 
 
 def _status_kb(field: str) -> int:

@@ -13,18 +13,14 @@ paper's 1.3B shape on a GPU: ``--config configs/h3_hybrid_1.3b.yaml --device cud
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from bench.shapes import add_shape_args, hybrid_and_transformer  # noqa: E402
-from models.generation import GREEDY, generate  # noqa: E402
-from models.lm import LanguageModel  # noqa: E402
+from hybrid_pretrain.bench.shapes import add_shape_args, hybrid_and_transformer
+from hybrid_pretrain.models.generation import GREEDY, generate
+from hybrid_pretrain.models.lm import LanguageModel
 
 
 def seconds(model: LanguageModel, prompt: torch.Tensor, new: int) -> float:

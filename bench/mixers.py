@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from models.config import ModelConfig  # noqa: E402
-from models.pattern import MIXER_SYMBOLS  # noqa: E402
-from models.registry import MIXERS, build_arch  # noqa: E402
-from synthetic.train import SyntheticRun, train_synthetic  # noqa: E402
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.pattern import MIXER_SYMBOLS
+from hybrid_pretrain.models.registry import MIXERS, build_arch
+from hybrid_pretrain.synthetic.train import SyntheticRun, train_synthetic
 
 TASKS = ("induction_head", "associative_recall")
 
@@ -73,8 +69,8 @@ def tokens_per_second(symbol: str, args: argparse.Namespace) -> float:
 def classification_runner(args: argparse.Namespace):
     """``f(symbol) -> test accuracy`` through the classification harness, or None if it is not installed."""
     try:
-        from classify.config import ClassifyConfig
-        from classify.train import train_classifier
+        from hybrid_pretrain.classify.config import ClassifyConfig
+        from hybrid_pretrain.classify.train import train_classifier
     except ImportError:
         return None
 

@@ -11,18 +11,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from models.config import ModelConfig  # noqa: E402
-from models.ffn.mlp import MLP  # noqa: E402
-from models.ffn.moe import MoE  # noqa: E402
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.ffn.mlp import MLP
+from hybrid_pretrain.models.ffn.moe import MoE
 
 
 def tokens(n: int, d: int, clusters: int, seed: int = 0) -> torch.Tensor:

@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from retrieval.client import IndexClient  # noqa: E402
-from retrieval.index import IndexSpec, ShardedIndex, build_shard  # noqa: E402
-from retrieval.live import LiveIndex  # noqa: E402
-from retrieval.service import IndexServer  # noqa: E402
+from hybrid_pretrain.retrieval.client import IndexClient
+from hybrid_pretrain.retrieval.index import IndexSpec, ShardedIndex, build_shard
+from hybrid_pretrain.retrieval.live import LiveIndex
+from hybrid_pretrain.retrieval.service import IndexServer
 
 K = 10
 

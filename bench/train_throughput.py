@@ -12,17 +12,13 @@ e.g. ``--config configs/h3_hybrid_125m.yaml --device cuda --dtype bf16 --batch 4
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from bench.shapes import add_shape_args, hybrid_and_transformer  # noqa: E402
-from models.lm import LanguageModel  # noqa: E402
+from hybrid_pretrain.bench.shapes import add_shape_args, hybrid_and_transformer
+from hybrid_pretrain.models.lm import LanguageModel
 
 
 def step_seconds(model: LanguageModel, optimizer: torch.optim.Optimizer, ids: torch.Tensor, dtype: torch.dtype

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from classify.tasks import TASKS
-from models.config import ConfigError, ModelConfig
+from hybrid_pretrain.classify.tasks import TASKS
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
 
 MODELS = ("sequence", "vit")
 INPUTS = ("tokens", "values", "images")
@@ -82,8 +82,8 @@ class ClassifyConfig:
         """Build the model on the meta device (no memory), so layer options and shapes fail before any data."""
         import torch
 
-        from models.classifier import SequenceClassifier
-        from models.vit import ViT
+        from hybrid_pretrain.models.classifier import SequenceClassifier
+        from hybrid_pretrain.models.vit import ViT
 
         with torch.device("meta"):
             if self.model == "vit":

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from classify.config import ClassifyConfig
-from classify.tasks import ClassificationData, make_task
-from models.classifier import SequenceClassifier
-from models.vit import ViT
-from training.optimizer import param_groups, warmup_cosine
+from hybrid_pretrain.classify.config import ClassifyConfig
+from hybrid_pretrain.classify.tasks import ClassificationData, make_task
+from hybrid_pretrain.models.classifier import SequenceClassifier
+from hybrid_pretrain.models.vit import ViT
+from hybrid_pretrain.training.optimizer import param_groups, warmup_cosine
 
 
 def load_data(run: ClassifyConfig) -> tuple[ClassificationData, ClassificationData]:

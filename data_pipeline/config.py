@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.errors import DataError
 
 
 @dataclass
@@ -49,7 +49,7 @@ class DataConfig:
         if self.indexed and self.path:
             raise DataError(f"data.indexed ('{self.indexed}') and data.path ('{self.path}') are both set; "
                             "expected one of them")
-        from data_pipeline.indexed import BlendEntry
+        from hybrid_pretrain.data_pipeline.indexed import BlendEntry
 
         for entry in self.blend:
             BlendEntry.parse(entry)

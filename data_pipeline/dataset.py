@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.errors import DataError
 
 
 class PackedSequences(Dataset):

@@ -12,8 +12,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_pipeline.errors import DataError
-from data_pipeline.sources import Document, Source
+from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.sources import Document, Source
 
 BUILDERS = {".jsonl.zst": "json", ".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 HUB_SPLITS = {"train": "train", "validation": "validation", "test": "test"}

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from data_pipeline.errors import DataError
-from data_pipeline.preprocess import MANIFEST_DIR, REPORT_FILE, TOKENIZER_FILE, set_slug
-from data_pipeline.tokenizer import Tokenizer
+from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.preprocess import MANIFEST_DIR, REPORT_FILE, TOKENIZER_FILE, set_slug
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
 
 SPLITS = ("train", "validation", "test")  # megatron's Split order: train, valid, test
 

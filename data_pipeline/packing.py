@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.config import DataConfig
-from data_pipeline.dataset import PackedSequences
-from data_pipeline.errors import DataError
-from data_pipeline.sources import SkipCounter, Source, parse_sources
-from data_pipeline.tokenizer import MARKERS, TRAIN_SEED, TRAIN_THREADS, Tokenizer, train_tokenizer
+from hybrid_pretrain.data_pipeline.config import DataConfig
+from hybrid_pretrain.data_pipeline.dataset import PackedSequences
+from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.sources import SkipCounter, Source, parse_sources
+from hybrid_pretrain.data_pipeline.tokenizer import MARKERS, TRAIN_SEED, TRAIN_THREADS, Tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1  # bump when the on-disk layout or the split rule changes, to invalidate old caches
 TOKENIZER_FILE, TRAIN_FILE, VAL_FILE, META_FILE = "tokenizer.model", "train.bin", "val.bin", "meta.json"

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.errors import DataError
-from data_pipeline.sources import Source, parse_sources
-from data_pipeline.tokenizer import Tokenizer
-from training.checkpoint import file_sha256
+from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.sources import Source, parse_sources
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
+from hybrid_pretrain.training.checkpoint import file_sha256
 
 FORMAT_VERSION = 1
 TOKENIZER_FILE, REPORT_FILE, MANIFEST_DIR = "tokenizer.model", "report.json", "manifests"

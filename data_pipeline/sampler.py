@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.errors import DataError
 
 
 def _check_ranks(micro_batch_size: int, dp_rank: int, dp_size: int) -> None:

@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import zstandard
 
-from data_pipeline.embedded import DEFAULT_MAX_BYTES, build_embedded_corpus, embedded_corpus_name
-from data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.embedded import DEFAULT_MAX_BYTES, build_embedded_corpus, embedded_corpus_name
+from hybrid_pretrain.data_pipeline.errors import DataError
 
 SPLITS = ("train", "validation", "test")
 JSONL_SUFFIXES = (".jsonl.zst", ".jsonl")
@@ -383,7 +383,7 @@ def _is_pile_folder(root: Path) -> bool:
 
 def _parse_spec(spec: str) -> list[Source]:
     if spec.startswith("hf:"):
-        from data_pipeline.hf import HFSource  # imports `datasets` (slow) only when asked for
+        from hybrid_pretrain.data_pipeline.hf import HFSource  # imports `datasets` (slow) only when asked for
 
         return [HFSource(spec)]
     path = Path(os.path.expandvars(os.path.expanduser(spec)))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.errors import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MARKERS = ("<retrieved>", "</retrieved>", "<query>", "<passage>")  # retrieval-augmented models splice text with these

@@ -39,8 +39,8 @@ class HybridPretrainLM(TemplateLM):
     def __init__(self, path: str, device: str | None = None, dtype: str = "fp32", batch_size: int | str = 8,
                  max_length: int | str = 0, max_gen_toks: int | str = 256, **unused) -> None:
         super().__init__()
-        from models.config import ConfigError
-        from training.weights import build_model, load_weights
+        from hybrid_pretrain.models.config import ConfigError
+        from hybrid_pretrain.training.weights import build_model, load_weights
 
         weights = load_weights(path)
         if weights.tokenizer is None:
@@ -121,7 +121,7 @@ class HybridPretrainLM(TemplateLM):
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continue each context (greedy unless ``do_sample``) and cut the text at the first ``until`` string."""
-        from models.generation import Sampling, generate
+        from hybrid_pretrain.models.generation import Sampling, generate
 
         results = []
         for context, gen_kwargs in tqdm([r.args for r in requests], desc="generate_until", disable=disable_tqdm):

@@ -12,9 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from retrieval.index import KINDS, IndexSpec, current_version  # noqa: E402
+from hybrid_pretrain.retrieval.index import KINDS, IndexSpec, current_version
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,13 +43,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load_embedder(name: str, tokenizer: str | None):
     """The passage embedder named on the command line."""
     if name == "minilm":
-        from retrieval.pretrained import MiniLMEmbedder
+        from hybrid_pretrain.retrieval.pretrained import MiniLMEmbedder
 
         return MiniLMEmbedder()
     if not tokenizer:
         raise ValueError(f"--encoder {name} needs --tokenizer (a SentencePiece .model)")
-    from data_pipeline.tokenizer import Tokenizer
-    from retrieval.encoder import DualEncoder, EncoderConfig, load_encoder
+    from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
+    from hybrid_pretrain.retrieval.encoder import DualEncoder, EncoderConfig, load_encoder
 
     tok = Tokenizer(tokenizer)
     if name == "random":
@@ -75,8 +73,8 @@ def _distributed() -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from retrieval.build import build_full, refresh_incremental, stale_ids
-    from retrieval.passages import PassageStore, build_passage_store
+    from hybrid_pretrain.retrieval.build import build_full, refresh_incremental, stale_ids
+    from hybrid_pretrain.retrieval.passages import PassageStore, build_passage_store
 
     rank, world = _distributed()
     out = Path(args.out)

@@ -10,11 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-# Run as a script, Python puts launcher/ first on sys.path; the repository root takes its place so that
-# the `classify` package, not this file, is what `import classify` finds.
-if __name__ == "__main__":
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 # flag -> (config field, type, help); a flag left out keeps the config's (or the default) value.
 FLAGS = {
     "--task": ("task", str, "listops or digits"),
@@ -57,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _options(entries: list[str]) -> dict:
     import yaml
 
-    from models.config import ConfigError
+    from hybrid_pretrain.models.config import ConfigError
 
     options: dict = {}
     for entry in entries:
@@ -73,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from classify.config import load_config
-    from classify.train import train_classifier
-    from models.config import ConfigError
+    from hybrid_pretrain.classify.config import load_config
+    from hybrid_pretrain.classify.train import train_classifier
+    from hybrid_pretrain.models.config import ConfigError
 
     if args.threads:
         torch.set_num_threads(args.threads)

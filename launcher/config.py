@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
-from data_pipeline.config import DataConfig
-from data_pipeline.errors import DataError
-from models.config import ConfigError, ModelConfig
-from retrieval.config import RetrievalConfig
+from hybrid_pretrain.data_pipeline.config import DataConfig
+from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.retrieval.config import RetrievalConfig
 
 
 @dataclass
@@ -156,7 +156,7 @@ class RunConfig:
 
     def _validate_model_parallel(self) -> None:
         """Tensor and pipeline parallelism against the model and ZeRO stage (parallel/ owns the rules)."""
-        from parallel import pipeline, sequence, tensor
+        from hybrid_pretrain.parallel import pipeline, sequence, tensor
 
         tensor.check_model(self.model, self.parallel.tensor)
         pipeline.check_model(self.model, self.parallel.pipeline, self.train.zero_stage, self.train.grad_clip)

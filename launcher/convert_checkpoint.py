@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def convert(run_dir: str | Path, out: str | Path, tag: str | None = None, fmt: str = "safetensors") -> Path:
     """Write the consolidated checkpoint of `run_dir` into `out`; returns `out`."""
-    from training.weights import load_run, save_consolidated
+    from hybrid_pretrain.training.weights import load_run, save_consolidated
 
     weights = load_run(run_dir, tag)
     out = save_consolidated(weights, out, HF_CONFIG if fmt == "hf" else None)
@@ -54,8 +54,8 @@ def convert(run_dir: str | Path, out: str | Path, tag: str | None = None, fmt: s
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from models.config import ConfigError
-    from training.checkpoint import CheckpointError
+    from hybrid_pretrain.models.config import ConfigError
+    from hybrid_pretrain.training.checkpoint import CheckpointError
 
     try:
         out = convert(args.run_dir, args.out, args.tag, args.format)

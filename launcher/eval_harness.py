@@ -42,13 +42,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import evaluation.lm_eval_adapter as adapter
+    import hybrid_pretrain.evaluation.lm_eval_adapter as adapter
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     manager = TaskManager(include_path=args.include_path or None, include_defaults=not args.include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        from models.config import ConfigError
+        from hybrid_pretrain.models.config import ConfigError
 
         where = ", ".join(args.include_path) or "the harness's built-in tasks"
         raise ConfigError(f"--tasks: no task named '{unknown[0]}' in {where}; expected a task or group name there")
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from lm_eval.utils import make_table
 
-    from models.config import ConfigError
-    from training.checkpoint import CheckpointError
+    from hybrid_pretrain.models.config import ConfigError
+    from hybrid_pretrain.training.checkpoint import CheckpointError
 
     try:
         results = evaluate(args)

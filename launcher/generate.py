@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from models.config import ConfigError
-    from models.generation import Sampling, generate
-    from training.checkpoint import CheckpointError
-    from training.weights import build_model, load_run
+    from hybrid_pretrain.models.config import ConfigError
+    from hybrid_pretrain.models.generation import Sampling, generate
+    from hybrid_pretrain.training.checkpoint import CheckpointError
+    from hybrid_pretrain.training.weights import build_model, load_run
 
     try:
         prompts = list(args.prompt)

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from models.config import ConfigError
+from hybrid_pretrain.models.config import ConfigError
 
 DEFAULT_MASTER_PORT = 29500  # deepspeed.constants.TORCH_DISTRIBUTED_DEFAULT_PORT
 SSH_LAUNCHERS = ("pdsh", "openmpi", "mpich", "mvapich")
@@ -160,9 +160,9 @@ def parallel_problems(parallel, world_size: int, num_experts: int | None = None)
 
 def per_rank_estimate(cfg, world_size: int) -> float:
     """Bytes per rank from training.memory (weights, gradients, optimizer states, activations)."""
-    from parallel.engine import resolve_precision
-    from training.flops import full_parameter_count
-    from training.memory import estimate_memory
+    from hybrid_pretrain.parallel.engine import resolve_precision
+    from hybrid_pretrain.training.flops import full_parameter_count
+    from hybrid_pretrain.training.memory import estimate_memory
 
     vocab = cfg.model.vocab_size or cfg.data.vocab_size
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
@@ -190,7 +190,7 @@ def free_memory() -> dict:
 
 def memory_problems(facts: list[dict], need_per_rank: float) -> list[str]:
     """GPU: each rank's device against the estimate. CPU: each host's available RAM against its ranks' sum."""
-    from training.memory import format_bytes
+    from hybrid_pretrain.training.memory import format_bytes
 
     problems = []
     by_host: dict[str, list[dict]] = {}
@@ -216,7 +216,7 @@ def master_problems(wait_s: float = 120.0) -> list[str]:
     Rank 0 hosts the rendezvous store and is skipped; the others retry until ``wait_s``, since rank 0
     may still be importing. Nothing to check when the launcher set no MASTER_ADDR (MPI discovery).
     """
-    from parallel.groups import launched_rank
+    from hybrid_pretrain.parallel.groups import launched_rank
 
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not addr or not port or launched_rank() == 0:
@@ -239,7 +239,7 @@ def check_run(cfg, world_size: int) -> None:
     """
     import torch.distributed as dist
 
-    from parallel import groups
+    from hybrid_pretrain.parallel import groups
 
     facts: list = [None] * world_size
     dist.all_gather_object(facts, free_memory())
@@ -259,7 +259,7 @@ def check_run(cfg, world_size: int) -> None:
 def prelaunch_problems(hostfile: str, cfg, launcher: str, master_addr: str | None, master_port: int,
                        ssh_port: int = 22) -> tuple[list[str], str]:
     """Everything checkable before ``deepspeed --hostfile``: (problems, a one-line summary of the plan)."""
-    from training.memory import format_bytes
+    from hybrid_pretrain.training.memory import format_bytes
 
     hosts, problems = read_hostfile(hostfile)
     if not hosts:
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. parallel.tensor=2")
     args = parser.parse_args(argv)
 
-    from launcher.config import load_config
+    from hybrid_pretrain.launcher.config import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -11,8 +11,8 @@ import argparse
 import os
 import sys
 
-from data_pipeline.errors import DataError
-from data_pipeline.preprocess import PreprocessSettings, parse_inputs, preprocess
+from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.preprocess import PreprocessSettings, parse_inputs, preprocess
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

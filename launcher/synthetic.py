@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-# Run as a script, Python puts launcher/ first on sys.path, where this file would shadow the `synthetic`
-# package; the repository root takes its place.
-if __name__ == "__main__":
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from synthetic.tasks import TASKS
-    from synthetic.train import SyntheticRun
+    from hybrid_pretrain.synthetic.tasks import TASKS
+    from hybrid_pretrain.synthetic.train import SyntheticRun
 
     d = SyntheticRun()
     parser = argparse.ArgumentParser(
@@ -66,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from models.config import ConfigError
-    from synthetic.train import SyntheticRun, train_synthetic
+    from hybrid_pretrain.models.config import ConfigError
+    from hybrid_pretrain.synthetic.train import SyntheticRun, train_synthetic
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 0.0 <= run.embed_dropout < 1.0:
             raise ConfigError(f"--embed-dropout must be in [0, 1), got {run.embed_dropout}")
         run.model_config()
-        from synthetic.tasks import make_task
+        from hybrid_pretrain.synthetic.tasks import make_task
 
         make_task(run.task, 1, run.vocab, run.seq_len, 0)  # shape errors before any training
     except (ConfigError, ValueError) as e:

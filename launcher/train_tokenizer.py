@@ -13,9 +13,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_pipeline.errors import DataError
-from data_pipeline.sources import parse_sources
-from data_pipeline.tokenizer import MARKERS, Tokenizer, train_tokenizer
+from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.sources import parse_sources
+from hybrid_pretrain.data_pipeline.tokenizer import MARKERS, Tokenizer, train_tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.block import Block
-from models.config import ConfigError, ModelConfig
-from models.pattern import parse_pattern
-from models.registry import build_ffn, build_mixer
+from hybrid_pretrain.models.block import Block
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.pattern import parse_pattern
+from hybrid_pretrain.models.registry import build_ffn, build_mixer
 
 POOLINGS = ("mean", "last")
 

@@ -50,7 +50,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first inconsistent field."""
-        from models.pattern import parse_pattern
+        from hybrid_pretrain.models.pattern import parse_pattern
 
         for name in ("d_model", "n_heads", "h3_d_state", "h3_head_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
@@ -77,7 +77,7 @@ class ModelConfig:
         self._validate_names()
 
     def _validate_names(self) -> None:
-        from models.registry import ARCHS, registered_names
+        from hybrid_pretrain.models.registry import ARCHS, registered_names
 
         if self.arch not in ARCHS:
             raise ConfigError(f"model.arch '{self.arch}' is not registered; expected one of {', '.join(sorted(ARCHS))}")

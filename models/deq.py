@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.block import Block
-from models.config import ConfigError, ModelConfig
-from models.init import gpt2_init
-from models.lm import IGNORE_INDEX
-from models.options import layer_options
-from models.pattern import parse_pattern
-from models.registry import build_ffn, build_mixer
+from hybrid_pretrain.models.block import Block
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.init import gpt2_init
+from hybrid_pretrain.models.lm import IGNORE_INDEX
+from hybrid_pretrain.models.options import layer_options
+from hybrid_pretrain.models.pattern import parse_pattern
+from hybrid_pretrain.models.registry import build_ffn, build_mixer
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.mixers.ssm import DiagonalSSM
+from hybrid_pretrain.models.mixers.ssm import DiagonalSSM
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.block import Block
-from models.config import ConfigError, ModelConfig
-from models.ffn.moe import MoE
-from models.init import gpt2_init
-from models.pattern import parse_pattern
-from models.registry import build_ffn, build_mixer
-from parallel import sequence, vocab
-from parallel.linear import column_linear
+from hybrid_pretrain.models.block import Block
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.ffn.moe import MoE
+from hybrid_pretrain.models.init import gpt2_init
+from hybrid_pretrain.models.pattern import parse_pattern
+from hybrid_pretrain.models.registry import build_ffn, build_mixer
+from hybrid_pretrain.parallel import sequence, vocab
+from hybrid_pretrain.parallel.linear import column_linear
 
 IGNORE_INDEX = vocab.IGNORE_INDEX
 
@@ -143,7 +143,7 @@ class LanguageModel(nn.Module):
 
 def count_parameters(cfg: ModelConfig) -> int:
     """Number of distinct parameters (tied weights once), counted on the meta device without allocating."""
-    from models.registry import build_arch  # the registry imports this module
+    from hybrid_pretrain.models.registry import build_arch  # the registry imports this module
 
     with torch.device("meta"):
         model = build_arch(cfg)

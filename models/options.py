@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 from typing import TypeVar
 
-from models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
 
 T = TypeVar("T")
 

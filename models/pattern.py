@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.config import ConfigError
+from hybrid_pretrain.models.config import ConfigError
 
 MIXER_SYMBOLS = {
     "A": "attention",

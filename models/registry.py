@@ -12,37 +12,37 @@ import importlib
 
 from torch import nn
 
-from models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
 
 MIXERS: dict[str, str] = {
-    "attention": "models.mixers.attention:Attention",
-    "h3": "models.mixers.h3:H3",
-    "s4d": "models.mixers.s4d:S4D",
-    "s4": "models.mixers.s4:S4",
-    "dss": "models.mixers.dss:DSS",
-    "gss": "models.mixers.gss:GSS",
-    "s5": "models.mixers.s5:S5",
-    "dlr": "models.mixers.dlr:DLR",
-    "mega": "models.mixers.mega:Mega",
-    "linear_attention": "models.mixers.linear_attention:LinearAttention",
-    "bigbird": "models.mixers.bigbird:BigBird",
-    "block_recurrent": "models.mixers.block_recurrent:BlockRecurrent",
-    "sparse_attention": "models.mixers.sparse_attention:SparseQKVAttention",
-    "butterfly_attention": "models.mixers.butterfly_attention:ButterflyAttention",
+    "attention": "hybrid_pretrain.models.mixers.attention:Attention",
+    "h3": "hybrid_pretrain.models.mixers.h3:H3",
+    "s4d": "hybrid_pretrain.models.mixers.s4d:S4D",
+    "s4": "hybrid_pretrain.models.mixers.s4:S4",
+    "dss": "hybrid_pretrain.models.mixers.dss:DSS",
+    "gss": "hybrid_pretrain.models.mixers.gss:GSS",
+    "s5": "hybrid_pretrain.models.mixers.s5:S5",
+    "dlr": "hybrid_pretrain.models.mixers.dlr:DLR",
+    "mega": "hybrid_pretrain.models.mixers.mega:Mega",
+    "linear_attention": "hybrid_pretrain.models.mixers.linear_attention:LinearAttention",
+    "bigbird": "hybrid_pretrain.models.mixers.bigbird:BigBird",
+    "block_recurrent": "hybrid_pretrain.models.mixers.block_recurrent:BlockRecurrent",
+    "sparse_attention": "hybrid_pretrain.models.mixers.sparse_attention:SparseQKVAttention",
+    "butterfly_attention": "hybrid_pretrain.models.mixers.butterfly_attention:ButterflyAttention",
 }
 FFNS: dict[str, str] = {
-    "mlp": "models.ffn.mlp:MLP",
-    "moe": "models.ffn.moe:MoE",
-    "sparse_ffn": "models.ffn.sparse_ffn:SparseFFN",
-    "butterfly_mlp": "models.ffn.butterfly_mlp:ButterflyMLP",
+    "mlp": "hybrid_pretrain.models.ffn.mlp:MLP",
+    "moe": "hybrid_pretrain.models.ffn.moe:MoE",
+    "sparse_ffn": "hybrid_pretrain.models.ffn.sparse_ffn:SparseFFN",
+    "butterfly_mlp": "hybrid_pretrain.models.ffn.butterfly_mlp:ButterflyMLP",
 }
 # Whole models: each takes a ModelConfig and offers ``forward(input_ids, labels=None)`` like LanguageModel.
 ARCHS: dict[str, str] = {
-    "lm": "models.lm:LanguageModel",
-    "perceiver_ar": "models.perceiver_ar:PerceiverAR",
-    "deq": "models.deq:DEQLanguageModel",
-    "structformer": "models.structformer:StructFormer",
-    "atlas": "models.atlas.model:Atlas",
+    "lm": "hybrid_pretrain.models.lm:LanguageModel",
+    "perceiver_ar": "hybrid_pretrain.models.perceiver_ar:PerceiverAR",
+    "deq": "hybrid_pretrain.models.deq:DEQLanguageModel",
+    "structformer": "hybrid_pretrain.models.structformer:StructFormer",
+    "atlas": "hybrid_pretrain.models.atlas.model:Atlas",
 }
 
 

@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ConfigError, ModelConfig
-from models.init import gpt2_init
-from models.lm import IGNORE_INDEX
-from models.options import layer_options
-from models.pattern import parse_pattern
-from models.registry import build_ffn
-from parallel.linear import column_linear, row_linear
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.init import gpt2_init
+from hybrid_pretrain.models.lm import IGNORE_INDEX
+from hybrid_pretrain.models.options import layer_options
+from hybrid_pretrain.models.pattern import parse_pattern
+from hybrid_pretrain.models.registry import build_ffn
+from hybrid_pretrain.parallel.linear import column_linear, row_linear
 
 NEG = -1e9
 

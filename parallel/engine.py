@@ -87,8 +87,8 @@ def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict
     from deepspeed.pipe import PipelineModule
     from deepspeed.utils import logger as ds_logger
 
-    from parallel import one_f_one_b
-    from parallel.pipeline import one_norm_all_reduce
+    from hybrid_pretrain.parallel import one_f_one_b
+    from hybrid_pretrain.parallel.pipeline import one_norm_all_reduce
 
     pipe = model if isinstance(model, PipelineModule) else None
     zero_stage = ds_config["zero_optimization"]["stage"]

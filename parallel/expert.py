@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.ffn.moe import LocalExperts, MoE, combine, dispatch
-from models.ffn.router import RoutingResult
+from hybrid_pretrain.models.ffn.moe import LocalExperts, MoE, combine, dispatch
+from hybrid_pretrain.models.ffn.router import RoutingResult
 
 
 def expert_group_name(ep_size: int) -> str:

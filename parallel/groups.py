@@ -83,7 +83,7 @@ def initialize(parallel) -> ParallelContext:
         tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline
     )
     _initialize_expert_groups(getattr(parallel, "expert", 1), parallel.tensor, parallel.pipeline)
-    from parallel import sequence
+    from hybrid_pretrain.parallel import sequence
 
     sequence.set_enabled(getattr(parallel, "sequence_parallel", False))  # read by the layers built next
     return ParallelContext(
@@ -151,7 +151,7 @@ def reset_model_parallel() -> None:
         parallel_state.destroy_model_parallel()
     ds_groups.mpu = None  # else an engine built without mpu would inherit the previous engine's
     _forget_expert_groups()  # they depend on the tensor/pipeline sizes of the layout
-    from parallel import sequence
+    from hybrid_pretrain.parallel import sequence
 
     sequence.set_enabled(False)
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel import sequence
-from parallel.tensor import tensor_parallel_size
+from hybrid_pretrain.parallel import sequence
+from hybrid_pretrain.parallel.tensor import tensor_parallel_size
 
 
 def column_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Module:

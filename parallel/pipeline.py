@@ -33,9 +33,9 @@ import warnings
 import torch
 from torch import nn
 
-from models.config import ConfigError, ModelConfig
-from models.pattern import parse_pattern
-from parallel import sequence, vocab
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.pattern import parse_pattern
+from hybrid_pretrain.parallel import sequence, vocab
 
 PIPE_NAME = re.compile(r"^(\d+)\.(.*)$")
 TIED_EMBEDDING = "tied_modules.embed."
@@ -168,7 +168,7 @@ class HeadStage(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        from parallel.linear import column_linear
+        from hybrid_pretrain.parallel.linear import column_linear
 
         self.lm_head = column_linear(cfg.d_model, cfg.vocab_size, bias=False)
 
@@ -195,9 +195,9 @@ def _pipeline_class() -> type[nn.Module]:
     """Defined on first use so importing this module does not import DeepSpeed."""
     from deepspeed.pipe import LayerSpec, PipelineModule
 
-    from models.block import Block
-    from models.ffn.moe import MoE
-    from models.lm import make_block
+    from hybrid_pretrain.models.block import Block
+    from hybrid_pretrain.models.ffn.moe import MoE
+    from hybrid_pretrain.models.lm import make_block
 
     class AuxBlock(Block):
         """A block of a model with MoE layers: ``(h, aux) -> (h, aux + this block's MoE aux and z losses)``."""
@@ -258,7 +258,7 @@ def _pipeline_class() -> type[nn.Module]:
             """MoE routing statistics of the last micro-batch, over every stage's layers (a pipeline collective)."""
             if not has_moe(self.cfg):
                 return {}
-            from parallel.expert import pipeline_moe_metrics
+            from hybrid_pretrain.parallel.expert import pipeline_moe_metrics
 
             return pipeline_moe_metrics(self, self.cfg.num_experts, self._grid.get_pipe_parallel_group())
 

@@ -72,7 +72,7 @@ def split_dropout_regions(model: nn.Module, tp_rank: int, sequence_parallel: boo
     every ``nn.Dropout`` outside them (residual branches, embedding) acts on this rank's positions and
     becomes a ``SplitDropout``. Models without dropout are left as they are.
     """
-    from models.mixers.attention import Attention
+    from hybrid_pretrain.models.mixers.attention import Attention
 
     for module in list(model.modules()):
         if isinstance(module, Attention) and module.dropout > 0:

@@ -29,8 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ConfigError
-from parallel.tensor import tensor_parallel_group, tensor_parallel_size
+from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.parallel.tensor import tensor_parallel_group, tensor_parallel_size
 
 SEQUENCE_DIM = 1  # our activations are batch-first (B, L, D)
 _enabled = False

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.config import ConfigError
+from hybrid_pretrain.models.config import ConfigError
 
 _single_rank_depth = 0
 
@@ -121,8 +121,8 @@ def check_model(model_cfg, tp: int) -> None:
     """
     if tp == 1:
         return
-    from models.pattern import parse_pattern
-    from models.registry import FFNS, MIXERS, resolve
+    from hybrid_pretrain.models.pattern import parse_pattern
+    from hybrid_pretrain.models.registry import FFNS, MIXERS, resolve
 
     if model_cfg.arch != "lm":
         raise ConfigError(f"parallel.tensor={tp} supports model.arch 'lm' only, got '{model_cfg.arch}'")

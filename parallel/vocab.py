@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel import sequence
-from parallel.tensor import tensor_parallel_group, tensor_parallel_size
+from hybrid_pretrain.parallel import sequence
+from hybrid_pretrain.parallel.tensor import tensor_parallel_group, tensor_parallel_size
 
 IGNORE_INDEX = -100
 
@@ -35,7 +35,7 @@ def vocab_embedding(vocab_size: int, d_model: int) -> nn.Module:
         return nn.Embedding(vocab_size, d_model)
     from megatron.core.tensor_parallel import VocabParallelEmbedding
 
-    from parallel.linear import _init, _megatron_config
+    from hybrid_pretrain.parallel.linear import _init, _megatron_config
 
     cls = _sequence_parallel_embedding() if sequence.is_enabled() else VocabParallelEmbedding
     return cls(vocab_size, d_model, init_method=_init, config=_megatron_config())

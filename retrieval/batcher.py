@@ -12,7 +12,7 @@ from concurrent.futures import Future
 import faiss
 import numpy as np
 
-from retrieval.live import LiveIndex
+from hybrid_pretrain.retrieval.live import LiveIndex
 
 
 class SearchBatcher:

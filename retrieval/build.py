@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from retrieval.index import (
+from hybrid_pretrain.retrieval.index import (
     IndexSpec,
     ShardedIndex,
     build_shard,
@@ -26,8 +26,8 @@ from retrieval.index import (
     staging_dir,
     version_dir,
 )
-from retrieval.passages import PassageStore, diff_passages
-from retrieval.protocol import Embedder
+from hybrid_pretrain.retrieval.passages import PassageStore, diff_passages
+from hybrid_pretrain.retrieval.protocol import Embedder
 
 EMBED_CHUNK = 1024  # passages read and embedded per step: bounds memory for the text, not for the vectors
 

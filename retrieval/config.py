@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.config import ConfigError
+from hybrid_pretrain.models.config import ConfigError
 
 WORDS_PER_PASSAGE = 100  # Atlas's passage length; retrieval.passages splits documents with it
 
@@ -22,13 +22,14 @@ class RetrievalConfig:
     refresh_every: int = 0  # steps between re-indexing with the current passage tower; 0: never
     refresh_mode: str = "full"  # full | rolling (re-embed the stalest rolling_fraction per refresh)
     rolling_fraction: float = 0.25
-    # URL of an index service (python -m retrieval.service --index-dir <index_dir>) to search instead of in-process
+    # URL of an index service (python -m hybrid_pretrain.retrieval.service --index-dir <index_dir>) to search
+    # instead of in-process
     service: str = ""
     token: str = ""  # the service's access token, if it has one
 
     def validate(self) -> None:
-        from retrieval.index import KINDS  # imports FAISS: only for runs that retrieve
-        from retrieval.refresh import MODES
+        from hybrid_pretrain.retrieval.index import KINDS  # imports FAISS: only for runs that retrieve
+        from hybrid_pretrain.retrieval.refresh import MODES
 
         if self.max_passages <= 0 or self.words_per_passage <= 0:
             raise ConfigError("retrieval.max_passages and retrieval.words_per_passage must be positive integers")

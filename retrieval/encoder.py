@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data_pipeline.tokenizer import Tokenizer
-from models.block import Block
-from models.config import ConfigError, ModelConfig
-from models.ffn.mlp import MLP
-from parallel.linear import column_linear, row_linear
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
+from hybrid_pretrain.models.block import Block
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.ffn.mlp import MLP
+from hybrid_pretrain.parallel.linear import column_linear, row_linear
 
 
 @dataclass

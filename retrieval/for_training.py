@@ -5,7 +5,7 @@ opens) the passage store, builds the first index with the model's own passage to
 data-parallel ranks), attaches a `PassageSource` to the model, and returns an object whose
 `after_step(step)` the training loop calls; every ``refresh_every`` steps it re-embeds the passages with
 the current weights and every rank swaps to the new version (Atlas's re-indexing schedule). With
-``retrieval.service`` set, searches go to the index service (``python -m retrieval.service``) over HTTP
+``retrieval.service`` set, searches go to the index service (``python -m hybrid_pretrain.retrieval.service``) over HTTP
 instead, and rank 0 tells the
 service to reload after each refresh; the service must serve ``retrieval.index_dir``.
 
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.tokenizer import Tokenizer
-from models.atlas.passages import PassageEmbedder, PassageSource
-from retrieval.build import build_full
-from retrieval.config import RetrievalConfig
-from retrieval.index import IndexSpec, current_version
-from retrieval.live import LiveIndex
-from retrieval.passages import PassageStore, build_passage_store
-from retrieval.refresh import IndexRefresher, RefreshConfig
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
+from hybrid_pretrain.models.atlas.passages import PassageEmbedder, PassageSource
+from hybrid_pretrain.retrieval.build import build_full
+from hybrid_pretrain.retrieval.config import RetrievalConfig
+from hybrid_pretrain.retrieval.index import IndexSpec, current_version
+from hybrid_pretrain.retrieval.live import LiveIndex
+from hybrid_pretrain.retrieval.passages import PassageStore, build_passage_store
+from hybrid_pretrain.retrieval.refresh import IndexRefresher, RefreshConfig
 
 
 def build_store(cfg: RetrievalConfig, run_dir: Path, data_path: str) -> Path:
@@ -56,7 +56,7 @@ class TrainingRetrieval:
         if current_version(index_dir) is None:
             self._build("initial index")
         if cfg.service:
-            from retrieval.client import IndexClient
+            from hybrid_pretrain.retrieval.client import IndexClient
 
             self.index = IndexClient(cfg.service, token=cfg.token or None)
         else:

@@ -27,8 +27,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retrieval.errors import RetrievalIndexError
-from training.checkpoint import file_sha256
+from hybrid_pretrain.retrieval.errors import RetrievalIndexError
+from hybrid_pretrain.training.checkpoint import file_sha256
 
 FORMAT = 1
 KINDS = ("flat", "ivfpq", "hnsw")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.index import ShardedIndex, current_version, load_index
+from hybrid_pretrain.retrieval.index import ShardedIndex, current_version, load_index
 
 
 class LiveIndex:

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.sources import parse_sources
-from retrieval.config import WORDS_PER_PASSAGE
-from retrieval.errors import PassageError
+from hybrid_pretrain.data_pipeline.sources import parse_sources
+from hybrid_pretrain.retrieval.config import WORDS_PER_PASSAGE
+from hybrid_pretrain.retrieval.errors import PassageError
 
 _WORD = re.compile(r"\S+")
 _ID_MASK = (1 << 63) - 1  # FAISS ids are signed int64 and -1 means "no result"

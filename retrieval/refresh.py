@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.build import build_full, refresh_incremental, stale_ids
-from retrieval.encoder import DualEncoder
-from retrieval.index import IndexSpec
-from retrieval.passages import PassageStore
-from retrieval.protocol import Embedder, Retriever
+from hybrid_pretrain.retrieval.build import build_full, refresh_incremental, stale_ids
+from hybrid_pretrain.retrieval.encoder import DualEncoder
+from hybrid_pretrain.retrieval.index import IndexSpec
+from hybrid_pretrain.retrieval.passages import PassageStore
+from hybrid_pretrain.retrieval.protocol import Embedder, Retriever
 
 MODES = ("full", "rolling")
 

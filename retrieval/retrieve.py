@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrieval.passages import PassageStore
-from retrieval.protocol import Retriever
-from retrieval.refresh import over_retrieve_rerank
+from hybrid_pretrain.retrieval.passages import PassageStore
+from hybrid_pretrain.retrieval.protocol import Retriever
+from hybrid_pretrain.retrieval.refresh import over_retrieve_rerank
 
 
 @dataclass

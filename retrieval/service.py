@@ -30,8 +30,8 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
-from retrieval.batcher import SearchBatcher
-from retrieval.live import LiveIndex
+from hybrid_pretrain.retrieval.batcher import SearchBatcher
+from hybrid_pretrain.retrieval.live import LiveIndex
 
 MAX_BODY = 64 << 20
 MAX_K = 4096

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from models.config import ModelConfig
-from models.registry import build_arch
-from synthetic.tasks import SyntheticData, make_task
-from training.optimizer import param_groups, warmup_cosine
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.registry import build_arch
+from hybrid_pretrain.synthetic.tasks import SyntheticData, make_task
+from hybrid_pretrain.training.optimizer import param_groups, warmup_cosine
 
 TEST_SEED_OFFSET = 10_000  # test examples come from a different stream than training ones
 

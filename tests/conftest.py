@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.procs import SHARED_DATA
+from hybrid_pretrain.tests.procs import SHARED_DATA
 
 
 @pytest.fixture

@@ -154,7 +154,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict, keep: int) 
 def parallel_layout(module: Any) -> dict | None:
     """For a tensor- or pipeline-parallel module, the sizes and every sharded tensor's split (same on all
     ranks, gathered: a collective); None for a single-rank layout, which needs no reassembly."""
-    from parallel.tensor import sharding_layout, tensor_parallel_size
+    from hybrid_pretrain.parallel.tensor import sharding_layout, tensor_parallel_size
 
     rename = getattr(module, "lm_name", None)
     tp = tensor_parallel_size()

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.config import ConfigError, ModelConfig
-from training.checkpoint import CheckpointError
-from training.weights import TOKENIZER_FILE, RunWeights, load_consolidated
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.training.checkpoint import CheckpointError
+from hybrid_pretrain.training.weights import TOKENIZER_FILE, RunWeights, load_consolidated
 
 # Fields that change how a model trains but not which tensors it has or what they mean.
 TRAINING_ONLY_FIELDS = frozenset({"dropout", "init_std", "capacity_factor", "eval_capacity_factor", "min_capacity",
@@ -75,7 +75,7 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
     stage) every checkpoint tensor must land somewhere except other ranks' experts; the first
     offending tensor is named in a CheckpointError.
     """
-    from parallel.tensor import shard
+    from hybrid_pretrain.parallel.tensor import shard
 
     rename = consolidated_name(model)
     used: set[str] = set()
@@ -134,7 +134,7 @@ def prepare_config(cfg, ckpt_dir: str | Path) -> None:
     """
     import json
 
-    from training.weights import MODEL_CONFIG_FILE, model_config_from_dict
+    from hybrid_pretrain.training.weights import MODEL_CONFIG_FILE, model_config_from_dict
 
     path = Path(ckpt_dir) / MODEL_CONFIG_FILE
     if not path.is_file():

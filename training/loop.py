@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from parallel.tensor import grad_norm
-from training import checkpoint
-from training.metrics import MetricsLogger, peak_memory_bytes
+from hybrid_pretrain.parallel.tensor import grad_norm
+from hybrid_pretrain.training import checkpoint
+from hybrid_pretrain.training.metrics import MetricsLogger, peak_memory_bytes
 
 
 @dataclass

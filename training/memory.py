@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from models.pattern import parse_pattern
+from hybrid_pretrain.models.pattern import parse_pattern
 
 
 def expert_parameters(model_cfg) -> tuple[int, int]:

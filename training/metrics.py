@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training.plots import plot_metrics
+from hybrid_pretrain.training.plots import plot_metrics
 
 
 def peak_memory_bytes(device: Any) -> float:

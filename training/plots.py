@@ -1,6 +1,6 @@
 """Loss and throughput curves as PNG, drawn from a run's ``metrics.jsonl``.
 
-Usable on its own: ``python -m training.plots runs/NAME/metrics.jsonl``.
+Usable on its own: ``python -m hybrid_pretrain.training.plots runs/NAME/metrics.jsonl``.
 """
 
 from __future__ import annotations

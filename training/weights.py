@@ -18,13 +18,21 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.tokenizer import Tokenizer
-from launcher.config import RunConfig, load_config
-from models.config import ModelConfig
-from models.registry import build_arch
-from training.checkpoint import LAYOUT, MANIFEST, CheckpointError, choose_tag, complete_tags, latest_tag, verify
-from training.expert_checkpoint import is_moe_checkpoint, moe_model_parallel_state_dict, moe_state_dict
-from training.shards import join_tensor_ranks
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
+from hybrid_pretrain.launcher.config import RunConfig, load_config
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.registry import build_arch
+from hybrid_pretrain.training.checkpoint import (
+    LAYOUT,
+    MANIFEST,
+    CheckpointError,
+    choose_tag,
+    complete_tags,
+    latest_tag,
+    verify,
+)
+from hybrid_pretrain.training.expert_checkpoint import is_moe_checkpoint, moe_model_parallel_state_dict, moe_state_dict
+from hybrid_pretrain.training.shards import join_tensor_ranks
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0/1/2; a pre-manifest run is accepted only with it
 
@@ -113,7 +121,7 @@ def _model_parallel_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     a whole shard, so each tensor rank's fp32 master weights are first consolidated from its
     data-parallel partitions (``_zero3_tensor_shards``).
     """
-    from parallel.pipeline import lm_name
+    from hybrid_pretrain.parallel.pipeline import lm_name
 
     layout = json.loads((tag_dir / LAYOUT).read_text())
     tp, sharded = layout["tensor"], layout["sharded"]
@@ -204,7 +212,7 @@ def save_consolidated(weights: RunWeights, out_dir: str | Path, extra_config: di
 
     from safetensors.torch import save_file
 
-    from launcher.config import save_resolved
+    from hybrid_pretrain.launcher.config import save_resolved
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -220,7 +228,7 @@ def save_consolidated(weights: RunWeights, out_dir: str | Path, extra_config: di
 
 def model_config_from_dict(values: dict) -> ModelConfig:
     """The ModelConfig fields of a config.json (other keys, e.g. Hugging Face's, are ignored); validated."""
-    from models.config import ConfigError
+    from hybrid_pretrain.models.config import ConfigError
 
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in values.items() if k in fields})

@@ -7,8 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.attention.reference import attention_ref, expand_block_mask
-from kernels.attention.triton_flash import flash_attention_triton
+from hybrid_pretrain.kernels.attention.reference import attention_ref, expand_block_mask
+from hybrid_pretrain.kernels.attention.triton_flash import flash_attention_triton
 
 __all__ = ["attention", "attention_path", "attention_ref", "expand_block_mask", "flash_attention_triton"]
 

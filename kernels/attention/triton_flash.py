@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import INTERPRETED, jit
+from hybrid_pretrain.kernels._triton import INTERPRETED, jit
 
 
 @jit

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels.fftconv.reference import fftconv_ref, ssm_conv_ref, ssm_kernel
-from kernels.fftconv.state_passing import ssm_conv_state_passing
-from kernels.fftconv.triton_fftconv import MAX_LEN as TRITON_MAX_LEN
-from kernels.fftconv.triton_fftconv import fftconv_triton
+from hybrid_pretrain.kernels.fftconv.reference import fftconv_ref, ssm_conv_ref, ssm_kernel
+from hybrid_pretrain.kernels.fftconv.state_passing import ssm_conv_state_passing
+from hybrid_pretrain.kernels.fftconv.triton_fftconv import MAX_LEN as TRITON_MAX_LEN
+from hybrid_pretrain.kernels.fftconv.triton_fftconv import fftconv_triton
 
 __all__ = [
     "fftconv", "fftconv_path", "fftconv_ref", "fftconv_triton", "ssm_conv", "ssm_conv_path", "ssm_conv_ref",

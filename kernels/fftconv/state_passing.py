@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.fftconv.reference import ssm_kernel
+from hybrid_pretrain.kernels.fftconv.reference import ssm_kernel
 
 
 def ssm_conv_state_passing(
@@ -39,7 +39,7 @@ def ssm_conv_state_passing(
         y: (B, H, L) in u's dtype, equal to ``ssm_conv_ref`` up to rounding. Differentiable in u, dtA, dB, C, D.
     """
     if conv is None:
-        from kernels.fftconv import fftconv as conv
+        from hybrid_pretrain.kernels.fftconv import fftconv as conv
     B, H, L = u.shape
     T = min(chunk, L)
     n_chunks = -(-L // T)

@@ -18,7 +18,7 @@ from functools import lru_cache
 import torch
 import triton.language as tl
 
-from kernels._triton import jit
+from hybrid_pretrain.kernels._triton import jit
 
 MAX_LEN = 8192
 MIN_FFT = 512  # tl.dot needs every matrix dimension >= 16, so N1/2 >= 16 and N2 >= 16

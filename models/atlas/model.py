@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.atlas import losses
-from models.atlas.passages import PassageSource
-from models.atlas.reader import FiDReader
-from models.config import ConfigError, ModelConfig
-from models.init import gpt2_init
-from models.options import layer_options
-from retrieval.encoder import BiEncoder, EncoderConfig
+from hybrid_pretrain.models.atlas import losses
+from hybrid_pretrain.models.atlas.passages import PassageSource
+from hybrid_pretrain.models.atlas.reader import FiDReader
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.init import gpt2_init
+from hybrid_pretrain.models.options import layer_options
+from hybrid_pretrain.retrieval.encoder import BiEncoder, EncoderConfig
 
 IGNORE_INDEX = -100
 

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from data_pipeline.tokenizer import Tokenizer
-from retrieval.encoder import pad_token_lists, state_dict_sha256, tokenize_padded
-from retrieval.passages import PassageStore
-from retrieval.protocol import Retriever
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
+from hybrid_pretrain.retrieval.encoder import pad_token_lists, state_dict_sha256, tokenize_padded
+from hybrid_pretrain.retrieval.passages import PassageStore
+from hybrid_pretrain.retrieval.protocol import Retriever
 
 
 class PassageSource:

@@ -1,5 +1,5 @@
 """Position-wise feed-forward layers: each maps (B, ..., D) -> (B, ..., D)."""
 
-from models.ffn.mlp import MLP
+from hybrid_pretrain.models.ffn.mlp import MLP
 
 __all__ = ["MLP"]

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ModelConfig
-from models.layers.butterfly import ButterflyOptions
-from models.options import layer_options
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.layers.butterfly import ButterflyOptions
+from hybrid_pretrain.models.options import layer_options
 
 
 class ButterflyMLP(nn.Module):

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ModelConfig
-from parallel.linear import column_linear, row_linear
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.parallel.linear import column_linear, row_linear
 
 
 class MLP(nn.Module):

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ModelConfig
-from models.ffn.router import RoutingResult, build_router, switch_init_
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.ffn.router import RoutingResult, build_router, switch_init_
 
 
 class Expert(nn.Module):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ModelConfig
+from hybrid_pretrain.models.config import ModelConfig
 
 INIT_SCALE = 0.1  # Switch Transformer §2.3: weights ~ truncated N(0, 0.1 / fan_in) train stably
 

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ConfigError, ModelConfig
-from models.options import layer_options
-from models.pattern import parse_pattern
-from parallel.linear import column_linear, replicated_linear
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.options import layer_options
+from hybrid_pretrain.models.pattern import parse_pattern
+from hybrid_pretrain.parallel.linear import column_linear, replicated_linear
 
 
 @dataclass

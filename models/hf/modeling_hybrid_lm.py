@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from models.config import ModelConfig
-from models.lm import IGNORE_INDEX, LanguageModel
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.lm import IGNORE_INDEX, LanguageModel
 
 from .configuration_hybrid_lm import HybridLMConfig
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import attention
-from models.config import ModelConfig
-from parallel.linear import column_linear, row_linear
-from parallel.tensor import local_size
+from hybrid_pretrain.kernels.attention import attention
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.parallel.linear import column_linear, row_linear
+from hybrid_pretrain.parallel.tensor import local_size
 
 ROTARY_BASE = 10000.0
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention import attention
-from models.config import ConfigError, ModelConfig
-from models.mixers.attention import Attention
-from models.options import layer_options
+from hybrid_pretrain.kernels.attention import attention
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.mixers.attention import Attention
+from hybrid_pretrain.models.options import layer_options
 
 
 @dataclass

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import attention
-from models.config import ConfigError, ModelConfig
-from models.mixers.attention import apply_rotary
-from models.options import layer_options
-from parallel.linear import column_linear, replicated_linear, row_linear
+from hybrid_pretrain.kernels.attention import attention
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.mixers.attention import apply_rotary
+from hybrid_pretrain.models.options import layer_options
+from hybrid_pretrain.parallel.linear import column_linear, replicated_linear, row_linear
 
 GATES = ("lstm", "fixed")
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from models.config import ModelConfig
-from models.layers.butterfly import ButterflyOptions
-from models.mixers.attention import Attention
-from models.options import layer_options
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.layers.butterfly import ButterflyOptions
+from hybrid_pretrain.models.mixers.attention import Attention
+from hybrid_pretrain.models.options import layer_options
 
 
 class ButterflyAttention(Attention):

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ConfigError, ModelConfig
-from models.mixers.dss import DSSKernel
-from models.options import layer_options
-from models.ssm.bidirectional import ssm_convolve
-from parallel.linear import column_linear, replicated_linear, row_linear
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.mixers.dss import DSSKernel
+from hybrid_pretrain.models.options import layer_options
+from hybrid_pretrain.models.ssm.bidirectional import ssm_convolve
+from hybrid_pretrain.parallel.linear import column_linear, replicated_linear, row_linear
 
 
 @dataclass

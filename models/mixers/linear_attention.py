@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ConfigError, ModelConfig
-from models.mixers.attention import apply_rotary
-from models.options import layer_options
-from parallel.linear import column_linear, row_linear
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.mixers.attention import apply_rotary
+from hybrid_pretrain.models.options import layer_options
+from hybrid_pretrain.parallel.linear import column_linear, row_linear
 
 EPS = 1e-6  # keeps the normaliser away from 0 when every phi(k) underflows
 

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ConfigError, ModelConfig
-from models.mixers.ssm import SSM_OPTIM
-from models.options import layer_options
-from models.ssm.bidirectional import refuse_step
-from models.ssm.cauchy import bilinear, dplr_kernel
-from models.ssm.conv_mixer import ConvSSMMixer
-from models.ssm.hippo import nplr_legs
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.mixers.ssm import SSM_OPTIM
+from hybrid_pretrain.models.options import layer_options
+from hybrid_pretrain.models.ssm.bidirectional import refuse_step
+from hybrid_pretrain.models.ssm.cauchy import bilinear, dplr_kernel
+from hybrid_pretrain.models.ssm.conv_mixer import ConvSSMMixer
+from hybrid_pretrain.models.ssm.hippo import nplr_legs
 
 
 @dataclass

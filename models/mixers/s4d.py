@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ConfigError, ModelConfig
-from models.mixers.ssm import DT_MAX, DT_MIN, DiagonalSSM
-from models.options import layer_options
-from models.ssm.bidirectional import refuse_step, ssm_convolve
-from models.ssm.hippo import s4d_legs
-from parallel.linear import row_linear
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.mixers.ssm import DT_MAX, DT_MIN, DiagonalSSM
+from hybrid_pretrain.models.options import layer_options
+from hybrid_pretrain.models.ssm.bidirectional import refuse_step, ssm_convolve
+from hybrid_pretrain.models.ssm.hippo import s4d_legs
+from hybrid_pretrain.parallel.linear import row_linear
 
 INITS = ("lin", "legs")
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.fftconv import fftconv, ssm_conv, ssm_kernel
+from hybrid_pretrain.kernels.fftconv import fftconv, ssm_conv, ssm_kernel
 
 SSM_OPTIM = {"weight_decay": 0.0, "lr": 1e-3}  # S4 recipe: A and dt train slowly and without decay
 DT_MIN, DT_MAX = 1e-3, 1e-1

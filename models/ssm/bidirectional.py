@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.fftconv import fftconv
+from hybrid_pretrain.kernels.fftconv import fftconv
 
 
 def ssm_convolve(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor, bidirectional: bool) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from classify.tasks import LISTOPS_VOCAB, PAD, digits, listops, make_task
+from hybrid_pretrain.classify.tasks import LISTOPS_VOCAB, PAD, digits, listops, make_task
 
 
 def evaluate(tokens: list[str]) -> int:

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from classify.config import load_config
-from classify.train import train_classifier
-from models.classifier import SequenceClassifier
-from models.config import ConfigError, ModelConfig
-from tests.procs import REPO
+from hybrid_pretrain.classify.config import load_config
+from hybrid_pretrain.classify.train import train_classifier
+from hybrid_pretrain.models.classifier import SequenceClassifier
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.tests.procs import REPO
 
 
 @pytest.mark.parametrize("pooling", ["mean", "last"])

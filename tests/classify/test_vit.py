@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from classify.config import load_config
-from classify.train import train_classifier
-from models.config import ConfigError, ModelConfig
-from models.vit import ViT
+from hybrid_pretrain.classify.config import load_config
+from hybrid_pretrain.classify.train import train_classifier
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.vit import ViT
 
 
 def _vit(patch: int, layers: str = "AA") -> ViT:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from data_pipeline.embedded import build_embedded_corpus
-from data_pipeline.sources import SkipCounter, read_jsonl
-from data_pipeline.tokenizer import train_tokenizer
+from hybrid_pretrain.data_pipeline.embedded import build_embedded_corpus
+from hybrid_pretrain.data_pipeline.sources import SkipCounter, read_jsonl
+from hybrid_pretrain.data_pipeline.tokenizer import train_tokenizer
 
 PG_HEADER = (
     "The Project Gutenberg eBook of {title}\n\nThis eBook is for the use of anyone anywhere.\n\n"

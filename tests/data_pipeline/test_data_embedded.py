@@ -6,12 +6,12 @@ import ast
 import json
 from pathlib import Path
 
-import corpora
 import pytest
 import zstandard
 
-from data_pipeline.embedded import build_embedded_corpus, stdlib_root, stdlib_sources
-from data_pipeline.sources import EmbeddedSource, SkipCounter, parse_sources, read_jsonl
+from hybrid_pretrain.data_pipeline.embedded import build_embedded_corpus, stdlib_root, stdlib_sources
+from hybrid_pretrain.data_pipeline.sources import EmbeddedSource, SkipCounter, parse_sources, read_jsonl
+from hybrid_pretrain.tests.data_pipeline import corpora
 
 
 @pytest.fixture

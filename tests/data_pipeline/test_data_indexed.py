@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.config import DataConfig
-from data_pipeline.errors import DataError
-from data_pipeline.indexed import IndexedData, resolve_blend, verify_shards
-from data_pipeline.preprocess import PreprocessSettings, preprocess
-from data_pipeline.sampler import RankBatches
-from tests.data_pipeline.corpora import small_tokenizer
+from hybrid_pretrain.data_pipeline.config import DataConfig
+from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.indexed import IndexedData, resolve_blend, verify_shards
+from hybrid_pretrain.data_pipeline.preprocess import PreprocessSettings, preprocess
+from hybrid_pretrain.data_pipeline.sampler import RankBatches
+from hybrid_pretrain.tests.data_pipeline.corpora import small_tokenizer
 
 SEQ = 32
 

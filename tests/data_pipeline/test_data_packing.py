@@ -6,14 +6,18 @@ import json
 import pickle
 from pathlib import Path
 
-import corpora
 import numpy as np
 import pytest
 import torch
-from corpora import make_pg19, prose, write_jsonl_zst
 
-from data_pipeline import DataConfig, DataError, PackedSequences, PreparedData, Tokenizer, packing, prepare_data
-from data_pipeline.packing import _held_out
+from hybrid_pretrain.data_pipeline import packing
+from hybrid_pretrain.data_pipeline.config import DataConfig
+from hybrid_pretrain.data_pipeline.dataset import PackedSequences
+from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.packing import PreparedData, _held_out, prepare_data
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
+from hybrid_pretrain.tests.data_pipeline import corpora
+from hybrid_pretrain.tests.data_pipeline.corpora import make_pg19, prose, write_jsonl_zst
 
 
 @pytest.fixture

@@ -10,10 +10,17 @@ import pytest
 import zstandard
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from data_pipeline.errors import DataError
-from data_pipeline.preprocess import PreprocessSettings, _chunks, parse_inputs, plan_units, preprocess, set_slug
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
-from tests.data_pipeline.corpora import make_pg19, prose, small_tokenizer, write_jsonl_zst
+from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.preprocess import (
+    PreprocessSettings,
+    _chunks,
+    parse_inputs,
+    plan_units,
+    preprocess,
+    set_slug,
+)
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from hybrid_pretrain.tests.data_pipeline.corpora import make_pg19, prose, small_tokenizer, write_jsonl_zst
 
 SETS = ("Github", "DM Mathematics", "PythonDocs")
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from data_pipeline import DataError, PackedSequences, RankBatches, eval_batches
+from hybrid_pretrain.data_pipeline.dataset import PackedSequences
+from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.sampler import RankBatches, eval_batches
 
 
 class Indexed(Dataset):

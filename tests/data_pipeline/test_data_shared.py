@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import corpora
 import pytest
 
-from data_pipeline import DataConfig, PreparedData, RankBatches, prepare_data
-from data_pipeline.sources import parse_sources, resolve_sources
+from hybrid_pretrain.data_pipeline.config import DataConfig
+from hybrid_pretrain.data_pipeline.packing import PreparedData, prepare_data
+from hybrid_pretrain.data_pipeline.sampler import RankBatches
+from hybrid_pretrain.data_pipeline.sources import parse_sources, resolve_sources
+from hybrid_pretrain.tests.data_pipeline import corpora
 
 
 @pytest.fixture

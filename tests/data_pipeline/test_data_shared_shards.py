@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.indexed import IndexedData
-from data_pipeline.preprocess import PreprocessSettings, preprocess
-from tests.data_pipeline.corpora import shared_data_root, small_tokenizer
+from hybrid_pretrain.data_pipeline.indexed import IndexedData
+from hybrid_pretrain.data_pipeline.preprocess import PreprocessSettings, preprocess
+from hybrid_pretrain.tests.data_pipeline.corpora import shared_data_root, small_tokenizer
 
 
 @pytest.mark.slow

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from corpora import make_pg19, prose, write_jsonl_zst
 
-from data_pipeline.errors import DataError
-from data_pipeline.sources import (
+from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.sources import (
     JsonlSource,
     PG19Source,
     PileFolderSource,
@@ -21,6 +20,7 @@ from data_pipeline.sources import (
     resolve_sources,
     strip_gutenberg,
 )
+from hybrid_pretrain.tests.data_pipeline.corpora import make_pg19, prose, write_jsonl_zst
 
 
 def test_jsonl_zst_skips_bad_records_and_counts_them(tmp_path: Path) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import corpora
 import pytest
-from corpora import prose
 
-from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import MARKERS, Tokenizer, tokenizer_sample, train_tokenizer
+from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.tokenizer import MARKERS, Tokenizer, tokenizer_sample, train_tokenizer
+from hybrid_pretrain.tests.data_pipeline import corpora
+from hybrid_pretrain.tests.data_pipeline.corpora import prose
 
 
 @pytest.fixture

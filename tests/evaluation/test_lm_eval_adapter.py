@@ -12,12 +12,14 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from evaluation.lm_eval_adapter import HybridPretrainLM  # noqa: E402
-from launcher.config import load_config  # noqa: E402
-from models import LanguageModel  # noqa: E402
-from models.lm import IGNORE_INDEX  # noqa: E402
-from training.weights import RunWeights, save_consolidated  # noqa: E402
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from hybrid_pretrain.evaluation.lm_eval_adapter import HybridPretrainLM  # noqa: E402
+from hybrid_pretrain.launcher.config import load_config  # noqa: E402
+from hybrid_pretrain.models.lm import (
+    IGNORE_INDEX,  # noqa: E402
+    LanguageModel,  # noqa: E402
+)
+from hybrid_pretrain.training.weights import RunWeights, save_consolidated  # noqa: E402
 
 TEXT = ["the cat sat on the mat. the dog sat on the log. a bird flew over the house and the tree.",
         "one two three four five six seven eight nine ten. red green blue yellow black white."] * 20
@@ -81,7 +83,7 @@ def test_rolling_loglikelihood_scores_every_token_once(ckpt) -> None:
 
 
 def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(ckpt) -> None:
-    from models.generation import generate
+    from hybrid_pretrain.models.generation import generate
 
     lm = HybridPretrainLM(str(ckpt), device="cpu")
     prompt = [lm.tokenizer.eos_id, *lm.tokenizer.encode("the cat")]
@@ -116,7 +118,7 @@ def _task_dir(root: Path) -> Path:
 
 
 def test_harness_accuracy_on_a_local_task_matches_our_own_scoring(ckpt, tmp_path, monkeypatch, capsys) -> None:
-    from launcher import eval_harness
+    from hybrid_pretrain.launcher import eval_harness
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -132,7 +134,7 @@ def test_harness_accuracy_on_a_local_task_matches_our_own_scoring(ckpt, tmp_path
 
 
 def test_cli_help_and_unknown_task_is_one_line(ckpt, tmp_path, capsys) -> None:
-    from launcher import eval_harness
+    from hybrid_pretrain.launcher import eval_harness
 
     with pytest.raises(SystemExit) as exit_info:
         eval_harness.main(["--help"])

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import attention, attention_path, attention_ref, flash_attention_triton
-from tests.kernels.tolerance import assert_close_to_exact
+from hybrid_pretrain.kernels.attention import attention, attention_path, attention_ref, flash_attention_triton
+from hybrid_pretrain.tests.kernels.tolerance import assert_close_to_exact
 
 BLOCK = 16  # the smallest tl.dot tile: keeps the interpreter fast
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fftconv import fftconv
+from hybrid_pretrain.kernels.fftconv import fftconv
 
 
 def direct_causal_conv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fftconv import fftconv_path, fftconv_ref, fftconv_triton
-from kernels.fftconv.triton_fftconv import MAX_LEN, fft_shape
-from tests.kernels.tolerance import assert_close_to_exact
+from hybrid_pretrain.kernels.fftconv import fftconv_path, fftconv_ref, fftconv_triton
+from hybrid_pretrain.kernels.fftconv.triton_fftconv import MAX_LEN, fft_shape
+from hybrid_pretrain.tests.kernels.tolerance import assert_close_to_exact
 
 
 def _inputs(B: int, H: int, L: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fftconv import fftconv_triton, ssm_conv, ssm_conv_path, ssm_conv_ref, ssm_conv_state_passing
-from models.mixers.ssm import DiagonalSSM
-from tests.kernels.tolerance import assert_close_to_exact
+from hybrid_pretrain.kernels.fftconv import (
+    fftconv_triton,
+    ssm_conv,
+    ssm_conv_path,
+    ssm_conv_ref,
+    ssm_conv_state_passing,
+)
+from hybrid_pretrain.models.mixers.ssm import DiagonalSSM
+from hybrid_pretrain.tests.kernels.tolerance import assert_close_to_exact
 
 
 def _ssm(H: int, d_state: int, seed: int) -> tuple[torch.Tensor, ...]:

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.tokenizer import train_tokenizer
-from launcher.build_index import main
-from retrieval.index import load_index, read_manifest
-from tests.data_pipeline.corpora import prose
-from tests.procs import REPO, _free_port
+from hybrid_pretrain.data_pipeline.tokenizer import train_tokenizer
+from hybrid_pretrain.launcher.build_index import main
+from hybrid_pretrain.retrieval.index import load_index, read_manifest
+from hybrid_pretrain.tests.data_pipeline.corpora import prose
+from hybrid_pretrain.tests.procs import REPO, _free_port
 
 
 @pytest.fixture(scope="module")

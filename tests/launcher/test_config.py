@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.config import ParallelConfig, load_config, parse_override, save_resolved
-from models.config import ConfigError
-from parallel.engine import deepspeed_config
+from hybrid_pretrain.launcher.config import ParallelConfig, load_config, parse_override, save_resolved
+from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.parallel.engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEBUG = str(REPO / "configs" / "debug_hybrid.yaml")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.fake_runs import fake_zero0_run
-from tests.procs import REPO, TINY_RUN, run_python, run_script
-from training.checkpoint import CheckpointError
-from training.weights import RunWeights, build_model, load_consolidated, load_run, save_consolidated
+from hybrid_pretrain.tests.fake_runs import fake_zero0_run
+from hybrid_pretrain.tests.procs import REPO, TINY_RUN, run_python, run_script
+from hybrid_pretrain.training.checkpoint import CheckpointError
+from hybrid_pretrain.training.weights import RunWeights, build_model, load_consolidated, load_run, save_consolidated
 
 DEBUG = str(REPO / "configs" / "debug_hybrid.yaml")
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.config import load_config, save_resolved
-from tests.procs import REPO, SMALL_DATA, _free_port, launch
-from training import weights
-from training.expert_checkpoint import moe_state_dict
+from hybrid_pretrain.launcher.config import load_config, save_resolved
+from hybrid_pretrain.tests.procs import REPO, SMALL_DATA, _free_port, launch
+from hybrid_pretrain.training import weights
+from hybrid_pretrain.training.expert_checkpoint import moe_state_dict
 
 EP_WORKER = REPO / "tests" / "parallel" / "moe_ep_worker.py"
 # tests/parallel/moe_ep_worker.py's model_config(top_k=2), as config overrides.
@@ -40,7 +40,7 @@ def _run_worker(*args: str) -> None:
 
 @pytest.mark.slow
 def test_ep2_checkpoint_converts_to_an_ep1_model_with_the_same_logits(tmp_path) -> None:
-    from launcher.convert_checkpoint import convert
+    from hybrid_pretrain.launcher.convert_checkpoint import convert
 
     run_dir = tmp_path / "run"
     save_resolved(load_config(None, [f"run_dir={run_dir}", *WORKER_MODEL]), run_dir)
@@ -60,9 +60,9 @@ def test_ep2_checkpoint_converts_to_an_ep1_model_with_the_same_logits(tmp_path) 
 
 def _tiny_moe_checkpoint(root: Path) -> tuple[Path, list[str]]:
     """A consolidated MoE checkpoint with a real tokenizer, written by convert_checkpoint's writer."""
-    from data_pipeline.tokenizer import Tokenizer, train_tokenizer
-    from models import LanguageModel
-    from training.weights import RunWeights, save_consolidated
+    from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer, train_tokenizer
+    from hybrid_pretrain.models.lm import LanguageModel
+    from hybrid_pretrain.training.weights import RunWeights, save_consolidated
 
     text = ["def main(argv):\n    return sum(int(a) for a in argv)\n", "class A:\n    x = [1, 2, 3]\n"] * 50
     tok = Tokenizer(train_tokenizer(text, root / "tok", vocab_size=320, sample_bytes=1 << 20, log=lambda m: None))
@@ -77,7 +77,8 @@ def _tiny_moe_checkpoint(root: Path) -> tuple[Path, list[str]]:
 
 @pytest.mark.slow
 def test_init_from_a_consolidated_checkpoint_at_ep2_zero2_starts_from_its_weights(tmp_path) -> None:
-    from data_pipeline import PreparedData, RankBatches
+    from hybrid_pretrain.data_pipeline.packing import PreparedData
+    from hybrid_pretrain.data_pipeline.sampler import RankBatches
 
     ckpt, shape = _tiny_moe_checkpoint(tmp_path)
     run_dir = tmp_path / "run"
@@ -109,7 +110,7 @@ def test_init_from_a_consolidated_checkpoint_at_ep2_zero2_starts_from_its_weight
 
 @pytest.mark.slow
 def test_init_from_refuses_a_different_model_shape_naming_the_field(tmp_path) -> None:
-    from tests.procs import run_python
+    from hybrid_pretrain.tests.procs import run_python
 
     ckpt, shape = _tiny_moe_checkpoint(tmp_path)
     proc = run_python(["--init-from", str(ckpt), f"run_dir={tmp_path / 'run'}", *shape, "model.d_model=64",

@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 
-from launcher.config import load_config
-from tests.procs import SMALL_DATA, launch
-from training import weights
+from hybrid_pretrain.launcher.config import load_config
+from hybrid_pretrain.tests.procs import SMALL_DATA, launch
+from hybrid_pretrain.training import weights
 
 SHAPE = ["model.layers=HAHA", "model.d_model=32", "model.n_heads=2", "model.h3_d_state=8", "data.seq_len=32",
          "train.eval_every=0", "train.warmup_steps=0", "train.zero_stage=1"]
@@ -25,14 +25,14 @@ def _ok(proc) -> None:
 
 
 def _seed_init(cfg) -> dict:
-    from models.registry import build_arch
+    from hybrid_pretrain.models.registry import build_arch
 
     torch.manual_seed(cfg.seed)
     return build_arch(cfg.model).state_dict()
 
 
 def _first_two(data, seed: int) -> list:
-    from data_pipeline import RankBatches
+    from hybrid_pretrain.data_pipeline.sampler import RankBatches
 
     batches = RankBatches(data.train, 2, 0, 1, seed)
     return [next(batches), next(batches)]
@@ -40,8 +40,8 @@ def _first_two(data, seed: int) -> list:
 
 @pytest.mark.slow
 def test_tp2_checkpoint_converts_and_continues_at_pp2_from_the_same_weights(tmp_path) -> None:
-    from data_pipeline import PreparedData
-    from launcher.convert_checkpoint import convert
+    from hybrid_pretrain.data_pipeline.packing import PreparedData
+    from hybrid_pretrain.launcher.convert_checkpoint import convert
 
     source = tmp_path / "tp2"
     # A large learning rate moves the weights far from the seed's initialisation, which the PP run would

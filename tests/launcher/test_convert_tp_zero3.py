@@ -24,10 +24,10 @@ import shutil
 import pytest
 import torch
 
-from launcher.config import ConfigError, load_config
-from tests.procs import SMALL_DATA, launch
-from training import weights
-from training.checkpoint import MANIFEST, latest_tag, verify
+from hybrid_pretrain.launcher.config import ConfigError, load_config
+from hybrid_pretrain.tests.procs import SMALL_DATA, launch
+from hybrid_pretrain.training import weights
+from hybrid_pretrain.training.checkpoint import MANIFEST, latest_tag, verify
 
 SHAPE = ["model.layers=HA", "model.d_model=256", "model.n_heads=4", "data.seq_len=32", "train.eval_every=0",
          "train.warmup_steps=0", "train.lr=1e-2", "train.micro_batch_size=2", "train.steps=3", "train.save_every=1",
@@ -88,7 +88,7 @@ def test_zero3_checkpoints_consolidate_to_the_zero1_runs_weights(runs) -> None:
 
 @pytest.mark.slow
 def test_zero3_run_converts_to_a_loadable_checkpoint(runs) -> None:
-    from launcher.convert_checkpoint import main
+    from hybrid_pretrain.launcher.convert_checkpoint import main
 
     out = runs["tmp"] / "converted"
     assert main([str(runs["zero3"]), "--out", str(out)]) == 0
@@ -124,7 +124,7 @@ def test_zero3_resume_is_exact_and_every_partition_is_under_the_manifest(runs) -
 
 
 def _seed_init(cfg) -> dict:
-    from models.registry import build_arch
+    from hybrid_pretrain.models.registry import build_arch
 
     torch.manual_seed(cfg.seed)
     return build_arch(cfg.model).state_dict()
@@ -132,8 +132,9 @@ def _seed_init(cfg) -> dict:
 
 @pytest.mark.slow
 def test_init_from_a_consolidated_checkpoint_into_a_tp2_zero3_run(runs) -> None:
-    from data_pipeline import PreparedData, RankBatches
-    from launcher.convert_checkpoint import convert
+    from hybrid_pretrain.data_pipeline.packing import PreparedData
+    from hybrid_pretrain.data_pipeline.sampler import RankBatches
+    from hybrid_pretrain.launcher.convert_checkpoint import convert
 
     ckpt = convert(runs["zero3"], runs["tmp"] / "init")
     loaded = weights.load_consolidated(ckpt)
@@ -157,8 +158,8 @@ def test_init_from_a_consolidated_checkpoint_into_a_tp2_zero3_run(runs) -> None:
 
 @pytest.mark.slow
 def test_a_missing_zero3_partition_is_named(runs, tmp_path) -> None:
-    from training.checkpoint import CheckpointError
-    from training.weights import consolidated_state_dict
+    from hybrid_pretrain.training.checkpoint import CheckpointError
+    from hybrid_pretrain.training.weights import consolidated_state_dict
 
     shutil.copytree(runs["zero3"] / "checkpoints" / TAGS[2], tmp_path / TAGS[2])
     (tmp_path / TAGS[2] / "zero_pp_rank_1_mp_rank_01_optim_states.pt").unlink()

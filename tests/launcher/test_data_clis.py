@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.tokenizer import Tokenizer
-from launcher import preprocess_data, train_tokenizer
-from tests.data_pipeline.corpora import make_pg19, prose, write_jsonl_zst
-from tests.procs import REPO, launch
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
+from hybrid_pretrain.launcher import preprocess_data, train_tokenizer
+from hybrid_pretrain.tests.data_pipeline.corpora import make_pg19, prose, write_jsonl_zst
+from hybrid_pretrain.tests.procs import REPO, launch
 
 SETS = ("Github", "PythonDocs", "DM Mathematics")
 

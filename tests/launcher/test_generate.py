@@ -7,12 +7,12 @@ import subprocess
 import pytest
 import torch
 
-from models import LanguageModel
-from models.generation import GREEDY, generate
-from tests.fake_runs import fake_zero0_run
-from tests.procs import REPO, TINY_RUN, launch, run_python, run_script
-from training.checkpoint import CheckpointError
-from training.weights import build_model, load_run
+from hybrid_pretrain.models.generation import GREEDY, generate
+from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.tests.fake_runs import fake_zero0_run
+from hybrid_pretrain.tests.procs import REPO, TINY_RUN, launch, run_python, run_script
+from hybrid_pretrain.training.checkpoint import CheckpointError
+from hybrid_pretrain.training.weights import build_model, load_run
 
 DEBUG = str(REPO / "configs" / "debug_hybrid.yaml")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import DEBUG_CONFIG, REPO, TINY_RUN, _free_port
+from hybrid_pretrain.tests.procs import DEBUG_CONFIG, REPO, TINY_RUN, _free_port
 
 
 @pytest.mark.slow

@@ -6,9 +6,9 @@ import socket
 
 import pytest
 
-from launcher import preflight
-from launcher.config import ParallelConfig
-from tests.procs import DEBUG_CONFIG, SMALL_DATA, _free_port, run_python
+from hybrid_pretrain.launcher import preflight
+from hybrid_pretrain.launcher.config import ParallelConfig
+from hybrid_pretrain.tests.procs import DEBUG_CONFIG, SMALL_DATA, _free_port, run_python
 
 
 def test_hostfile_in_deepspeed_format_reports_every_bad_line(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import REPO, SMALL_DATA, launch, run_python
+from hybrid_pretrain.tests.procs import REPO, SMALL_DATA, launch, run_python
 
 DEBUG = str(REPO / "configs" / "debug_hybrid.yaml")
 SMALL = SMALL_DATA
@@ -154,7 +154,7 @@ def test_sigkill_mid_training_then_resume_reproduces_losses_exactly(tmp_path):
     import sys
     import time
 
-    from tests.procs import _free_port
+    from hybrid_pretrain.tests.procs import _free_port
 
     common = ["--config", DEBUG, *SMALL, "train.steps=12", "train.save_every=2", "train.eval_every=4",
               "train.eval_batches=1", "train.warmup_steps=3"]

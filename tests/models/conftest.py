@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from models.config import ModelConfig
+from hybrid_pretrain.models.config import ModelConfig
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import LanguageModel
-from models.generation import GREEDY, Sampling, filter_logits, generate, prefill, sample_next
+from hybrid_pretrain.models.generation import GREEDY, Sampling, filter_logits, generate, prefill, sample_next
+from hybrid_pretrain.models.lm import LanguageModel
 
 PATTERNS = ["HAH", "SAS", "AA", "HH"]
 

@@ -8,13 +8,14 @@ import pytest
 import torch
 import yaml
 
-from models import ConfigError, LanguageModel, ModelConfig, count_parameters
-from models.block import Block
-from models.ffn.mlp import MLP
-from models.ffn.moe import MoE
-from models.mixers.attention import Attention
-from models.mixers.h3 import H3
-from models.registry import ARCHS, FFNS, MIXERS, build_ffn, build_mixer, resolve
+from hybrid_pretrain.models.block import Block
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.ffn.mlp import MLP
+from hybrid_pretrain.models.ffn.moe import MoE
+from hybrid_pretrain.models.lm import LanguageModel, count_parameters
+from hybrid_pretrain.models.mixers.attention import Attention
+from hybrid_pretrain.models.mixers.h3 import H3
+from hybrid_pretrain.models.registry import ARCHS, FFNS, MIXERS, build_ffn, build_mixer, resolve
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.mixers.attention import Attention, apply_rotary
-from models.mixers.h3 import H3
-from tests.models.mixer_checks import assert_causal, step_through
+from hybrid_pretrain.models.mixers.attention import Attention, apply_rotary
+from hybrid_pretrain.models.mixers.h3 import H3
+from hybrid_pretrain.tests.models.mixer_checks import assert_causal, step_through
 
 MIXER_CASES = {
     "attention": (Attention, {}),

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.config import load_config
-from models import ConfigError, LanguageModel
-from models.ffn.moe import MoE
-from models.ffn.router import GLaMRouter, SwitchRouter
-from models.pattern import parse_pattern
-from training.memory import expert_parameters
+from hybrid_pretrain.launcher.config import load_config
+from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.models.ffn.moe import MoE
+from hybrid_pretrain.models.ffn.router import GLaMRouter, SwitchRouter
+from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.models.pattern import parse_pattern
+from hybrid_pretrain.training.memory import expert_parameters
 
 
 def _router(cls, num_experts: int, **kw):

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from launcher.config import load_config
-from models.config import ConfigError, ModelConfig
-from models.options import layer_options
+from hybrid_pretrain.launcher.config import load_config
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.options import layer_options
 
 
 @dataclass

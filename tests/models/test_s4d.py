@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from models import LanguageModel
-from models.mixers.s4d import S4D, diagonal_ssm_state
-from models.mixers.ssm import DiagonalSSM
-from models.pattern import parse_pattern
-from models.registry import build_mixer
+from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.models.mixers.s4d import S4D, diagonal_ssm_state
+from hybrid_pretrain.models.mixers.ssm import DiagonalSSM
+from hybrid_pretrain.models.pattern import parse_pattern
+from hybrid_pretrain.models.registry import build_mixer
 
 
 def test_symbol_and_registry(make_cfg) -> None:

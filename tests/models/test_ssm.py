@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.mixers.ssm import SSM_OPTIM, DiagonalSSM, ShiftSSM
+from hybrid_pretrain.models.mixers.ssm import SSM_OPTIM, DiagonalSSM, ShiftSSM
 
 
 def run_recurrence(ssm: ShiftSSM | DiagonalSSM, u: torch.Tensor) -> torch.Tensor:

@@ -18,22 +18,19 @@ and the reference drops exactly the same ones.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from launcher.config import ParallelConfig  # noqa: E402
-from models import ModelConfig  # noqa: E402
-from parallel import engine as ds_engine  # noqa: E402
-from parallel import groups, pipeline  # noqa: E402
-from parallel.build import build_model  # noqa: E402
-from parallel.expert import expert_parallel_rank, single_rank_expert_name  # noqa: E402
-from parallel.tensor import full_state  # noqa: E402
-from tests.parallel.tp_pp_worker import (  # noqa: E402
+from hybrid_pretrain.launcher.config import ParallelConfig
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.parallel import engine as ds_engine
+from hybrid_pretrain.parallel import groups, pipeline
+from hybrid_pretrain.parallel.build import build_model
+from hybrid_pretrain.parallel.expert import expert_parallel_rank, single_rank_expert_name
+from hybrid_pretrain.parallel.tensor import full_state
+from hybrid_pretrain.tests.parallel.tp_pp_worker import (
     CLIP,
     SEED,
     SEQ,
@@ -45,9 +42,9 @@ from tests.parallel.tp_pp_worker import (  # noqa: E402
     run_layouts,
     train_config,
 )
-from training import checkpoint  # noqa: E402
-from training.loop import train_step  # noqa: E402
-from training.optimizer import param_groups  # noqa: E402
+from hybrid_pretrain.training import checkpoint
+from hybrid_pretrain.training.loop import train_step
+from hybrid_pretrain.training.optimizer import param_groups
 
 NUM_EXPERTS = 4
 LAYOUTS = {  # name: (tensor, pipeline, expert, zero stage, micro-batches per step, top-k)
@@ -69,7 +66,7 @@ def model_config(top_k: int) -> ModelConfig:
 
 def reference(top_k: int, n_groups: int) -> dict:
     """The single-rank run in plain PyTorch, routing the global batch in ``n_groups`` groups as the layout does."""
-    from models.lm import LanguageModel
+    from hybrid_pretrain.models.lm import LanguageModel
 
     torch.manual_seed(SEED)
     model = LanguageModel(model_config(top_k))

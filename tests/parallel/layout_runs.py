@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tests.procs import REPO, _free_port
+from hybrid_pretrain.tests.procs import REPO, _free_port
 
 
 def run_worker(worker: Path, layouts: tuple[str, ...], tmp: Path, ranks: int = 4) -> dict:
@@ -33,8 +33,8 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def assert_resumes_and_consolidates(got: dict, ckpt: Path) -> dict[str, torch.Tensor]:
     """A fresh engine loading the step-2 checkpoint repeated step 3 bit for bit, every rank's files are under
     the manifest, and they reassemble into the weights saved; returns the consolidated state dict."""
-    from training.checkpoint import latest_tag, verify
-    from training.weights import consolidated_state_dict
+    from hybrid_pretrain.training.checkpoint import latest_tag, verify
+    from hybrid_pretrain.training.weights import consolidated_state_dict
 
     assert got["resumed_loss"] == got["losses"][-1]
     for name, w in got["weights"].items():

@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from launcher.config import ParallelConfig, TrainConfig  # noqa: E402
-from models import LanguageModel, ModelConfig  # noqa: E402
-from parallel import engine as ds_engine  # noqa: E402
-from parallel import groups  # noqa: E402
-from parallel.expert import parallelize_experts  # noqa: E402
-from training import checkpoint  # noqa: E402
-from training.optimizer import param_groups  # noqa: E402
+from hybrid_pretrain.launcher.config import ParallelConfig, TrainConfig
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.parallel import engine as ds_engine
+from hybrid_pretrain.parallel import groups
+from hybrid_pretrain.parallel.expert import parallelize_experts
+from hybrid_pretrain.training import checkpoint
+from hybrid_pretrain.training.optimizer import param_groups
 
 STEPS = 4
 EXPERT_KEY = re.compile(r"^(.*)\.experts\.(?:mlps|deepspeed_moe\.experts\.deepspeed_experts)\.(\d+)\.(.*)$")

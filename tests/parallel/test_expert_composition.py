@@ -19,8 +19,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parallel.layout_runs import assert_resumes_and_consolidates, rel_error, run_worker
-from tests.procs import REPO
+from hybrid_pretrain.tests.parallel.layout_runs import assert_resumes_and_consolidates, rel_error, run_worker
+from hybrid_pretrain.tests.procs import REPO
 
 WORKER = REPO / "tests" / "parallel" / "ep_composition_worker.py"
 LAYOUTS = ("ep2_tp2_top2", "ep2_pp2_top1", "ep2_tp2_top1", "ep2_pp2_top2", "ep2_pp2_zero2_top2")
@@ -99,7 +99,7 @@ def test_checkpoint_resumes_exactly_and_consolidates_to_single_rank(results, lay
     (["parallel.pipeline=2", "parallel.expert=2", "train.zero_stage=2"], 4, 2),
 ])
 def test_config_accepts_expert_parallelism_with_tensor_and_pipeline(overrides, world, dp):
-    from launcher.config import load_config
+    from hybrid_pretrain.launcher.config import load_config
 
     cfg = load_config("configs/debug_glam.yaml", overrides)
     assert cfg.parallel.check_world(world) == dp
@@ -113,8 +113,8 @@ def test_config_accepts_expert_parallelism_with_tensor_and_pipeline(overrides, w
     (["parallel.tensor=2"], 2, "parallel.expert (2) must divide the data-parallel size 1"),
 ])
 def test_config_still_refuses_what_cannot_run(overrides, world, message):
-    from launcher.config import load_config
-    from models.config import ConfigError
+    from hybrid_pretrain.launcher.config import load_config
+    from hybrid_pretrain.models.config import ConfigError
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config("configs/debug_glam.yaml", overrides).parallel.check_world(world)
@@ -131,7 +131,7 @@ def test_expert_groups_join_data_parallel_ranks_of_one_tensor_rank_and_stage():
 
 
 def test_expert_names_map_to_single_rank_names():
-    from parallel.expert import single_rank_expert_name
+    from hybrid_pretrain.parallel.expert import single_rank_expert_name
 
     local = "blocks.1.ffn.experts.deepspeed_moe.experts.deepspeed_experts.1.w_in"
     assert single_rank_expert_name(local, ep_rank=1, n_local=2) == "blocks.1.ffn.experts.mlps.3.w_in"

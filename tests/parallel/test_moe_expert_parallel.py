@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.procs import REPO, _free_port
+from hybrid_pretrain.tests.procs import REPO, _free_port
 
 WORKER = REPO / "tests" / "parallel" / "moe_ep_worker.py"
 

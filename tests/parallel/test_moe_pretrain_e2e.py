@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.procs import REPO, SMALL_DATA, launch, run_python
+from hybrid_pretrain.tests.procs import REPO, SMALL_DATA, launch, run_python
 
 SMALL = [*SMALL_DATA,
          "train.steps=16", "train.warmup_steps=3", "train.eval_every=0", "train.save_every=0"]

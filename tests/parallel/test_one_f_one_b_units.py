@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from parallel.one_f_one_b import _empty_from_header, _header, _Stage
-from parallel.pipeline import ENGINE_PREFIX, lm_name
+from hybrid_pretrain.parallel.one_f_one_b import _empty_from_header, _header, _Stage
+from hybrid_pretrain.parallel.pipeline import ENGINE_PREFIX, lm_name
 
 
 def test_activation_header_round_trips_shapes_and_dtypes():

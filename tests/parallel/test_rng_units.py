@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models import ModelConfig
-from models.lm import LanguageModel
-from models.mixers.attention import Attention
-from parallel.rng import SplitDropout, split_dropout_regions, split_rng
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.models.mixers.attention import Attention
+from hybrid_pretrain.parallel.rng import SplitDropout, split_dropout_regions, split_rng
 
 
 def _draw_under(tp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:

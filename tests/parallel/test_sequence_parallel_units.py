@@ -16,10 +16,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launcher.config import load_config
-from models.config import ConfigError
-from parallel import pipeline, sequence
-from tests.procs import _free_port
+from hybrid_pretrain.launcher.config import load_config
+from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.parallel import pipeline, sequence
+from hybrid_pretrain.tests.parallel.sequence_parallel_ranks import two_rank_worker
+from hybrid_pretrain.tests.procs import _free_port
 
 
 @pytest.fixture
@@ -56,8 +57,8 @@ def test_rank_major_refuses_a_length_the_ranks_do_not_divide():
 
 def test_flag_without_tensor_parallelism_builds_the_plain_model(sp_flag):
     """At TP=1 the switch changes nothing: same module types, same output bit for bit."""
-    from models import ModelConfig
-    from models.lm import LanguageModel
+    from hybrid_pretrain.models.config import ModelConfig
+    from hybrid_pretrain.models.lm import LanguageModel
 
     assert not sequence.is_enabled()
     assert type(sequence.layer_norm(8, 1e-5)) is nn.LayerNorm
@@ -120,64 +121,9 @@ def test_config_accepts_sequence_parallel_with_tensor_parallelism():
     assert cfg.parallel.sequence_parallel and cfg.parallel.tensor == 2
 
 
-def _two_rank_worker(rank: int, port: int) -> None:
-    """Each collective and the norm on 2 ranks against the same computation on the whole sequence."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        group, size = dist.group.WORLD, 2
-        for dim in (1, 0):
-            torch.manual_seed(0)  # the same full tensors on both ranks
-            full = torch.randn(4, 6, 3)
-            weights = [torch.randn(4, 6, 3) for _ in range(size)]  # each rank's upstream gradient
-            x = full.chunk(size, dim)[rank].clone().requires_grad_()
-            y = sequence.gather(x, dim=dim, group=group)
-            assert torch.equal(y, full)
-            y.backward(weights[rank])
-            torch.testing.assert_close(x.grad, sum(weights).chunk(size, dim)[rank], rtol=1e-6, atol=1e-6)
-
-            partials = [torch.randn(4, 6, 3) for _ in range(size)]  # each rank's partial sums, all positions
-            upstream = [torch.randn(4, 6, 3).chunk(size, dim)[r] for r in range(size)]
-            z = partials[rank].clone().requires_grad_()
-            out = sequence.reduce_scatter(z, dim=dim, group=group)
-            torch.testing.assert_close(out, sum(partials).chunk(size, dim)[rank], rtol=1e-6, atol=1e-6)
-            out.backward(upstream[rank])
-            assert torch.equal(z.grad, torch.cat(upstream, dim))
-
-        # The gathered linear (backward re-gathers its input) equals F.linear of the gathered sequence.
-        torch.manual_seed(2)
-        full, weight, bias = torch.randn(4, 6, 3), torch.randn(5, 3), torch.randn(5)
-        upstream = torch.randn(size, 4, 6, 5)[rank]  # each rank's own upstream gradient, all positions
-        leaves = [t.clone().requires_grad_() for t in (full.chunk(size, 1)[rank], weight, bias)]
-        refs = [t.clone().requires_grad_() for t in (full.chunk(size, 1)[rank], weight, bias)]
-        y = sequence.gathered_linear(*leaves, group=group)
-        y_ref = nn.functional.linear(sequence.gather(refs[0], group=group), refs[1], refs[2])
-        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-        y.backward(upstream)
-        y_ref.backward(upstream)
-        for got, want in zip(leaves, refs):
-            torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6)
-
-        torch.manual_seed(1)
-        ref = nn.LayerNorm(3)
-        with torch.no_grad():
-            ref.weight.normal_()
-            ref.bias.normal_()
-        full, g = torch.randn(4, 6, 3), torch.randn(4, 6, 3)
-        ref(full).backward(g)
-        sp = sequence.SequenceParallelLayerNorm(3)
-        sp.load_state_dict(ref.state_dict())
-        sequence.tensor_parallel_group = lambda: group  # the norm's group: the whole world of 2 here
-        sp(full.chunk(size, 1)[rank]).backward(g.chunk(size, 1)[rank])
-        # Each rank saw half the positions; the summed gradient is the full-sequence one, on both ranks.
-        torch.testing.assert_close(sp.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(sp.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-6)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_collectives_and_norm_on_two_ranks_match_the_whole_sequence():
     import torch.multiprocessing as mp
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_two_rank_worker, args=(_free_port(),), nprocs=2, join=True)
+    mp.spawn(two_rank_worker, args=(_free_port(),), nprocs=2, join=True)

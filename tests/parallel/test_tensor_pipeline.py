@@ -24,8 +24,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parallel.layout_runs import assert_resumes_and_consolidates, rel_error, run_worker
-from tests.procs import REPO
+from hybrid_pretrain.tests.parallel.layout_runs import assert_resumes_and_consolidates, rel_error, run_worker
+from hybrid_pretrain.tests.procs import REPO
 
 WORKER = REPO / "tests" / "parallel" / "tp_pp_worker.py"
 LAYOUTS = ("tp2_dp2_zero1", "pp2_dp2_zero1_ckpt", "tp2_pp2_zero1", "dp4_zero3", "tp2_dp2_zero2_untied",

@@ -6,13 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from launcher.config import load_config
-from models import ModelConfig
-from models.config import ConfigError
-from models.lm import LanguageModel
-from parallel.linear import column_linear, row_linear
-from parallel.pipeline import block_bounds, lm_name
-from parallel.tensor import merge_shards, shard
+from hybrid_pretrain.launcher.config import load_config
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.parallel.linear import column_linear, row_linear
+from hybrid_pretrain.parallel.pipeline import block_bounds, lm_name
+from hybrid_pretrain.parallel.tensor import merge_shards, shard
 
 
 class _Param:
@@ -101,8 +100,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
 
 
 def test_memory_estimate_divides_weights_by_tensor_and_pipeline():
-    from launcher.config import TrainConfig
-    from training.memory import estimate_memory
+    from hybrid_pretrain.launcher.config import TrainConfig
+    from hybrid_pretrain.training.memory import estimate_memory
 
     m = ModelConfig(d_model=1024, n_heads=16, layers="HHAH" * 4)
     one = estimate_memory(300e6, m, TrainConfig(zero_stage=1), 1024, 32000, 1, "bf16")

@@ -13,23 +13,20 @@ weights saved) and resume it into a fresh engine, recording that run's step-3 lo
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from launcher.config import ParallelConfig, TrainConfig  # noqa: E402
-from models import ModelConfig  # noqa: E402
-from parallel import engine as ds_engine  # noqa: E402
-from parallel import groups, pipeline, sequence  # noqa: E402
-from parallel.build import build_model  # noqa: E402
-from parallel.tensor import full_state, gather  # noqa: E402
-from training import checkpoint  # noqa: E402
-from training.loop import train_step  # noqa: E402
-from training.optimizer import param_groups  # noqa: E402
+from hybrid_pretrain.launcher.config import ParallelConfig, TrainConfig
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.parallel import engine as ds_engine
+from hybrid_pretrain.parallel import groups, pipeline, sequence
+from hybrid_pretrain.parallel.build import build_model
+from hybrid_pretrain.parallel.tensor import full_state, gather
+from hybrid_pretrain.training import checkpoint
+from hybrid_pretrain.training.loop import train_step
+from hybrid_pretrain.training.optimizer import param_groups
 
 STEPS = 3
 SEED = 0
@@ -84,7 +81,7 @@ def global_batch(step: int) -> torch.Tensor:
 
 def reference(tied: bool) -> dict:
     """The single-rank run in plain PyTorch: what every layout must reproduce."""
-    from models.lm import LanguageModel
+    from hybrid_pretrain.models.lm import LanguageModel
 
     torch.manual_seed(SEED)
     model = LanguageModel(model_config(tied))
@@ -142,7 +139,7 @@ def capture_step_grads(engine, rename) -> list[dict[str, torch.Tensor]]:
 
 def _replicated_spread(module) -> float:
     """The largest difference of a replicated (not tensor-split) parameter between tensor ranks, over all ranks."""
-    from parallel.tensor import is_sharded, tensor_parallel_group, tensor_parallel_size
+    from hybrid_pretrain.parallel.tensor import is_sharded, tensor_parallel_group, tensor_parallel_size
 
     worst = torch.zeros(())
     if tensor_parallel_size() > 1:

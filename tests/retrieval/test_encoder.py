@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
-from retrieval.encoder import BiEncoder, DualEncoder, EncoderConfig, load_encoder, save_encoder
-from retrieval.pretrained import MiniLMEmbedder, minilm_available
-from tests.data_pipeline.corpora import prose
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from hybrid_pretrain.retrieval.encoder import BiEncoder, DualEncoder, EncoderConfig, load_encoder, save_encoder
+from hybrid_pretrain.retrieval.pretrained import MiniLMEmbedder, minilm_available
+from hybrid_pretrain.tests.data_pipeline.corpora import prose
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.index import (
+from hybrid_pretrain.retrieval.index import (
     IndexSpec,
     RetrievalIndexError,
     ShardedIndex,
@@ -16,7 +16,7 @@ from retrieval.index import (
     publish,
     staging_dir,
 )
-from tests.retrieval.vectors import clustered, exact_topk, ids_for, recall_at_k
+from hybrid_pretrain.tests.retrieval.vectors import clustered, exact_topk, ids_for, recall_at_k
 
 N, D, K = 8000, 32, 10
 

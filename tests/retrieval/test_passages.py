@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.passages import (
+from hybrid_pretrain.retrieval.passages import (
     PassageError,
     PassageStore,
     build_passage_store,
@@ -14,7 +14,7 @@ from retrieval.passages import (
     split_passages,
     write_store,
 )
-from tests.data_pipeline.corpora import prose
+from hybrid_pretrain.tests.data_pipeline.corpora import prose
 
 
 def _docs(texts: list[str], source: str = "s") -> list[tuple[str, int, str]]:

@@ -7,12 +7,12 @@ import hashlib
 import numpy as np
 import torch
 
-from retrieval.build import build_full, refresh_incremental, stale_ids
-from retrieval.index import IndexSpec, load_index, read_manifest
-from retrieval.live import LiveIndex
-from retrieval.passages import write_store
-from retrieval.refresh import IndexRefresher, RefreshConfig, over_retrieve_rerank
-from tests.data_pipeline.corpora import prose
+from hybrid_pretrain.retrieval.build import build_full, refresh_incremental, stale_ids
+from hybrid_pretrain.retrieval.index import IndexSpec, load_index, read_manifest
+from hybrid_pretrain.retrieval.live import LiveIndex
+from hybrid_pretrain.retrieval.passages import write_store
+from hybrid_pretrain.retrieval.refresh import IndexRefresher, RefreshConfig, over_retrieve_rerank
+from hybrid_pretrain.tests.data_pipeline.corpora import prose
 
 
 class HashEmbedder:

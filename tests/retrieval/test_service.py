@@ -10,12 +10,12 @@ import time
 import numpy as np
 import pytest
 
-from retrieval.client import IndexClient, ServiceError
-from retrieval.index import IndexSpec, ShardedIndex, build_shard, load_index, publish, staging_dir
-from retrieval.live import LiveIndex
-from retrieval.protocol import Retriever
-from retrieval.service import IndexServer
-from tests.retrieval.vectors import clustered, exact_topk, ids_for
+from hybrid_pretrain.retrieval.client import IndexClient, ServiceError
+from hybrid_pretrain.retrieval.index import IndexSpec, ShardedIndex, build_shard, load_index, publish, staging_dir
+from hybrid_pretrain.retrieval.live import LiveIndex
+from hybrid_pretrain.retrieval.protocol import Retriever
+from hybrid_pretrain.retrieval.service import IndexServer
+from hybrid_pretrain.tests.retrieval.vectors import clustered, exact_topk, ids_for
 
 N, D = 2000, 16
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from synthetic.tasks import make_task
+from hybrid_pretrain.synthetic.tasks import make_task
 
 
 def test_induction_head_answer_follows_the_first_special_token() -> None:

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from synthetic.train import SyntheticRun, train_synthetic
-from tests.procs import REPO
+from hybrid_pretrain.synthetic.train import SyntheticRun, train_synthetic
+from hybrid_pretrain.tests.procs import REPO
 
 
 def _cli(args: list[str]) -> subprocess.CompletedProcess:

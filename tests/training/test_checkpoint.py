@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from training import checkpoint
+from hybrid_pretrain.training import checkpoint
 
 
 class FakeEngine:

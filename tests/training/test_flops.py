@@ -9,10 +9,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.config import ModelConfig
-from models.lm import LanguageModel, count_parameters
-from training.flops import mfu, training_flops_per_token
-from training.gpu_peaks import lookup, peak_flops
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.lm import LanguageModel, count_parameters
+from hybrid_pretrain.training.flops import mfu, training_flops_per_token
+from hybrid_pretrain.training.gpu_peaks import lookup, peak_flops
 
 D, V, L = 64, 512, 64
 
@@ -92,8 +92,8 @@ def test_mfu_is_nan_without_a_peak():
 
 
 def test_logged_throughput_fields():
-    from training.loop import LoopSettings, _throughput
-    from training.metrics import peak_memory_bytes
+    from hybrid_pretrain.training.loop import LoopSettings, _throughput
+    from hybrid_pretrain.training.metrics import peak_memory_bytes
 
     settings = LoopSettings(steps=1, grad_accum=1, log_every=1, eval_every=0, eval_batches=0, save_every=0,
                             keep_checkpoints=1, tokens_per_step=1024, flops_per_token=2e9, peak_flops=100e12,

@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from models import LanguageModel
-from models.config import ConfigError
-from tests.fake_runs import fake_zero0_run
-from training import init_from as init
-from training.checkpoint import CheckpointError
-from training.weights import load_consolidated, load_run, save_consolidated
+from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.tests.fake_runs import fake_zero0_run
+from hybrid_pretrain.training import init_from as init
+from hybrid_pretrain.training.checkpoint import CheckpointError
+from hybrid_pretrain.training.weights import load_consolidated, load_run, save_consolidated
 
 
 def _consolidated(tmp_path, layers: str = "HA", tie: bool = True):
@@ -58,8 +58,8 @@ def test_tensor_mismatches_name_the_first_tensor(tmp_path) -> None:
 
 
 def test_expert_parallel_rank_keeps_only_its_experts(tmp_path, monkeypatch) -> None:
-    from models import ModelConfig
-    from parallel import expert
+    from hybrid_pretrain.models.config import ModelConfig
+    from hybrid_pretrain.parallel import expert
 
     cfg = ModelConfig(vocab_size=64, d_model=16, n_heads=2, layers="AA", ffn="DE", num_experts=4, min_capacity=2)
     torch.manual_seed(0)
@@ -84,7 +84,7 @@ def test_expert_parallel_rank_keeps_only_its_experts(tmp_path, monkeypatch) -> N
 
 
 def test_prepare_config_adopts_the_checkpoint_tokenizer_and_vocabulary(tmp_path) -> None:
-    from launcher.config import load_config
+    from hybrid_pretrain.launcher.config import load_config
 
     _, ckpt = _consolidated(tmp_path)
     cfg = load_config(None, [f"run_dir={tmp_path / 'new'}"])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from training.memory import estimate_memory
-from training.optimizer import param_groups, warmup_cosine
+from hybrid_pretrain.training.memory import estimate_memory
+from hybrid_pretrain.training.optimizer import param_groups, warmup_cosine
 
 
 class Tiny(nn.Module):
@@ -43,8 +43,8 @@ def test_warmup_cosine_shape():
 
 
 def test_memory_estimate_shrinks_with_zero_stage():
-    from launcher.config import TrainConfig
-    from models.config import ModelConfig
+    from hybrid_pretrain.launcher.config import TrainConfig
+    from hybrid_pretrain.models.config import ModelConfig
 
     m = ModelConfig(d_model=768, n_heads=12, layers="HAHHHHHHAHHH", vocab_size=50257)
     totals = []

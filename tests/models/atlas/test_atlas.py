@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
-from models.atlas.model import Atlas
-from models.config import ConfigError, ModelConfig
-from retrieval.for_training import RetrievalConfig, TrainingRetrieval
-from retrieval.index import read_manifest
-from retrieval.passages import PassageStore, write_store
-from tests.data_pipeline.corpora import prose
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from hybrid_pretrain.models.atlas.model import Atlas
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.retrieval.for_training import RetrievalConfig, TrainingRetrieval
+from hybrid_pretrain.retrieval.index import read_manifest
+from hybrid_pretrain.retrieval.passages import PassageStore, write_store
+from hybrid_pretrain.tests.data_pipeline.corpora import prose
 
 Q, P, K = 8, 16, 3
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from retrieval.client import IndexClient
-from retrieval.index import current_version
-from tests.procs import REPO, SMALL_DATA, _free_port, launch
+from hybrid_pretrain.retrieval.client import IndexClient
+from hybrid_pretrain.retrieval.index import current_version
+from hybrid_pretrain.tests.procs import REPO, SMALL_DATA, _free_port, launch
 
 ATLAS = str(REPO / "configs" / "debug_atlas.yaml")
 
@@ -38,8 +38,9 @@ def test_atlas_trains_refreshes_its_index_and_resumes_through_the_service(tmp_pa
     # Resume with the index behind the HTTP service: the trainer searches through the client, and after
     # its refresh at step 6 tells the service to load the new version.
     port = _free_port()
-    service = subprocess.Popen([sys.executable, "-m", "retrieval.service", "--index-dir", str(index_dir),
-                                "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    service = subprocess.Popen([sys.executable, "-m", "hybrid_pretrain.retrieval.service", "--index-dir",
+                                str(index_dir), "--port", str(port)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         client = IndexClient(f"http://127.0.0.1:{port}")
         for _ in range(100):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.atlas import losses
+from hybrid_pretrain.models.atlas import losses
 
 SIG1 = 1 / (1 + math.exp(-1))  # softmax([1, 0])[0]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.models.one_batch import train_on_one_batch
+from hybrid_pretrain.tests.models.one_batch import train_on_one_batch
 
 
 def fixed_batch_losses(config: str, steps: int, overrides: list[str], batch: int = 2, seed: int = 0) -> list[float]:

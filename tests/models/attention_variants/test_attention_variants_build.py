@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.registry import ARCHS, MIXERS, build_arch, resolve
+from hybrid_pretrain.models.registry import ARCHS, MIXERS, build_arch, resolve
 
 
 @pytest.mark.parametrize("name", ["linear_attention", "bigbird", "block_recurrent"])
 def test_registered_mixer_resolves(name: str) -> None:
-    assert resolve(MIXERS, "mixer", name).__module__ == f"models.mixers.{name}"
+    assert resolve(MIXERS, "mixer", name).__module__ == f"hybrid_pretrain.models.mixers.{name}"
 
 
 @pytest.mark.parametrize("arch,layers", [("lm", "LBRA"), ("perceiver_ar", "LBR")])

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from kernels.attention import attention, expand_block_mask
-from models.config import ConfigError
-from models.mixers.bigbird import BigBird, bigbird_block_mask
-from tests.models.attention_variants.helpers import fixed_batch_losses
-from tests.models.mixer_checks import assert_causal, step_through
+from hybrid_pretrain.kernels.attention import attention, expand_block_mask
+from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.models.mixers.bigbird import BigBird, bigbird_block_mask
+from hybrid_pretrain.tests.models.attention_variants.helpers import fixed_batch_losses
+from hybrid_pretrain.tests.models.mixer_checks import assert_causal, step_through
 
 OPTS = {"block": 16, "window": 1, "num_global": 1, "num_random": 1, "seed": 3}
 

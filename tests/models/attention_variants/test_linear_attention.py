@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.config import ConfigError
-from models.mixers.attention import apply_rotary
-from models.mixers.linear_attention import LinearAttention, causal_linear_attention, feature_map
-from tests.models.attention_variants.helpers import fixed_batch_losses
-from tests.models.mixer_checks import assert_causal, step_through
+from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.models.mixers.attention import apply_rotary
+from hybrid_pretrain.models.mixers.linear_attention import LinearAttention, causal_linear_attention, feature_map
+from hybrid_pretrain.tests.models.attention_variants.helpers import fixed_batch_losses
+from hybrid_pretrain.tests.models.mixer_checks import assert_causal, step_through
 
 
 def quadratic_reference(q, k, v, q_num=None, k_num=None) -> torch.Tensor:

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.config import ConfigError
-from models.registry import build_arch
-from tests.models.attention_variants.helpers import fixed_batch_losses
+from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.models.registry import build_arch
+from hybrid_pretrain.tests.models.attention_variants.helpers import fixed_batch_losses
 
 L, N = 40, 12
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.models.one_batch import train_on_one_batch
+from hybrid_pretrain.tests.models.one_batch import train_on_one_batch
 
 SMALL = ["model.d_model=64", "model.n_heads=4", "data.seq_len=32", "model.vocab_size=128", "data.vocab_size=128"]
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.config import ConfigError, ModelConfig
-from models.ffn.butterfly_mlp import ButterflyMLP
-from models.ffn.mlp import MLP
-from models.layers.butterfly import ButterflyLinear, flat_butterfly_pattern
-from models.lm import LanguageModel
-from models.mixers.attention import Attention
-from models.mixers.butterfly_attention import ButterflyAttention
-from tests.models.other_architectures.fixed_batch import fixed_batch_losses
+from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.ffn.butterfly_mlp import ButterflyMLP
+from hybrid_pretrain.models.ffn.mlp import MLP
+from hybrid_pretrain.models.layers.butterfly import ButterflyLinear, flat_butterfly_pattern
+from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.models.mixers.attention import Attention
+from hybrid_pretrain.models.mixers.butterfly_attention import ButterflyAttention
+from hybrid_pretrain.tests.models.other_architectures.fixed_batch import fixed_batch_losses
 
 
 def test_pattern_is_the_flat_butterfly() -> None:

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.config import ConfigError
-from models.deq import DEQLanguageModel, anderson
-from tests.models.other_architectures.fixed_batch import fixed_batch_losses
+from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.models.deq import DEQLanguageModel, anderson
+from hybrid_pretrain.tests.models.other_architectures.fixed_batch import fixed_batch_losses
 
 
 def deq(make_cfg, **deq_options) -> DEQLanguageModel:

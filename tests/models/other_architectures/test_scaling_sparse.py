@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.config import ConfigError
-from models.ffn.sparse_ffn import SparseFFN
-from models.generation import generate
-from models.lm import LanguageModel
-from models.mixers.sparse_attention import SparseQKVAttention
-from tests.models.other_architectures.fixed_batch import fixed_batch_losses
+from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.models.ffn.sparse_ffn import SparseFFN
+from hybrid_pretrain.models.generation import generate
+from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.models.mixers.sparse_attention import SparseQKVAttention
+from hybrid_pretrain.tests.models.other_architectures.fixed_batch import fixed_batch_losses
 
 OPTIONS = {"sparse_ffn": {"block_size": 8, "controller_rank": 8}, "sparse_attention": {"modules": 8, "kernel": 3}}
 

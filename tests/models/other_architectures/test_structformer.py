@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.config import ConfigError
-from models.structformer import StructFormer, boundaries, dependency_distributions, span_heads
-from tests.models.other_architectures.fixed_batch import fixed_batch_losses
+from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.models.structformer import StructFormer, boundaries, dependency_distributions, span_heads
+from hybrid_pretrain.tests.models.other_architectures.fixed_batch import fixed_batch_losses
 
 HARD = torch.tensor(60.0, dtype=torch.float64)  # sharp sigmoids/softmax: the soft parse becomes the hard one
 

@@ -10,9 +10,9 @@ import dataclasses
 import pytest
 import torch
 
-from launcher.config import load_config
-from models.registry import build_arch
-from training.optimizer import param_groups
+from hybrid_pretrain.launcher.config import load_config
+from hybrid_pretrain.models.registry import build_arch
+from hybrid_pretrain.training.optimizer import param_groups
 
 VOCAB = 512
 

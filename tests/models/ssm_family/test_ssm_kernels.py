@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.ssm import reference
-from models.ssm.bidirectional import ssm_convolve
-from models.ssm.cauchy import bilinear, dplr_dense, dplr_kernel
-from models.ssm.dss_kernel import dss_recurrence, dss_softmax_kernel
-from models.ssm.hippo import hippo_legs, nplr_legs, s4d_legs, s4d_lin
+from hybrid_pretrain.models.ssm import reference
+from hybrid_pretrain.models.ssm.bidirectional import ssm_convolve
+from hybrid_pretrain.models.ssm.cauchy import bilinear, dplr_dense, dplr_kernel
+from hybrid_pretrain.models.ssm.dss_kernel import dss_recurrence, dss_softmax_kernel
+from hybrid_pretrain.models.ssm.hippo import hippo_legs, nplr_legs, s4d_legs, s4d_lin
 
 
 def test_nplr_legs_is_hippo_normal_part() -> None:

@@ -6,17 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import LanguageModel
-from models.config import ConfigError
-from models.mixers.dss import DSS
-from models.mixers.gss import GSS
-from models.mixers.s4 import S4
-from models.mixers.s4d import S4D
-from models.pattern import parse_pattern
-from models.registry import build_mixer
-from models.ssm import reference
-from models.ssm.cauchy import dplr_dense
-from training.optimizer import param_groups
+from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.models.mixers.dss import DSS
+from hybrid_pretrain.models.mixers.gss import GSS
+from hybrid_pretrain.models.mixers.s4 import S4
+from hybrid_pretrain.models.mixers.s4d import S4D
+from hybrid_pretrain.models.pattern import parse_pattern
+from hybrid_pretrain.models.registry import build_mixer
+from hybrid_pretrain.models.ssm import reference
+from hybrid_pretrain.models.ssm.cauchy import dplr_dense
+from hybrid_pretrain.training.optimizer import param_groups
 
 CAUSAL = [("s4", "4", S4, {}), ("s4d", "S", S4D, {"init": "legs"}), ("s4d", "S", S4D, {"dt_min": 0.01}),
           ("dss", "d", DSS, {}), ("gss", "g", GSS, {"expand": 2})]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import LanguageModel
-from models.config import ConfigError
-from models.mixers.dlr import DLR
-from models.pattern import parse_pattern
-from tests.models.mixer_checks import assert_step_and_prefill_match
+from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.models.mixers.dlr import DLR
+from hybrid_pretrain.models.pattern import parse_pattern
+from hybrid_pretrain.tests.models.mixer_checks import assert_step_and_prefill_match
 
 
 def _dlr(make_cfg, mode: str) -> DLR:

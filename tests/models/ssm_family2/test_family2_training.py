@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from launcher.config import load_config
-from models.registry import build_arch
-from tests.procs import REPO
-from training.optimizer import param_groups
+from hybrid_pretrain.launcher.config import load_config
+from hybrid_pretrain.models.registry import build_arch
+from hybrid_pretrain.tests.procs import REPO
+from hybrid_pretrain.training.optimizer import param_groups
 
 
 @pytest.mark.parametrize("name", ["s5", "dlr", "mega"])
@@ -34,8 +34,8 @@ def test_debug_config_model_fits_a_fixed_batch(name: str) -> None:
 
 @torch.no_grad()
 def test_language_model_decodes_token_by_token(make_cfg) -> None:
-    from models import LanguageModel
-    from models.generation import prefill
+    from hybrid_pretrain.models.generation import prefill
+    from hybrid_pretrain.models.lm import LanguageModel
 
     cfg = make_cfg(layers="5rMA", options={"mega": {"chunk_size": 4}}, rotary_dim=8)
     model = LanguageModel(cfg).double().eval()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import LanguageModel
-from models.config import ConfigError
-from models.mixers.mega import Mega
-from models.pattern import parse_pattern
-from tests.models.ssm_family2.mega_reference import mega_reference
+from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.models.mixers.mega import Mega
+from hybrid_pretrain.models.pattern import parse_pattern
+from hybrid_pretrain.tests.models.ssm_family2.mega_reference import mega_reference
 
 
 def _mega(make_cfg, **options) -> Mega:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.scan import linear_scan, linear_scan_ref
+from hybrid_pretrain.models.scan import linear_scan, linear_scan_ref
 
 
 @pytest.mark.parametrize("L", [1, 2, 3, 7, 16, 37])

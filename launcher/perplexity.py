@@ -1,4 +1,4 @@
-"""Perplexity and bits per byte of a checkpoint on a corpus: ``python launcher/evaluate.py CKPT --data PATH``.
+"""Perplexity and bits per byte of a checkpoint on a corpus: ``python launcher/perplexity.py CKPT --data PATH``.
 
 Reads like a table of contents: load the weights (a run directory at any ZeRO stage, or a folder from
 convert_checkpoint.py) -> read the documents of a split (any data.path spec: Pile, PG-19, .txt) ->
@@ -54,7 +54,7 @@ def windows(ids: list[int], seq_len: int, batch_size: int) -> Iterator[tuple]:
     """Batches of (inputs (B, L), labels (B, L)) covering ids[1:] once each; short tails padded with -100."""
     import torch
 
-    from models.lm import IGNORE_INDEX
+    from hybrid_pretrain.models.lm import IGNORE_INDEX
 
     starts = list(range(0, len(ids) - 1, seq_len))
     for b in range(0, len(starts), batch_size):
@@ -74,12 +74,12 @@ def score(model, stream: TokenStream, seq_len: int, batch_size: int, device, pro
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from models.lm import IGNORE_INDEX
+    from hybrid_pretrain.models.lm import IGNORE_INDEX
 
     total_nll, tokens = 0.0, 0
     steps = math.ceil(math.ceil((len(stream.ids) - 1) / seq_len) / batch_size)
     with torch.no_grad():
-        for inputs, labels in tqdm(windows(stream.ids, seq_len, batch_size), total=steps, desc="evaluate",
+        for inputs, labels in tqdm(windows(stream.ids, seq_len, batch_size), total=steps, desc="perplexity",
                                    unit="batch", disable=not progress, file=sys.stderr):
             logits = model(inputs.to(device)).float()  # (B, L, V)
             labels = labels.to(device)
@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Perplexity and bits per byte of a run directory or converted checkpoint on a corpus; "
         "the last line printed is a JSON object with the results.",
-        epilog="Example: python launcher/evaluate.py runs/debug_hybrid --data ../shared/data/pg19_sample "
+        epilog="Example: python launcher/perplexity.py runs/debug_hybrid --data ../shared/data/pg19_sample "
         "--split validation --max-tokens 200000",
     )
     parser.add_argument("checkpoint", help="run directory (config.yaml + checkpoints/) or convert_checkpoint.py folder")
@@ -122,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from data_pipeline.errors import DataError
-    from data_pipeline.sources import parse_sources, resolve_sources
-    from models.config import ConfigError
-    from training.checkpoint import CheckpointError
-    from training.weights import build_model, load_weights
+    from hybrid_pretrain.data_pipeline.errors import DataError
+    from hybrid_pretrain.data_pipeline.sources import parse_sources, resolve_sources
+    from hybrid_pretrain.models.config import ConfigError
+    from hybrid_pretrain.training.checkpoint import CheckpointError
+    from hybrid_pretrain.training.weights import build_model, load_weights
 
     try:
         for flag in ("batch_size", "seq_len", "max_tokens"):

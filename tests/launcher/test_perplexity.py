@@ -1,4 +1,4 @@
-"""launcher/evaluate.py: perplexity and bits per byte on generated text, checked against an independent sum."""
+"""launcher/perplexity.py: perplexity and bits per byte on generated text, checked against an independent sum."""
 
 from __future__ import annotations
 
@@ -12,24 +12,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
-from launcher import evaluate
-from launcher.config import load_config
-from models import LanguageModel
-from tests.procs import REPO
-from training.weights import RunWeights, save_consolidated
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from hybrid_pretrain.launcher import perplexity
+from hybrid_pretrain.launcher.config import load_config
+from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.tests.procs import REPO
+from hybrid_pretrain.training.weights import RunWeights, save_consolidated
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his café über".split()
 
 
 def _evaluate_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launcher" / "evaluate.py"), *args, "--no-progress"], cwd=REPO,
+    return subprocess.run([sys.executable, str(REPO / "launcher" / "perplexity.py"), *args, "--no-progress"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 
 
 def _evaluate(capsys, args: list[str]) -> tuple[int, str, str]:
     """main() in process (the CLI's own code path, without a fresh interpreter per call)."""
-    code = evaluate.main([*args, "--no-progress"])
+    code = perplexity.main([*args, "--no-progress"])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

@@ -1,1 +1,0 @@
-"""Long-sequence classification: ListOps and sequential digits tasks, a trainer, and the ViT on digits."""

@@ -1,1 +1,0 @@
-"""Thin entry points that compose the libraries: pretrain, and later build_index, convert, evaluate, generate."""

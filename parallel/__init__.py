@@ -1,1 +1,0 @@
-"""Parallelism wraps models: process groups, projection roles, and the DeepSpeed engine bridge."""

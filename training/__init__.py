@@ -1,1 +1,0 @@
-"""The training loop and what it needs around it: optimizer groups, LR schedule, metrics, checkpoints."""
