@@ -62,8 +62,10 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# ruff, then the package graph's one-way contract (tests/package_graph.py: a back edge fails with file and line).
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_package_graph.py
 
 clean:
 	rm -rf runs .pytest_cache $(LOCK_VENV)

@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from hybrid_pretrain.data_pipeline.packing import PreparedData, prepare_data
 from hybrid_pretrain.data_pipeline.sampler import RankBatches, eval_batches
-from hybrid_pretrain.launcher.config import RunConfig, load_config
+from hybrid_pretrain.models.architectures import build_arch
 from hybrid_pretrain.models.config import ModelConfig
-from hybrid_pretrain.models.registry import build_arch
+from hybrid_pretrain.training.config import RunConfig, load_config
 from hybrid_pretrain.training.optimizer import param_groups, warmup_cosine
 
 

@@ -26,9 +26,9 @@ from tqdm import tqdm
 from hybrid_pretrain.data_pipeline.config import DataConfig
 from hybrid_pretrain.data_pipeline.packing import PreparedData, prepare_data
 from hybrid_pretrain.data_pipeline.sampler import RankBatches, eval_batches
+from hybrid_pretrain.models.architectures import build_arch
 from hybrid_pretrain.models.config import ModelConfig
-from hybrid_pretrain.models.lm import IGNORE_INDEX
-from hybrid_pretrain.models.registry import build_arch
+from hybrid_pretrain.models.roles import IGNORE_INDEX
 
 
 def variants(d_model: int, n_heads: int, vocab: int, seq_len: int, latents: int, block: int) -> dict[str, ModelConfig]:

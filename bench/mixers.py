@@ -22,9 +22,9 @@ import time
 import torch
 from tqdm import tqdm
 
+from hybrid_pretrain.models.architectures import build_arch
 from hybrid_pretrain.models.config import ModelConfig
-from hybrid_pretrain.models.pattern import MIXER_SYMBOLS
-from hybrid_pretrain.models.registry import MIXERS, build_arch
+from hybrid_pretrain.models.mixers import MIXERS
 from hybrid_pretrain.synthetic.train import SyntheticRun, train_synthetic
 
 TASKS = ("induction_head", "associative_recall")
@@ -110,7 +110,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n for n in args.mixers.split(",") if n] or importable_mixers()
-    symbols = {name: sym for sym, name in MIXER_SYMBOLS.items()}
+    symbols = {name: sym for sym, name in MIXERS.symbols().items()}
     unknown = [n for n in names if n not in symbols]
     if unknown:
         parser.error(f"--mixers: unknown {', '.join(unknown)}; registered: {', '.join(sorted(symbols))}")

@@ -59,10 +59,10 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: Path) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
-    from hybrid_pretrain.launcher.config import ParallelConfig
     from hybrid_pretrain.models.config import ModelConfig
     from hybrid_pretrain.parallel import groups, sequence
     from hybrid_pretrain.parallel.build import build_model
+    from hybrid_pretrain.training.config import ParallelConfig
 
     cfg = ModelConfig(vocab_size=4096, d_model=256, n_heads=4, layers="HHAH", h3_d_state=32,
                       max_seq_len=args.seq_len)

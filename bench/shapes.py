@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from hybrid_pretrain.launcher.config import load_config
 from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.training.config import load_config
 
 
 def add_shape_args(parser: argparse.ArgumentParser, config_example: str) -> None:

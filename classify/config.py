@@ -6,15 +6,18 @@ naming the file and the key.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+import torch
 
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.base.typed_config import merge_into, read_yaml
 from hybrid_pretrain.classify.tasks import TASKS
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.architectures import validate_model
+from hybrid_pretrain.models.classifier import SequenceClassifier
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.vit import ViT
 
 MODELS = ("sequence", "vit")
 INPUTS = ("tokens", "values", "images")
@@ -56,7 +59,7 @@ class ClassifyConfig:
         cfg = ModelConfig(vocab_size=vocab_size, d_model=self.d_model, n_heads=self.n_heads, layers=self.layers,
                           h3_d_state=self.d_state, d_ffn=self.d_ffn, rotary_dim=self.rotary_dim, dropout=self.dropout,
                           max_seq_len=max(self.max_len, 64) + 1, options=dict(self.options))
-        cfg.validate()
+        validate_model(cfg)
         return cfg
 
     def validate(self) -> None:
@@ -80,10 +83,6 @@ class ClassifyConfig:
 
     def _check_builds(self) -> None:
         """Build the model on the meta device (no memory), so layer options and shapes fail before any data."""
-        import torch
-
-        from hybrid_pretrain.models.classifier import SequenceClassifier
-        from hybrid_pretrain.models.vit import ViT
 
         with torch.device("meta"):
             if self.model == "vit":
@@ -93,35 +92,10 @@ class ClassifyConfig:
 
 
 def load_config(path: str | Path | None = None, **overrides: object) -> ClassifyConfig:
-    """Defaults <- YAML file (optional) <- `overrides` (e.g. parsed CLI flags), type-checked and validated."""
-    values: dict = {}
-    where = "overrides"
+    """Defaults <- YAML file (optional) <- `overrides` (e.g. parsed CLI flags), through the one config loader."""
+    run = ClassifyConfig()
     if path is not None:
-        where = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: cannot read a YAML mapping ({e.__class__.__name__}: {e})") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of field: value, got {type(loaded).__name__}")
-        values.update(loaded)
-    for key, value in overrides.items():
-        if key == "options" and isinstance(values.get(key), dict) and isinstance(value, dict):
-            value = {name: {**values[key].get(name, {}), **opts} for name, opts in {**values[key], **value}.items()}
-        values[key] = value
-    fields = {f.name: f for f in dataclasses.fields(ClassifyConfig)}
-    defaults = ClassifyConfig()
-    for key, value in values.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            raise ConfigError(f"{where}: unknown field '{key}'" + (f"; did you mean '{close[0]}'?" if close else ""))
-        default = getattr(defaults, key)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float) else (
-            isinstance(value, type(default)) and (isinstance(value, bool) == isinstance(default, bool)))
-        if not ok:
-            raise ConfigError(f"{where}: field '{key}' must be {type(default).__name__}, got {value!r}")
-    run = ClassifyConfig(**values)
-    if isinstance(run.lr, int) or isinstance(run.weight_decay, int) or isinstance(run.dropout, int):
-        run.lr, run.weight_decay, run.dropout = float(run.lr), float(run.weight_decay), float(run.dropout)
+        merge_into(run, read_yaml(path, example="configs/debug_vit.yaml"), "", str(path))
+    merge_into(run, dict(overrides), "", "command line")
     run.validate()
     return run

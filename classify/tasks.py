@@ -89,8 +89,8 @@ def listops(n: int, seed: int, max_len: int = 200, max_depth: int = 4, max_args:
 @lru_cache(maxsize=4)
 def _digits_split(seed: int, test_fraction: float) -> tuple[np.ndarray, ...]:
     """(x_train, x_test, y_train, y_test), cached: reading the data set costs more than any use of it here."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from sklearn.datasets import load_digits  # optional: scikit-learn only for the digits task
+    from sklearn.model_selection import train_test_split  # optional: scikit-learn only for the digits task
 
     bunch = load_digits()
     return tuple(train_test_split(bunch.data, bunch.target, test_size=test_fraction, random_state=seed,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.indexed import BlendEntry
 
 
 @dataclass
@@ -49,7 +50,6 @@ class DataConfig:
         if self.indexed and self.path:
             raise DataError(f"data.indexed ('{self.indexed}') and data.path ('{self.path}') are both set; "
                             "expected one of them")
-        from hybrid_pretrain.data_pipeline.indexed import BlendEntry
 
         for entry in self.blend:
             BlendEntry.parse(entry)

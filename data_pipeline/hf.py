@@ -12,8 +12,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from hybrid_pretrain.data_pipeline.documents import Document, Source
 from hybrid_pretrain.data_pipeline.errors import DataError
-from hybrid_pretrain.data_pipeline.sources import Document, Source
 
 BUILDERS = {".jsonl.zst": "json", ".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 HUB_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
@@ -60,7 +60,7 @@ class HFSource(Source):
         return [list(self.hub)] if self.hub else super().fingerprint()
 
     def _stream(self, split: str, files: list[Path]):  # noqa: ANN202 - an IterableDataset, imported lazily
-        import datasets
+        import datasets  # optional: `datasets` (pyarrow) only for hf: specs
 
         datasets.logging.disable_progress_bar()
         try:

@@ -80,7 +80,7 @@ def verify_shards(root: str | Path) -> tuple[Tokenizer, list[Shard]]:
     manifests = sorted(root.glob(f"*/{MANIFEST_DIR}/*.json"))
     if not manifests:
         raise DataError(f"data.indexed '{root}' holds no shard manifests; run launcher/preprocess_data.py first")
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset  # optional: megatron-core only for indexed shards
 
     shards: list[Shard] = []
     known: set[Path] = set()
@@ -237,7 +237,10 @@ class IndexedData:
         `train_samples` 0 means one pass over the blend's training tokens; `RankBatches` then reshuffles
         it every epoch. Validation and test hold every token of their shards once.
         """
+        # optional: megatron-core only for indexed shards
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+        # optional: megatron-core only for indexed shards
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
         root = Path(root).resolve()

@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from hybrid_pretrain.data_pipeline.config import DataConfig
 from hybrid_pretrain.data_pipeline.dataset import PackedSequences
+from hybrid_pretrain.data_pipeline.documents import SkipCounter, Source
 from hybrid_pretrain.data_pipeline.errors import DataError
-from hybrid_pretrain.data_pipeline.sources import SkipCounter, Source, parse_sources
+from hybrid_pretrain.data_pipeline.sources import parse_sources
 from hybrid_pretrain.data_pipeline.tokenizer import MARKERS, TRAIN_SEED, TRAIN_THREADS, Tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1  # bump when the on-disk layout or the split rule changes, to invalidate old caches

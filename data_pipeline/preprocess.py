@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from hybrid_pretrain.base.hashing import file_sha256
+from hybrid_pretrain.data_pipeline.documents import Source
 from hybrid_pretrain.data_pipeline.errors import DataError
-from hybrid_pretrain.data_pipeline.sources import Source, parse_sources
+from hybrid_pretrain.data_pipeline.sources import parse_sources
 from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
-from hybrid_pretrain.training.checkpoint import file_sha256
 
 FORMAT_VERSION = 1
 TOKENIZER_FILE, REPORT_FILE, MANIFEST_DIR = "tokenizer.model", "report.json", "manifests"
@@ -165,6 +166,7 @@ class _ShardWriter:
     """One IndexedDataset being written under temporary names; `commit` renames .bin and .idx into place."""
 
     def __init__(self, prefix: Path, dtype: type) -> None:
+        # optional: megatron-core only for indexed shards
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -384,7 +386,7 @@ def _mpi_world():  # noqa: ANN202 - mpi4py's communicator, or None outside mpiru
     """COMM_WORLD when this process is one of several MPI ranks, else None (plain runs never import MPI)."""
     if not any(k in os.environ for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_SIZE")):
         return None
-    from mpi4py import MPI
+    from mpi4py import MPI  # optional: MPI only under mpirun
 
     return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
 

@@ -24,6 +24,10 @@ from lm_eval.models.utils import Collator
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.models.generation import Sampling, generate
+from hybrid_pretrain.training.weights import build_model, load_weights
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 NAME = "hybrid-pretrain"
 
@@ -39,8 +43,6 @@ class HybridPretrainLM(TemplateLM):
     def __init__(self, path: str, device: str | None = None, dtype: str = "fp32", batch_size: int | str = 8,
                  max_length: int | str = 0, max_gen_toks: int | str = 256, **unused) -> None:
         super().__init__()
-        from hybrid_pretrain.models.config import ConfigError
-        from hybrid_pretrain.training.weights import build_model, load_weights
 
         weights = load_weights(path)
         if weights.tokenizer is None:
@@ -121,7 +123,6 @@ class HybridPretrainLM(TemplateLM):
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continue each context (greedy unless ``do_sample``) and cut the text at the first ``until`` string."""
-        from hybrid_pretrain.models.generation import Sampling, generate
 
         results = []
         for context, gen_kwargs in tqdm([r.args for r in requests], desc="generate_until", disable=disable_tqdm):

@@ -21,14 +21,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _interpret_triton_language() -> None:
     """Re-wrap ``triton.language``'s jit functions (decorated before TRITON_INTERPRET was set) for the interpreter."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
 
     for name, module in list(sys.modules.items()):
         if name == "triton.language" or name.startswith("triton.language."):
@@ -45,6 +45,5 @@ def jit(fn: Callable) -> Callable:
     """``triton.jit`` with CUDA, Triton's interpreter (``TRITON_INTERPRET=1`` semantics) without it."""
     if not INTERPRETED:
         return triton.jit(fn)
-    from triton.runtime.interpreter import InterpretedFunction
 
     return InterpretedFunction(fn)

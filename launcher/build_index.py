@@ -12,7 +12,16 @@ import os
 import sys
 from pathlib import Path
 
-from hybrid_pretrain.retrieval.index import KINDS, IndexSpec, current_version
+import torch
+import torch.distributed as dist
+
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
+from hybrid_pretrain.retrieval.build import build_full, refresh_incremental, stale_ids
+from hybrid_pretrain.retrieval.config import KINDS
+from hybrid_pretrain.retrieval.encoder import DualEncoder, EncoderConfig, load_encoder
+from hybrid_pretrain.retrieval.index import IndexSpec, current_version
+from hybrid_pretrain.retrieval.passages import PassageStore, build_passage_store
+from hybrid_pretrain.retrieval.pretrained import MiniLMEmbedder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,18 +52,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load_embedder(name: str, tokenizer: str | None):
     """The passage embedder named on the command line."""
     if name == "minilm":
-        from hybrid_pretrain.retrieval.pretrained import MiniLMEmbedder
-
         return MiniLMEmbedder()
     if not tokenizer:
         raise ValueError(f"--encoder {name} needs --tokenizer (a SentencePiece .model)")
-    from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
-    from hybrid_pretrain.retrieval.encoder import DualEncoder, EncoderConfig, load_encoder
 
     tok = Tokenizer(tokenizer)
     if name == "random":
-        import torch
-
         torch.manual_seed(0)
         return DualEncoder(EncoderConfig(), tok).passage_embedder()
     return load_encoder(name, tok).passage_embedder()
@@ -65,7 +68,6 @@ def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
-    import torch.distributed as dist
 
     dist.init_process_group("gloo")
     return dist.get_rank(), world
@@ -73,8 +75,6 @@ def _distributed() -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from hybrid_pretrain.retrieval.build import build_full, refresh_incremental, stale_ids
-    from hybrid_pretrain.retrieval.passages import PassageStore, build_passage_store
 
     rank, world = _distributed()
     out = Path(args.out)
@@ -92,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
             cache = out / "corpus_cache"
             build_passage_store(args.data, passages, args.split, cache, args.words, args.max_passages, progress)
         if world > 1:
-            import torch.distributed as dist
-
             dist.barrier()
         store = PassageStore(passages)
         if args.refresh:
@@ -108,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if world > 1:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
     if rank == 0:
         changes = manifest.get("changes")

@@ -10,6 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+import yaml
+
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.classify.config import load_config
+from hybrid_pretrain.classify.train import train_classifier
+
 # flag -> (config field, type, help); a flag left out keeps the config's (or the default) value.
 FLAGS = {
     "--task": ("task", str, "listops or digits"),
@@ -50,10 +57,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _options(entries: list[str]) -> dict:
-    import yaml
-
-    from hybrid_pretrain.models.config import ConfigError
-
     options: dict = {}
     for entry in entries:
         key, sep, value = entry.partition("=")
@@ -66,11 +69,6 @@ def _options(entries: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    from hybrid_pretrain.classify.config import load_config
-    from hybrid_pretrain.classify.train import train_classifier
-    from hybrid_pretrain.models.config import ConfigError
 
     if args.threads:
         torch.set_num_threads(args.threads)

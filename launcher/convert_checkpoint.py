@@ -14,6 +14,10 @@ import shutil
 import sys
 from pathlib import Path
 
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.training.checkpoint import CheckpointError
+from hybrid_pretrain.training.weights import load_run, save_consolidated
+
 HF_DIR = Path(__file__).resolve().parents[1] / "models" / "hf"
 HF_FILES = ("configuration_hybrid_lm.py", "modeling_hybrid_lm.py")
 HF_CONFIG = {
@@ -42,7 +46,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def convert(run_dir: str | Path, out: str | Path, tag: str | None = None, fmt: str = "safetensors") -> Path:
     """Write the consolidated checkpoint of `run_dir` into `out`; returns `out`."""
-    from hybrid_pretrain.training.weights import load_run, save_consolidated
 
     weights = load_run(run_dir, tag)
     out = save_consolidated(weights, out, HF_CONFIG if fmt == "hf" else None)
@@ -54,8 +57,6 @@ def convert(run_dir: str | Path, out: str | Path, tag: str | None = None, fmt: s
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from hybrid_pretrain.models.config import ConfigError
-    from hybrid_pretrain.training.checkpoint import CheckpointError
 
     try:
         out = convert(args.run_dir, args.out, args.tag, args.format)

@@ -13,6 +13,10 @@ import argparse
 import json
 import sys
 
+import hybrid_pretrain.evaluation.lm_eval_adapter as adapter
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.training.checkpoint import CheckpointError
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -39,17 +43,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def evaluate(args: argparse.Namespace) -> dict:
     """The harness's results dict for `args` (see parse_args)."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    import hybrid_pretrain.evaluation.lm_eval_adapter as adapter
+    import lm_eval  # optional: the `eval` extra
+    from lm_eval.tasks import TaskManager  # optional: the `eval` extra
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     manager = TaskManager(include_path=args.include_path or None, include_defaults=not args.include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        from hybrid_pretrain.models.config import ConfigError
-
         where = ", ".join(args.include_path) or "the harness's built-in tasks"
         raise ConfigError(f"--tasks: no task named '{unknown[0]}' in {where}; expected a task or group name there")
     model = adapter.HybridPretrainLM(args.checkpoint, device=args.device, dtype=args.dtype,
@@ -62,14 +62,12 @@ def evaluate(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        # optional: the `eval` extra
         import lm_eval  # noqa: F401
     except ImportError:
         print("error: lm-eval is not installed; expected `pip install 'lm-eval>=0.4.5,<0.5'`", file=sys.stderr)
         return 2
-    from lm_eval.utils import make_table
-
-    from hybrid_pretrain.models.config import ConfigError
-    from hybrid_pretrain.training.checkpoint import CheckpointError
+    from lm_eval.utils import make_table  # optional: the `eval` extra
 
     try:
         results = evaluate(args)

@@ -11,6 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.models.generation import Sampling, generate
+from hybrid_pretrain.training.checkpoint import CheckpointError
+from hybrid_pretrain.training.weights import build_model, load_run
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -38,12 +45,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    from hybrid_pretrain.models.config import ConfigError
-    from hybrid_pretrain.models.generation import Sampling, generate
-    from hybrid_pretrain.training.checkpoint import CheckpointError
-    from hybrid_pretrain.training.weights import build_model, load_run
 
     try:
         prompts = list(args.prompt)

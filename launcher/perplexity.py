@@ -16,6 +16,17 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.sources import parse_sources, resolve_sources
+from hybrid_pretrain.models.roles import IGNORE_INDEX
+from hybrid_pretrain.training.checkpoint import CheckpointError
+from hybrid_pretrain.training.weights import build_model, load_weights
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
@@ -52,9 +63,6 @@ def build_stream(documents: Iterable[str], tokenizer, max_tokens: int = 0) -> To
 
 def windows(ids: list[int], seq_len: int, batch_size: int) -> Iterator[tuple]:
     """Batches of (inputs (B, L), labels (B, L)) covering ids[1:] once each; short tails padded with -100."""
-    import torch
-
-    from hybrid_pretrain.models.lm import IGNORE_INDEX
 
     starts = list(range(0, len(ids) - 1, seq_len))
     for b in range(0, len(starts), batch_size):
@@ -70,11 +78,6 @@ def windows(ids: list[int], seq_len: int, batch_size: int) -> Iterator[tuple]:
 
 def score(model, stream: TokenStream, seq_len: int, batch_size: int, device, progress: bool = True) -> dict:
     """Total NLL over the stream and the metrics derived from it."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
-
-    from hybrid_pretrain.models.lm import IGNORE_INDEX
 
     total_nll, tokens = 0.0, 0
     steps = math.ceil(math.ceil((len(stream.ids) - 1) / seq_len) / batch_size)
@@ -120,13 +123,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    from hybrid_pretrain.data_pipeline.errors import DataError
-    from hybrid_pretrain.data_pipeline.sources import parse_sources, resolve_sources
-    from hybrid_pretrain.models.config import ConfigError
-    from hybrid_pretrain.training.checkpoint import CheckpointError
-    from hybrid_pretrain.training.weights import build_model, load_weights
 
     try:
         for flag in ("batch_size", "seq_len", "max_tokens"):

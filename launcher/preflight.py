@@ -26,7 +26,17 @@ import sys
 import time
 from pathlib import Path
 
-from hybrid_pretrain.models.config import ConfigError
+import psutil
+import torch
+import torch.distributed as dist
+
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.parallel import groups
+from hybrid_pretrain.parallel.engine import resolve_precision
+from hybrid_pretrain.parallel.groups import launched_rank
+from hybrid_pretrain.training.config import load_config
+from hybrid_pretrain.training.flops import full_parameter_count
+from hybrid_pretrain.training.memory import estimate_memory, format_bytes
 
 DEFAULT_MASTER_PORT = 29500  # deepspeed.constants.TORCH_DISTRIBUTED_DEFAULT_PORT
 SSH_LAUNCHERS = ("pdsh", "openmpi", "mpich", "mvapich")
@@ -43,6 +53,7 @@ class PreflightError(ConfigError):
 
 def read_hostfile(path: str | Path) -> tuple[dict[str, int], list[str]]:
     """Hosts and slots from a DeepSpeed hostfile, and one problem line per bad line (all of them, not the first)."""
+    # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
     from deepspeed.launcher.runner import _parse_hostfile  # DeepSpeed's own parser: the format it launches with
 
     path = Path(path)
@@ -80,8 +91,6 @@ def _addresses(host: str) -> set[str]:
 
 
 def _local_addresses() -> set[str]:
-    import psutil
-
     local = {"127.0.0.1", "::1"}
     for addrs in psutil.net_if_addrs().values():
         local.update(a.address.split("%")[0] for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6))
@@ -160,9 +169,6 @@ def parallel_problems(parallel, world_size: int, num_experts: int | None = None)
 
 def per_rank_estimate(cfg, world_size: int) -> float:
     """Bytes per rank from training.memory (weights, gradients, optimizer states, activations)."""
-    from hybrid_pretrain.parallel.engine import resolve_precision
-    from hybrid_pretrain.training.flops import full_parameter_count
-    from hybrid_pretrain.training.memory import estimate_memory
 
     vocab = cfg.model.vocab_size or cfg.data.vocab_size
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
@@ -176,9 +182,6 @@ def per_rank_estimate(cfg, world_size: int) -> float:
 
 def free_memory() -> dict:
     """This process's view of free memory: its GPU's (torch.cuda.mem_get_info) or the host's available RAM."""
-    import psutil
-    import torch
-    import torch.distributed as dist
 
     facts = {"host": socket.gethostname(), "rank": dist.get_rank() if dist.is_initialized() else 0}
     if torch.cuda.is_available():
@@ -190,7 +193,6 @@ def free_memory() -> dict:
 
 def memory_problems(facts: list[dict], need_per_rank: float) -> list[str]:
     """GPU: each rank's device against the estimate. CPU: each host's available RAM against its ranks' sum."""
-    from hybrid_pretrain.training.memory import format_bytes
 
     problems = []
     by_host: dict[str, list[dict]] = {}
@@ -216,7 +218,6 @@ def master_problems(wait_s: float = 120.0) -> list[str]:
     Rank 0 hosts the rendezvous store and is skipped; the others retry until ``wait_s``, since rank 0
     may still be importing. Nothing to check when the launcher set no MASTER_ADDR (MPI discovery).
     """
-    from hybrid_pretrain.parallel.groups import launched_rank
 
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not addr or not port or launched_rank() == 0:
@@ -237,9 +238,6 @@ def check_run(cfg, world_size: int) -> None:
 
     Raises PreflightError on every rank when the main rank found problems.
     """
-    import torch.distributed as dist
-
-    from hybrid_pretrain.parallel import groups
 
     facts: list = [None] * world_size
     dist.all_gather_object(facts, free_memory())
@@ -259,7 +257,6 @@ def check_run(cfg, world_size: int) -> None:
 def prelaunch_problems(hostfile: str, cfg, launcher: str, master_addr: str | None, master_port: int,
                        ssh_port: int = 22) -> tuple[list[str], str]:
     """Everything checkable before ``deepspeed --hostfile``: (problems, a one-line summary of the plan)."""
-    from hybrid_pretrain.training.memory import format_bytes
 
     hosts, problems = read_hostfile(hostfile)
     if not hosts:
@@ -306,8 +303,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ssh-port", type=int, default=22, help="port tried on remote hosts (default 22)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. parallel.tensor=2")
     args = parser.parse_args(argv)
-
-    from hybrid_pretrain.launcher.config import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -8,16 +8,36 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import sys
 from pathlib import Path
 
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.indexed import IndexedData
+from hybrid_pretrain.data_pipeline.packing import PreparedData, prepare_data
+from hybrid_pretrain.data_pipeline.sampler import RankBatches, eval_batches
 from hybrid_pretrain.launcher import preflight
-from hybrid_pretrain.launcher.config import RunConfig, load_config, save_resolved
-from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.models.architectures import count_parameters
+from hybrid_pretrain.parallel import engine as ds_engine
+from hybrid_pretrain.parallel import groups
+from hybrid_pretrain.parallel import pipeline as pipeline_parallel
+from hybrid_pretrain.parallel import tensor as tensor_parallel
+from hybrid_pretrain.parallel.build import build_model
+from hybrid_pretrain.parallel.engine import resolve_precision
+from hybrid_pretrain.parallel.groups import PeerFailed, launched_rank
 from hybrid_pretrain.retrieval.errors import PassageError, RetrievalIndexError
-from hybrid_pretrain.training.checkpoint import CheckpointError
+from hybrid_pretrain.retrieval.for_training import TrainingRetrieval, build_store
+from hybrid_pretrain.training import checkpoint, loop
+from hybrid_pretrain.training.checkpoint import CheckpointError, latest_tag
+from hybrid_pretrain.training.config import RunConfig, load_config, save_resolved
+from hybrid_pretrain.training.flops import training_flops_per_token
+from hybrid_pretrain.training.gpu_peaks import current_device_peak
+from hybrid_pretrain.training.init_from import init_from as load_initial_weights
+from hybrid_pretrain.training.init_from import prepare_config
+from hybrid_pretrain.training.memory import estimate_memory, expert_parameters, format_bytes
+from hybrid_pretrain.training.optimizer import param_groups, warmup_cosine
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, PassageError, RetrievalIndexError)
 
@@ -48,9 +68,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def dry_run(cfg: RunConfig, world_size: int) -> None:
     """Shapes only: build the model on the meta device and account memory per rank."""
-    from hybrid_pretrain.models.lm import count_parameters
-    from hybrid_pretrain.parallel.engine import resolve_precision
-    from hybrid_pretrain.training.memory import estimate_memory, expert_parameters, format_bytes
 
     dp = cfg.parallel.check_world(world_size)
     vocab = cfg.model.vocab_size or cfg.data.vocab_size
@@ -77,7 +94,6 @@ def dry_run(cfg: RunConfig, world_size: int) -> None:
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     """Check the run dir against --resume/--overwrite (main rank) before anything is written."""
-    from hybrid_pretrain.training.checkpoint import latest_tag
 
     run_dir = cfg.run_path
     ckpt = run_dir / "checkpoints"
@@ -97,19 +113,6 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
 
 
 def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None = None) -> dict:
-    from hybrid_pretrain.data_pipeline.indexed import IndexedData
-    from hybrid_pretrain.data_pipeline.packing import PreparedData, prepare_data
-    from hybrid_pretrain.data_pipeline.sampler import RankBatches, eval_batches
-    from hybrid_pretrain.parallel import engine as ds_engine
-    from hybrid_pretrain.parallel import groups
-    from hybrid_pretrain.parallel import pipeline as pipeline_parallel
-    from hybrid_pretrain.parallel import tensor as tensor_parallel
-    from hybrid_pretrain.parallel.build import build_model
-    from hybrid_pretrain.training import checkpoint, loop
-    from hybrid_pretrain.training.flops import training_flops_per_token
-    from hybrid_pretrain.training.gpu_peaks import current_device_peak
-    from hybrid_pretrain.training.optimizer import param_groups, warmup_cosine
-
     ctx = groups.initialize(cfg.parallel)
     try:
         preflight.check_run(cfg, ctx.world_size)  # world size and every rank's free memory, before data or model
@@ -133,12 +136,10 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None =
         # This rank's model: the whole one, or its tensor slice / pipeline stage of the same initial weights.
         model = build_model(model_cfg, cfg.parallel, cfg.seed, ctx.dp_size)
         if init_from:  # a consolidated checkpoint's weights, cut to this layout before the engine partitions them
-            from hybrid_pretrain.training.init_from import init_from as load_initial_weights
 
             load_initial_weights(model, init_from, model_cfg)
         retrieval = None
         if model_cfg.arch == "atlas":  # the model searches the run's passages; the index is refreshed on schedule
-            from hybrid_pretrain.retrieval.for_training import TrainingRetrieval, build_store
 
             store = groups.run_on_main(lambda: build_store(cfg.retrieval, run_dir, cfg.data.path),
                                        user_errors=USER_ERRORS)
@@ -188,15 +189,11 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hybrid_pretrain.parallel.groups import PeerFailed, launched_rank
-
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
     try:
         cfg = load_config(args.config, overrides)
         if args.dry_run:
-            import os
-
             if launched_rank() == 0:
                 dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", 1)))
             return 0
@@ -205,8 +202,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {preflight.PreflightError(unreachable)}", file=sys.stderr, flush=True)
             return 2
         if args.init_from:
-            from hybrid_pretrain.training.init_from import prepare_config
-
             if args.resume:
                 raise ConfigError("--init-from starts a new run from a checkpoint's weights; expected it "
                                   "without --resume")

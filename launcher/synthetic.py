@@ -9,11 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.base.typed_config import build
+from hybrid_pretrain.synthetic.tasks import TASKS, make_task
+from hybrid_pretrain.synthetic.train import SyntheticRun, train_synthetic
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from hybrid_pretrain.synthetic.tasks import TASKS
-    from hybrid_pretrain.synthetic.train import SyntheticRun
-
     d = SyntheticRun()
     parser = argparse.ArgumentParser(
         description="Train a small model on induction head / associative recall and report test accuracy. "
@@ -58,14 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    from hybrid_pretrain.models.config import ConfigError
-    from hybrid_pretrain.synthetic.train import SyntheticRun, train_synthetic
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = SyntheticRun(
+    values = dict(
         task=args.task, layers=args.layers, vocab=args.vocab, seq_len=args.seq_len, train_size=args.train_size,
         test_size=args.test_size, epochs=args.epochs, batch_size=args.batch_size, d_model=args.width,
         n_heads=args.heads, d_state=args.d_state, h3_head_dim=args.h3_head_dim, rotary_dim=args.rotary_dim, lr=args.lr,
@@ -73,14 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         warmup_epochs=args.warmup_epochs,
     )
     try:
-        for name in ("train_size", "test_size", "epochs", "batch_size"):
-            if getattr(run, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(run, name)}")
-        if not 0.0 <= run.embed_dropout < 1.0:
-            raise ConfigError(f"--embed-dropout must be in [0, 1), got {run.embed_dropout}")
-        run.model_config()
-        from hybrid_pretrain.synthetic.tasks import make_task
-
+        run = build(SyntheticRun, values, source="command line")  # the one config loader, as for every config
+        run.validate()
         make_task(run.task, 1, run.vocab, run.seq_len, 0)  # shape errors before any training
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

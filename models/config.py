@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration mistake; the message names the field and what was expected."""
+from hybrid_pretrain.base.errors import ConfigError
 
 
 @dataclass
@@ -18,7 +16,7 @@ class ModelConfig:
     `E` mixture of experts), empty meaning all dense. The MoE fields only matter where `ffn` has an `E`.
     """
 
-    arch: str = "lm"  # whole-model family from models.registry.ARCHS; "lm" is the hybrid-stack LanguageModel
+    arch: str = "lm"  # whole-model family from models.architectures.ARCHS; "lm" is the hybrid-stack LanguageModel
     vocab_size: int = 0  # 0: take the tokenizer's vocabulary size at training time
     d_model: int = 256
     n_heads: int = 4  # attention heads
@@ -48,10 +46,14 @@ class ModelConfig:
     def ffn_dim(self) -> int:
         return self.d_ffn or 4 * self.d_model
 
-    def validate(self) -> None:
-        """Raise ConfigError naming the first inconsistent field."""
-        from hybrid_pretrain.models.pattern import parse_pattern
+    @property
+    def n_layers(self) -> int:
+        """Layers in the stack: one per symbol of ``layers`` (``|`` only cuts pipeline stages)."""
+        return len(self.layers.replace("|", ""))
 
+    def validate(self) -> None:
+        """Raise ConfigError naming the first inconsistent field (``models.architectures.validate_model`` also
+        checks the layer pattern and the registered names)."""
         for name in ("d_model", "n_heads", "h3_d_state", "h3_head_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
@@ -72,22 +74,9 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        parse_pattern(self.layers, self.ffn)
+        if not self.layers.replace("|", ""):
+            raise ConfigError("model.layers must hold at least one layer symbol, e.g. 'HHAH'")
         self._validate_moe()
-        self._validate_names()
-
-    def _validate_names(self) -> None:
-        from hybrid_pretrain.models.registry import ARCHS, registered_names
-
-        if self.arch not in ARCHS:
-            raise ConfigError(f"model.arch '{self.arch}' is not registered; expected one of {', '.join(sorted(ARCHS))}")
-        known = registered_names()
-        for name in self.options:
-            if name not in known:
-                raise ConfigError(
-                    f"model.options.{name}: no mixer, ffn or arch is registered as '{name}'; "
-                    f"expected one of {', '.join(sorted(known))}"
-                )
 
     def _validate_moe(self) -> None:
         if self.num_experts <= 0:

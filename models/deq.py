@@ -28,13 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.block import Block
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.ffn import build_ffn
 from hybrid_pretrain.models.init import gpt2_init
-from hybrid_pretrain.models.lm import IGNORE_INDEX
+from hybrid_pretrain.models.mixers import build_mixer
 from hybrid_pretrain.models.options import layer_options
 from hybrid_pretrain.models.pattern import parse_pattern
-from hybrid_pretrain.models.registry import build_ffn, build_mixer
+from hybrid_pretrain.models.roles import IGNORE_INDEX
 
 
 @dataclass

@@ -11,16 +11,16 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.models import roles
 from hybrid_pretrain.models.block import Block
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.ffn import build_ffn
 from hybrid_pretrain.models.ffn.moe import MoE
 from hybrid_pretrain.models.init import gpt2_init
+from hybrid_pretrain.models.mixers import build_mixer
 from hybrid_pretrain.models.pattern import parse_pattern
-from hybrid_pretrain.models.registry import build_ffn, build_mixer
-from hybrid_pretrain.parallel import sequence, vocab
-from hybrid_pretrain.parallel.linear import column_linear
-
-IGNORE_INDEX = vocab.IGNORE_INDEX
+from hybrid_pretrain.models.roles import column_linear
 
 
 def make_block(cfg: ModelConfig, layer_idx: int) -> Block:
@@ -29,8 +29,8 @@ def make_block(cfg: ModelConfig, layer_idx: int) -> Block:
     return Block(
         build_mixer(layer.mixer, cfg, layer_idx),
         build_ffn(layer.ffn, cfg, layer_idx),
-        sequence.layer_norm(cfg.d_model, cfg.norm_eps),  # nn.LayerNorm unless sequence parallelism is on
-        sequence.layer_norm(cfg.d_model, cfg.norm_eps),
+        roles.layer_norm(cfg.d_model, cfg.norm_eps),  # nn.LayerNorm unless sequence parallelism is on
+        roles.layer_norm(cfg.d_model, cfg.norm_eps),
         dropout=cfg.dropout,
     )
 
@@ -57,11 +57,11 @@ class LanguageModel(nn.Module):
             )
         self.cfg = cfg
         self.plan = parse_pattern(cfg.layers, cfg.ffn)
-        self.embedding = vocab.vocab_embedding(cfg.vocab_size, cfg.d_model)
+        self.embedding = roles.vocab_embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(make_block(cfg, i) for i in range(len(self.plan.layers)))
         self.moe_layers = [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]  # views, not modules
-        self.norm = sequence.layer_norm(cfg.d_model, cfg.norm_eps)
+        self.norm = roles.layer_norm(cfg.d_model, cfg.norm_eps)
         # Tied: the head reuses the embedding matrix (saves V x D parameters, GPT-2 practice).
         self.lm_head = None if cfg.tie_embeddings else column_linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
@@ -77,7 +77,7 @@ class LanguageModel(nn.Module):
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> logits (..., V), or this rank's (..., V / TP) under tensor parallelism."""
         h = self.norm(h)
-        return vocab.tied_logits(h, self.embedding.weight) if self.lm_head is None else self.lm_head(h)
+        return roles.tied_logits(h, self.embedding.weight) if self.lm_head is None else self.lm_head(h)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, L) token ids.
@@ -95,8 +95,8 @@ class LanguageModel(nn.Module):
                 h = block(h)
         logits = self._logits(h)  # (B, L, V) or (B, L, V / TP)
         if labels is None:
-            return vocab.full_logits(logits)
-        loss = vocab.cross_entropy(logits, labels)
+            return roles.full_logits(logits)
+        loss = roles.cross_entropy(logits, labels)
         for layer in self.moe_layers:
             loss = loss + layer.last.aux_loss + layer.last.z_loss
         return loss
@@ -138,13 +138,4 @@ class LanguageModel(nn.Module):
         h = self.drop(self.embedding(input_ids))  # (B, D)
         for block, block_state in zip(self.blocks, state):
             h = block.step(h, block_state)
-        return vocab.full_logits(self._logits(h))
-
-
-def count_parameters(cfg: ModelConfig) -> int:
-    """Number of distinct parameters (tied weights once), counted on the meta device without allocating."""
-    from hybrid_pretrain.models.registry import build_arch  # the registry imports this module
-
-    with torch.device("meta"):
-        model = build_arch(cfg)
-    return sum(p.numel() for p in model.parameters())
+        return roles.full_logits(self._logits(h))

@@ -1,8 +1,8 @@
 """The hybrid stack as one readable string, e.g. ``"HHAH|HAHH"``.
 
-One symbol per layer picks its sequence mixer (``MIXER_SYMBOLS``); ``|`` cuts pipeline stages.
-An optional ffn pattern of the same length (without cuts) picks each layer's feed-forward
-(``FFN_SYMBOLS``); empty means every layer is dense. Validated at config time so a typo fails
+One symbol per layer picks its sequence mixer (the symbols ``models.mixers.MIXERS`` registers); ``|``
+cuts pipeline stages. An optional ffn pattern of the same length (without cuts) picks each layer's
+feed-forward (``models.ffn.FFNS``); empty means every layer is dense. Validated at config time so a typo fails
 before any rank builds a model.
 """
 
@@ -10,30 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hybrid_pretrain.models.config import ConfigError
-
-MIXER_SYMBOLS = {
-    "A": "attention",
-    "H": "h3",
-    "S": "s4d",
-    "4": "s4",
-    "d": "dss",
-    "g": "gss",
-    "5": "s5",
-    "r": "dlr",
-    "M": "mega",
-    "L": "linear_attention",
-    "B": "bigbird",
-    "R": "block_recurrent",
-    "Q": "sparse_attention",  # Scaling Transformer's sparse QKV
-    "P": "butterfly_attention",  # Pixelated Butterfly projections
-}
-FFN_SYMBOLS = {
-    "D": "mlp",
-    "E": "moe",
-    "S": "sparse_ffn",  # Scaling Transformer's controller-selected sparse feed-forward
-    "P": "butterfly_mlp",  # Pixelated Butterfly weights
-}
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.models.ffn import FFNS
+from hybrid_pretrain.models.mixers import MIXERS
 
 
 @dataclass(frozen=True)
@@ -58,6 +37,7 @@ def parse_pattern(layers: str, ffn: str = "") -> StackPlan:
     """Turn ``layers``/``ffn`` strings into a StackPlan, or raise ConfigError naming the problem."""
     if not layers or not layers.replace("|", ""):
         raise ConfigError("model.layers must hold at least one layer symbol, e.g. 'HHAH'")
+    mixer_symbols, ffn_symbols = MIXERS.symbols(), FFNS.symbols()
     symbols: list[str] = []
     cuts: list[int] = []
     for pos, ch in enumerate(layers):
@@ -67,10 +47,10 @@ def parse_pattern(layers: str, ffn: str = "") -> StackPlan:
                     f"model.layers '{layers}': '|' at position {pos} must separate two non-empty stages"
                 )
             cuts.append(len(symbols))
-        elif ch in MIXER_SYMBOLS:
+        elif ch in mixer_symbols:
             symbols.append(ch)
         else:
-            known = ", ".join(f"'{k}' ({v})" for k, v in MIXER_SYMBOLS.items())
+            known = ", ".join(f"'{k}' ({v})" for k, v in mixer_symbols.items())
             raise ConfigError(
                 f"model.layers '{layers}': unknown symbol '{ch}' at position {pos}; expected one of {known} or '|'"
             )
@@ -80,8 +60,8 @@ def parse_pattern(layers: str, ffn: str = "") -> StackPlan:
             f"model.ffn '{ffn}' has {len(ffn)} symbols but model.layers has {len(symbols)} layers"
         )
     for pos, ch in enumerate(ffn):
-        if ch not in FFN_SYMBOLS:
-            known = ", ".join(f"'{k}' ({v})" for k, v in FFN_SYMBOLS.items())
+        if ch not in ffn_symbols:
+            known = ", ".join(f"'{k}' ({v})" for k, v in ffn_symbols.items())
             raise ConfigError(f"model.ffn '{ffn}': unknown symbol '{ch}' at position {pos}; expected one of {known}")
-    plan = tuple(LayerPlan(MIXER_SYMBOLS[m], FFN_SYMBOLS[f]) for m, f in zip(symbols, ffn))
+    plan = tuple(LayerPlan(mixer_symbols[m], ffn_symbols[f]) for m, f in zip(symbols, ffn))
     return StackPlan(layers=plan, stage_cuts=tuple(cuts))

@@ -1,73 +1,70 @@
-"""Name -> class tables for mixers, feed-forward layers and whole architectures.
+"""Named tables of layers and models, each entry added by one registration call.
 
-Entries are ``"module:Class"`` strings imported on first use, so adding a layer is one line here
-(plus a symbol in `models.pattern`) and importing the registry does not import every model family.
-Mixer and feed-forward constructors take ``(cfg: ModelConfig, layer_idx: int)``; architectures take
-``(cfg: ModelConfig)``. Names are unique across the three tables, since `model.options` is keyed by them.
+A mixer registers once, ``MIXERS.register("H", "h3", H3)`` (in ``models/mixers/__init__.py``), a
+feed-forward likewise in ``models/ffn/__init__.py``, a whole model as ``ARCHS.register("lm", LanguageModel)``
+(``models/architectures.py``). The symbol is the entry's letter in ``model.layers`` / ``model.ffn``; the
+name is what ``model.options`` and error messages use, unique across all tables. The tables hold the
+imported classes themselves: importing a family's package fills its table.
 """
 
 from __future__ import annotations
 
-import importlib
-
 from torch import nn
 
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.base.errors import ConfigError
 
-MIXERS: dict[str, str] = {
-    "attention": "hybrid_pretrain.models.mixers.attention:Attention",
-    "h3": "hybrid_pretrain.models.mixers.h3:H3",
-    "s4d": "hybrid_pretrain.models.mixers.s4d:S4D",
-    "s4": "hybrid_pretrain.models.mixers.s4:S4",
-    "dss": "hybrid_pretrain.models.mixers.dss:DSS",
-    "gss": "hybrid_pretrain.models.mixers.gss:GSS",
-    "s5": "hybrid_pretrain.models.mixers.s5:S5",
-    "dlr": "hybrid_pretrain.models.mixers.dlr:DLR",
-    "mega": "hybrid_pretrain.models.mixers.mega:Mega",
-    "linear_attention": "hybrid_pretrain.models.mixers.linear_attention:LinearAttention",
-    "bigbird": "hybrid_pretrain.models.mixers.bigbird:BigBird",
-    "block_recurrent": "hybrid_pretrain.models.mixers.block_recurrent:BlockRecurrent",
-    "sparse_attention": "hybrid_pretrain.models.mixers.sparse_attention:SparseQKVAttention",
-    "butterfly_attention": "hybrid_pretrain.models.mixers.butterfly_attention:ButterflyAttention",
-}
-FFNS: dict[str, str] = {
-    "mlp": "hybrid_pretrain.models.ffn.mlp:MLP",
-    "moe": "hybrid_pretrain.models.ffn.moe:MoE",
-    "sparse_ffn": "hybrid_pretrain.models.ffn.sparse_ffn:SparseFFN",
-    "butterfly_mlp": "hybrid_pretrain.models.ffn.butterfly_mlp:ButterflyMLP",
-}
-# Whole models: each takes a ModelConfig and offers ``forward(input_ids, labels=None)`` like LanguageModel.
-ARCHS: dict[str, str] = {
-    "lm": "hybrid_pretrain.models.lm:LanguageModel",
-    "perceiver_ar": "hybrid_pretrain.models.perceiver_ar:PerceiverAR",
-    "deq": "hybrid_pretrain.models.deq:DEQLanguageModel",
-    "structformer": "hybrid_pretrain.models.structformer:StructFormer",
-    "atlas": "hybrid_pretrain.models.atlas.model:Atlas",
-}
+_names: dict[str, str] = {}  # every registered name -> the table it is in (names key model.options)
+_options: dict[str, type] = {}  # name -> the dataclass of its model.options.<name> section, if it has one
 
 
-def resolve(table: dict[str, str], kind: str, name: str) -> type[nn.Module]:
-    """The class registered as `name` in `table`, imported now; ConfigError naming the choices if unknown."""
-    if name not in table:
-        raise ConfigError(f"unknown {kind} '{name}'; registered: {', '.join(sorted(table))}")
-    module, _, attr = table[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+class Registry:
+    """name -> class (and, for layers, symbol -> name) of one kind of building block."""
 
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._classes: dict[str, type[nn.Module]] = {}
+        self._symbols: dict[str, str] = {}
 
-def build_mixer(name: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    """Instantiate the registered sequence mixer `name` for layer `layer_idx`."""
-    return resolve(MIXERS, "mixer", name)(cfg, layer_idx)
+    def register(self, name: str, cls: type[nn.Module], symbol: str | None = None,
+                 options: type | None = None) -> type[nn.Module]:
+        """Add ``cls`` as ``name`` (pattern letter ``symbol``; ``options``: its options dataclass); names are unique."""
+        if name in _names:
+            raise ValueError(f"'{name}' is already registered as a {_names[name]}")
+        if symbol is not None and (len(symbol) != 1 or symbol == "|" or symbol in self._symbols):
+            raise ValueError(f"{self.kind} symbol {symbol!r} for '{name}' must be one new character other than '|'")
+        _names[name] = self.kind
+        if options is not None:
+            _options[name] = options
+        self._classes[name] = cls
+        if symbol is not None:
+            self._symbols[symbol] = name
+        return cls
 
+    def get(self, name: str) -> type[nn.Module]:
+        """The class registered as ``name``; ConfigError naming the choices if there is none."""
+        if name not in self._classes:
+            raise ConfigError(f"unknown {self.kind} '{name}'; registered: {', '.join(sorted(self._classes))}")
+        return self._classes[name]
 
-def build_ffn(name: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    """Instantiate the registered feed-forward layer `name` for layer `layer_idx`."""
-    return resolve(FFNS, "ffn", name)(cfg, layer_idx)
+    def symbols(self) -> dict[str, str]:
+        """symbol -> name, in registration order."""
+        return dict(self._symbols)
 
+    def names(self) -> list[str]:
+        return list(self._classes)
 
-def build_arch(cfg: ModelConfig) -> nn.Module:
-    """The whole model `cfg.arch` names (default ``lm``, the hybrid-stack LanguageModel)."""
-    return resolve(ARCHS, "model.arch", cfg.arch)(cfg)
+    def __contains__(self, name: object) -> bool:
+        return name in self._classes
+
+    def items(self) -> list[tuple[str, type[nn.Module]]]:
+        return list(self._classes.items())
 
 
 def registered_names() -> set[str]:
-    return set(MIXERS) | set(FFNS) | set(ARCHS)
+    """Every name in every table filled so far (the keys ``model.options`` accepts)."""
+    return set(_names)
+
+
+def options_class(name: str) -> type | None:
+    """The dataclass ``model.options.<name>`` is read into, or None for an entry without options."""
+    return _options.get(name)

@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.kernels.attention import attention
 from hybrid_pretrain.models.block import Block
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.ffn import build_ffn
 from hybrid_pretrain.models.pattern import parse_pattern
-from hybrid_pretrain.models.registry import build_ffn
-from hybrid_pretrain.parallel.linear import column_linear, row_linear
+from hybrid_pretrain.models.roles import column_linear, row_linear
 
 
 class SelfAttention(nn.Module):

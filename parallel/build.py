@@ -11,14 +11,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hybrid_pretrain.models.config import ConfigError
-from hybrid_pretrain.models.registry import build_arch
-from hybrid_pretrain.parallel.tensor import load_full_state, single_rank
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.models.architectures import build_arch
+from hybrid_pretrain.parallel import rng, sequence
+from hybrid_pretrain.parallel.expert import parallelize_experts
+from hybrid_pretrain.parallel.pipeline import build_pipeline
+from hybrid_pretrain.parallel.tensor import load_full_state, single_rank, tensor_parallel_rank
 
 
 def build_model(model_cfg, parallel_cfg, seed: int, dp_size: int) -> nn.Module:
     """An ``nn.Module`` for DeepSpeed: the arch (TP slice included) or, at PP > 1, a PipelineModule stage."""
-    from hybrid_pretrain.parallel.expert import parallelize_experts
 
     checkpointing = getattr(parallel_cfg, "activation_checkpointing", False)
     tp, pp = parallel_cfg.tensor, parallel_cfg.pipeline
@@ -30,8 +32,6 @@ def build_model(model_cfg, parallel_cfg, seed: int, dp_size: int) -> nn.Module:
         with single_rank():
             full = build_arch(model_cfg).state_dict()
         if pp > 1:
-            from hybrid_pretrain.parallel.pipeline import build_pipeline
-
             model = build_pipeline(model_cfg, pp, tp, dp_size, checkpointing)
             load_full_state(model, full, model.lm_name)
         else:
@@ -39,8 +39,6 @@ def build_model(model_cfg, parallel_cfg, seed: int, dp_size: int) -> nn.Module:
             load_full_state(model, full)
             _set_checkpointing(model, checkpointing)
     if tp > 1 and model_cfg.dropout > 0:  # per-rank masks where the tensor ranks hold different slices
-        from hybrid_pretrain.parallel import rng, sequence
-        from hybrid_pretrain.parallel.tensor import tensor_parallel_rank
 
         rng.split_dropout_regions(model, tensor_parallel_rank(), sequence.is_enabled())
     # Expert-parallel ranks keep E/EP experts of each MoE layer, cut after the single-rank weights are in.

@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+from hybrid_pretrain.parallel import one_f_one_b
+from hybrid_pretrain.parallel.pipeline import one_norm_all_reduce
+
 
 def resolve_precision(precision: str) -> str:
     """'auto' means bf16 where the GPU supports it and fp32 elsewhere (CPU bf16 is slower than fp32)."""
@@ -48,7 +51,7 @@ class MegatronMPU:
     """
 
     def __init__(self) -> None:
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state  # optional: megatron-core only at tensor-parallel size > 1
 
         self.ps = parallel_state
 
@@ -83,12 +86,13 @@ def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict
     over the plain engine (``parallel.one_f_one_b``); ``mpu`` (a MegatronMPU) is for tensor parallelism
     without a pipeline.
     """
-    import deepspeed
-    from deepspeed.pipe import PipelineModule
-    from deepspeed.utils import logger as ds_logger
+    import deepspeed  # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
 
-    from hybrid_pretrain.parallel import one_f_one_b
-    from hybrid_pretrain.parallel.pipeline import one_norm_all_reduce
+    # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
+    from deepspeed.pipe import PipelineModule
+
+    # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
+    from deepspeed.utils import logger as ds_logger
 
     pipe = model if isinstance(model, PipelineModule) else None
     zero_stage = ds_config["zero_optimization"]["stage"]

@@ -39,6 +39,7 @@ def expert_group_name(ep_size: int) -> str:
 
 def expert_parallel_group(ep_size: int) -> dist.ProcessGroup | None:
     """This rank's expert-parallel group of size ``ep_size`` (created by parallel.groups.initialize)."""
+    # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
     from deepspeed.utils import groups
 
     return groups._get_expert_parallel_group(expert_group_name(ep_size)) if ep_size > 1 else None
@@ -69,6 +70,7 @@ def single_rank_expert_name(name: str, ep_rank: int = 0, n_local: int = 0) -> st
 @functools.cache
 def _container_class() -> type[nn.Module]:
     """Defined on first use so importing this module does not import DeepSpeed."""
+    # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
     class ExpertParallelExperts(DeepSpeedMoE):

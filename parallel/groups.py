@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hybrid_pretrain.parallel import roles, sequence
+
 _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 
 
@@ -59,7 +61,7 @@ def initialize(parallel) -> ParallelContext:
     ``parallel`` is a ParallelConfig; its sizes are checked against the world before megatron-core
     (which would only assert) sees them.
     """
-    import deepspeed
+    import deepspeed  # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
 
     _single_process_env()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -77,15 +79,14 @@ def initialize(parallel) -> ParallelContext:
 
     with warnings.catch_warnings():  # megatron-core warns that Apex/TE are absent; we do not use them
         warnings.simplefilter("ignore")
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state  # optional: megatron-core only at tensor-parallel size > 1
 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline
     )
     _initialize_expert_groups(getattr(parallel, "expert", 1), parallel.tensor, parallel.pipeline)
-    from hybrid_pretrain.parallel import sequence
-
     sequence.set_enabled(getattr(parallel, "sequence_parallel", False))  # read by the layers built next
+    roles.install()  # models' projection roles now follow these groups
     return ParallelContext(
         rank=rank,
         world_size=world,
@@ -109,6 +110,7 @@ def _initialize_expert_groups(ep_size: int, tp: int = 1, pp: int = 1) -> None:
     ``_create_expert_data_and_model_parallel`` is not used because it reads sizes from the ``mpu`` an engine
     records later.
     """
+    # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
     from deepspeed.utils import groups as ds_groups
 
     name = f"ep_size_{ep_size}"
@@ -128,6 +130,7 @@ def _initialize_expert_groups(ep_size: int, tp: int = 1, pp: int = 1) -> None:
 
 
 def _forget_expert_groups() -> None:
+    # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
     from deepspeed.utils import groups as ds_groups
 
     for table in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP,
@@ -136,7 +139,7 @@ def _forget_expert_groups() -> None:
 
 
 def data_parallel_group() -> dist.ProcessGroup:
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # optional: megatron-core only at tensor-parallel size > 1
 
     return parallel_state.get_data_parallel_group()
 
@@ -144,14 +147,14 @@ def data_parallel_group() -> dist.ProcessGroup:
 def reset_model_parallel() -> None:
     """Forget the model-parallel groups (megatron-core's and the ``mpu`` DeepSpeed's last engine recorded),
     keeping the default group, so a process can form another layout (the equivalence tests do)."""
+    # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
     from deepspeed.utils import groups as ds_groups
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # optional: megatron-core only at tensor-parallel size > 1
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     ds_groups.mpu = None  # else an engine built without mpu would inherit the previous engine's
     _forget_expert_groups()  # they depend on the tensor/pipeline sizes of the layout
-    from hybrid_pretrain.parallel import sequence
 
     sequence.set_enabled(False)
 

@@ -80,7 +80,7 @@ def _init(weight: torch.Tensor) -> None:
 
 
 def _megatron_config():
-    from megatron.core import ModelParallelConfig
+    from megatron.core import ModelParallelConfig  # optional: megatron-core only at tensor-parallel size > 1
 
     # CPU initialisation builds the whole matrix once and keeps this rank's slice (works without CUDA).
     return ModelParallelConfig(tensor_model_parallel_size=tensor_parallel_size(), use_cpu_initialization=True,
@@ -95,6 +95,7 @@ def _parallel_classes() -> tuple[type[nn.Module], type[nn.Module]]:
     collectives: megatron's own ``sequence_parallel=True`` path gathers along dim 0 (sequence-first
     activations) into a CUDA buffer, so it cannot serve batch-first CPU runs.
     """
+    # optional: megatron-core only at tensor-parallel size > 1
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     class ColumnParallel(ColumnParallelLinear):

@@ -33,9 +33,15 @@ import warnings
 import torch
 from torch import nn
 
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.models.block import Block
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.ffn.moe import MoE
+from hybrid_pretrain.models.lm import make_block
 from hybrid_pretrain.models.pattern import parse_pattern
 from hybrid_pretrain.parallel import sequence, vocab
+from hybrid_pretrain.parallel.expert import pipeline_moe_metrics
+from hybrid_pretrain.parallel.linear import column_linear
 
 PIPE_NAME = re.compile(r"^(\d+)\.(.*)$")
 TIED_EMBEDDING = "tied_modules.embed."
@@ -72,6 +78,7 @@ def block_bounds(model_cfg: ModelConfig, pp: int) -> list[int]:
     n = len(plan.layers)
     if plan.stage_cuts:
         return [0, *plan.stage_cuts, n]
+    # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
     from deepspeed.runtime.utils import partition_uniform
 
     return list(partition_uniform(num_items=n, num_parts=pp))
@@ -168,7 +175,6 @@ class HeadStage(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        from hybrid_pretrain.parallel.linear import column_linear
 
         self.lm_head = column_linear(cfg.d_model, cfg.vocab_size, bias=False)
 
@@ -193,11 +199,8 @@ def lm_name(pipe_name: str, n_blocks: int) -> str:
 @functools.cache
 def _pipeline_class() -> type[nn.Module]:
     """Defined on first use so importing this module does not import DeepSpeed."""
+    # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
     from deepspeed.pipe import LayerSpec, PipelineModule
-
-    from hybrid_pretrain.models.block import Block
-    from hybrid_pretrain.models.ffn.moe import MoE
-    from hybrid_pretrain.models.lm import make_block
 
     class AuxBlock(Block):
         """A block of a model with MoE layers: ``(h, aux) -> (h, aux + this block's MoE aux and z losses)``."""
@@ -226,6 +229,7 @@ def _pipeline_class() -> type[nn.Module]:
         """PipelineModule whose stage boundaries are ours (``block_bounds``), not DeepSpeed's partitioners."""
 
         def __init__(self, cfg: ModelConfig, topology, bounds: list[int], checkpoint_activations: bool) -> None:
+            # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
             from deepspeed.pipe import TiedLayerSpec
 
             self.cfg, self.n_blocks = cfg, len(bounds) and bounds[-1]
@@ -258,7 +262,6 @@ def _pipeline_class() -> type[nn.Module]:
             """MoE routing statistics of the last micro-batch, over every stage's layers (a pipeline collective)."""
             if not has_moe(self.cfg):
                 return {}
-            from hybrid_pretrain.parallel.expert import pipeline_moe_metrics
 
             return pipeline_moe_metrics(self, self.cfg.num_experts, self._grid.get_pipe_parallel_group())
 
@@ -267,6 +270,7 @@ def _pipeline_class() -> type[nn.Module]:
 
 def build_pipeline(model_cfg: ModelConfig, pp: int, tp: int, dp: int, checkpoint_activations: bool = False):
     """This rank's stage of the LanguageModel as a DeepSpeed PipelineModule (weights: see ``load_full_state``)."""
+    # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     # DeepSpeed's gloo send/recv is a broadcast into the activation buffer that autograd then sees; the

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from hybrid_pretrain.models.mixers.attention import Attention
+
 _RANK_OFFSET = 2718  # as megatron's tensor-parallel seed offset: seed + 2718 + tensor rank
 
 
@@ -72,7 +74,6 @@ def split_dropout_regions(model: nn.Module, tp_rank: int, sequence_parallel: boo
     every ``nn.Dropout`` outside them (residual branches, embedding) acts on this rank's positions and
     becomes a ``SplitDropout``. Models without dropout are left as they are.
     """
-    from hybrid_pretrain.models.mixers.attention import Attention
 
     for module in list(model.modules()):
         if isinstance(module, Attention) and module.dropout > 0:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.parallel.tensor import tensor_parallel_group, tensor_parallel_size
 
 SEQUENCE_DIM = 1  # our activations are batch-first (B, L, D)
@@ -172,6 +172,7 @@ def reduce_scatter(x: torch.Tensor, dim: int = SEQUENCE_DIM, group: dist.Process
 
 def sum_grad(param: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """``param`` unchanged; its gradient summed over the tensor group (megatron-core's copy-to-region map)."""
+    # optional: megatron-core only at tensor-parallel size > 1
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
     return copy_to_tensor_model_parallel_region(param, group=group or tensor_parallel_group())

@@ -25,7 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.models.ffn import FFNS
+from hybrid_pretrain.models.mixers import MIXERS
+from hybrid_pretrain.models.pattern import parse_pattern
 
 _single_rank_depth = 0
 
@@ -75,6 +78,7 @@ def local_size(n: int, what: str) -> int:
 def mark_sharded(module: nn.Module, dim: int = 0) -> nn.Module:
     """Declare every parameter of ``module`` split along ``dim`` across tensor-parallel ranks (no-op at TP=1)."""
     if tensor_parallel_size() > 1:
+        # optional: megatron-core only at tensor-parallel size > 1
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
         for p in module.parameters():
@@ -121,15 +125,12 @@ def check_model(model_cfg, tp: int) -> None:
     """
     if tp == 1:
         return
-    from hybrid_pretrain.models.pattern import parse_pattern
-    from hybrid_pretrain.models.registry import FFNS, MIXERS, resolve
-
     if model_cfg.arch != "lm":
         raise ConfigError(f"parallel.tensor={tp} supports model.arch 'lm' only, got '{model_cfg.arch}'")
     plan = parse_pattern(model_cfg.layers, model_cfg.ffn)
     for layer in plan.layers:
         for table, kind, name in ((MIXERS, "mixer", layer.mixer), (FFNS, "ffn", layer.ffn)):
-            if not getattr(resolve(table, kind, name), "supports_tensor_parallel", False):
+            if not getattr(table.get(name), "supports_tensor_parallel", False):
                 raise ConfigError(f"parallel.tensor={tp}: the {kind} '{name}' in model.layers/model.ffn has no "
                                   "tensor-parallel split yet; expected parallel.tensor=1 or layers from "
                                   "attention (A), h3 (H) with dense mlp (D) or mixture of experts (E)")

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_pretrain.models.roles import IGNORE_INDEX
 from hybrid_pretrain.parallel import sequence
+from hybrid_pretrain.parallel.linear import _init, _megatron_config
 from hybrid_pretrain.parallel.tensor import tensor_parallel_group, tensor_parallel_size
-
-IGNORE_INDEX = -100
 
 
 def vocab_embedding(vocab_size: int, d_model: int) -> nn.Module:
@@ -33,9 +33,8 @@ def vocab_embedding(vocab_size: int, d_model: int) -> nn.Module:
     """
     if tensor_parallel_size() == 1:
         return nn.Embedding(vocab_size, d_model)
+    # optional: megatron-core only at tensor-parallel size > 1
     from megatron.core.tensor_parallel import VocabParallelEmbedding
-
-    from hybrid_pretrain.parallel.linear import _init, _megatron_config
 
     cls = _sequence_parallel_embedding() if sequence.is_enabled() else VocabParallelEmbedding
     return cls(vocab_size, d_model, init_method=_init, config=_megatron_config())
@@ -48,6 +47,7 @@ def _sequence_parallel_embedding() -> type[nn.Module]:
     Hand-written because megatron's ``reduce_scatter_embeddings=True`` returns sequence-first activations
     and allocates its output on CUDA; the lookup below is megatron's, written out.
     """
+    # optional: megatron-core only at tensor-parallel size > 1
     from megatron.core.tensor_parallel import VocabParallelEmbedding
 
     class SequenceParallelEmbedding(VocabParallelEmbedding):
@@ -68,6 +68,7 @@ def tied_logits(h: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor
     if sequence.is_enabled():
         return sequence.gathered_linear(h, embedding_weight)  # (B, L / TP, D) -> (B, L, V / TP)
     if tensor_parallel_size() > 1:
+        # optional: megatron-core only at tensor-parallel size > 1
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
         h = copy_to_tensor_model_parallel_region(h, group=tensor_parallel_group())  # backward: all-reduce dh
@@ -78,6 +79,7 @@ def full_logits(logits: torch.Tensor) -> torch.Tensor:
     """(..., V / TP) -> (..., V) on every rank (for callers that want logits, not a loss)."""
     if tensor_parallel_size() == 1:
         return logits
+    # optional: megatron-core only at tensor-parallel size > 1
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     return gather_from_tensor_model_parallel_region(logits, group=tensor_parallel_group())
@@ -87,6 +89,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean fp32 cross-entropy of logits (B, L, V / TP) against labels (B, L), skipping label -100."""
     if tensor_parallel_size() == 1:
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    # optional: megatron-core only at tensor-parallel size > 1
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     keep = labels != IGNORE_INDEX

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 from tqdm import tqdm
 
 from hybrid_pretrain.retrieval.index import (
@@ -45,8 +46,6 @@ def embed_rows(store: PassageStore, embedder: Embedder, rows: np.ndarray, progre
 
 
 def _default_barrier() -> Callable[[], None]:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.barrier
     return lambda: None

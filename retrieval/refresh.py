@@ -19,12 +19,11 @@ import numpy as np
 import torch
 
 from hybrid_pretrain.retrieval.build import build_full, refresh_incremental, stale_ids
+from hybrid_pretrain.retrieval.config import MODES
 from hybrid_pretrain.retrieval.encoder import DualEncoder
 from hybrid_pretrain.retrieval.index import IndexSpec
 from hybrid_pretrain.retrieval.passages import PassageStore
 from hybrid_pretrain.retrieval.protocol import Embedder, Retriever
-
-MODES = ("full", "rolling")
 
 
 @dataclass

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.models.architectures import build_arch, validate_model
 from hybrid_pretrain.models.config import ModelConfig
-from hybrid_pretrain.models.registry import build_arch
 from hybrid_pretrain.synthetic.tasks import SyntheticData, make_task
 from hybrid_pretrain.training.optimizer import param_groups, warmup_cosine
 
@@ -53,11 +54,23 @@ class SyntheticRun:
         epochs = self.warmup_epochs if self.warmup_epochs >= 0 else -(-self.epochs // 10)
         return max(1, epochs * steps_per_epoch)
 
+    seed: int = 0
+    history: list[float] = field(default_factory=list)  # test accuracy after each evaluation
+
     @property
     def loss_mode(self) -> str:
         return self.loss_on or ("sequence" if self.task == "associative_recall" else "answer")
-    seed: int = 0
-    history: list[float] = field(default_factory=list)  # test accuracy after each evaluation
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field out of range (the model's own fields included)."""
+        for name in ("train_size", "test_size", "epochs", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0.0 <= self.embed_dropout < 1.0:
+            raise ConfigError(f"embed_dropout must be in [0, 1), got {self.embed_dropout}")
+        if self.loss_on not in ("", "sequence", "answer"):
+            raise ConfigError(f"loss_on must be 'sequence', 'answer' or empty, got '{self.loss_on}'")
+        self.model_config()
 
     def model_config(self) -> ModelConfig:
         rotary = self.rotary_dim
@@ -66,7 +79,7 @@ class SyntheticRun:
         cfg = ModelConfig(vocab_size=self.vocab, d_model=self.d_model, n_heads=self.n_heads, layers=self.layers,
                           h3_d_state=self.d_state, h3_head_dim=self.h3_head_dim, max_seq_len=self.seq_len,
                           rotary_dim=rotary)
-        cfg.validate()
+        validate_model(cfg)
         return cfg
 
 

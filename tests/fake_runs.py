@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from hybrid_pretrain.launcher.config import load_config, save_resolved
 from hybrid_pretrain.models.lm import LanguageModel
 from hybrid_pretrain.training.checkpoint import write_manifest
+from hybrid_pretrain.training.config import load_config, save_resolved
 
 
 def fake_zero0_run(run_dir: Path, layers: str = "HA", tie: bool = True) -> LanguageModel:

@@ -8,7 +8,6 @@ intact checkpoint, naming the corrupt one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -20,6 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from hybrid_pretrain.base.hashing import file_sha256
+from hybrid_pretrain.parallel.tensor import sharding_layout, tensor_parallel_size
 
 TAG_PREFIX = "step"
 TMP_PREFIX = ".tmp-"
@@ -53,15 +55,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def file_sha256(path: Path) -> str:
-    """Streamed sha256 of a file; the one checksum checkpoints, shards and indexes record."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -154,7 +147,6 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict, keep: int) 
 def parallel_layout(module: Any) -> dict | None:
     """For a tensor- or pipeline-parallel module, the sizes and every sharded tensor's split (same on all
     ranks, gathered: a collective); None for a single-rank layout, which needs no reassembly."""
-    from hybrid_pretrain.parallel.tensor import sharding_layout, tensor_parallel_size
 
     rename = getattr(module, "lm_name", None)
     tp = tensor_parallel_size()

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from hybrid_pretrain.parallel.expert import EXPERT_KEY, single_rank_expert_name
-from hybrid_pretrain.training.checkpoint import CheckpointError
+from hybrid_pretrain.parallel.pipeline import lm_name
+from hybrid_pretrain.training.checkpoint import LAYOUT, CheckpointError
+from hybrid_pretrain.training.shards import join_tensor_ranks
 
 EXPERT_FILES = "layer_*_expert_*_model_states.pt"
 MAIN_FILE = "mp_rank_00_model_states.pt"
@@ -61,9 +63,6 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 def moe_model_parallel_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
     """Full fp32 state dict, in single-rank names, of an MoE checkpoint written under tensor and/or pipeline
     parallelism (any expert-parallel size); module weights as trained (exact for fp32 runs)."""
-    from hybrid_pretrain.parallel.pipeline import lm_name
-    from hybrid_pretrain.training.checkpoint import LAYOUT
-    from hybrid_pretrain.training.shards import join_tensor_ranks
 
     tag_dir = Path(tag_dir)
     layout = json.loads((tag_dir / LAYOUT).read_text())

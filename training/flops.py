@@ -35,8 +35,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from hybrid_pretrain.models.architectures import count_parameters
 from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.pattern import parse_pattern
+from hybrid_pretrain.parallel.tensor import single_rank
+from hybrid_pretrain.training.memory import expert_parameters
 
 FFT_MIXERS = ("h3", "s4d")
 
@@ -56,7 +59,6 @@ class TrainingFlops:
 
 def matmul_parameters(cfg: ModelConfig, n_params: int) -> int:
     """Parameters a token multiplies: ``n_params`` without the embedding table (head once) or inactive experts."""
-    from hybrid_pretrain.training.memory import expert_parameters
 
     experts, active = expert_parameters(cfg)
     # Tied: the one V x D matrix in n_params is the head's matmul (the lookup is free). Untied: drop the table.
@@ -66,8 +68,6 @@ def matmul_parameters(cfg: ModelConfig, n_params: int) -> int:
 
 def full_parameter_count(cfg: ModelConfig) -> int:
     """Parameters of the whole single-rank model (on the meta device), also inside a tensor-parallel run."""
-    from hybrid_pretrain.models.lm import count_parameters
-    from hybrid_pretrain.parallel.tensor import single_rank
 
     with single_rank():
         return count_parameters(cfg)

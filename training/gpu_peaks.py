@@ -12,6 +12,8 @@ import math
 import re
 from dataclasses import dataclass
 
+import torch
+
 TERA = 1e12
 
 
@@ -59,7 +61,6 @@ def peak_flops(device_name: str | None, precision: str) -> float:
 
 def current_device_peak(precision: str) -> float:
     """Peak FLOP/s of this process's CUDA device (NaN on CPU)."""
-    import torch
 
     if not torch.cuda.is_available():
         return math.nan

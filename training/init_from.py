@@ -15,16 +15,26 @@ parameter holds its slice (``parallel.tensor.shard`` cuts it).
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.parallel.tensor import shard
 from hybrid_pretrain.training.checkpoint import CheckpointError
-from hybrid_pretrain.training.weights import TOKENIZER_FILE, RunWeights, load_consolidated
+from hybrid_pretrain.training.weights import (
+    MODEL_CONFIG_FILE,
+    TOKENIZER_FILE,
+    RunWeights,
+    load_consolidated,
+    model_config_from_dict,
+)
 
 # Fields that change how a model trains but not which tensors it has or what they mean.
 TRAINING_ONLY_FIELDS = frozenset({"dropout", "init_std", "capacity_factor", "eval_capacity_factor", "min_capacity",
@@ -48,7 +58,6 @@ def _expert_rank(container: nn.Module) -> int:
     """This rank's index in the expert-parallel group of a DeepSpeed MoE container."""
     if getattr(container, "ep_size", 1) == 1:
         return 0
-    import torch.distributed as dist
 
     return dist.get_rank(container.group)
 
@@ -75,7 +84,6 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
     stage) every checkpoint tensor must land somewhere except other ranks' experts; the first
     offending tensor is named in a CheckpointError.
     """
-    from hybrid_pretrain.parallel.tensor import shard
 
     rename = consolidated_name(model)
     used: set[str] = set()
@@ -132,9 +140,6 @@ def prepare_config(cfg, ckpt_dir: str | Path) -> None:
 
     Reads config.json only (no tensors), so every rank can call it before data preparation.
     """
-    import json
-
-    from hybrid_pretrain.training.weights import MODEL_CONFIG_FILE, model_config_from_dict
 
     path = Path(ckpt_dir) / MODEL_CONFIG_FILE
     if not path.is_file():

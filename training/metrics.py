@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from hybrid_pretrain.training.plots import plot_metrics
 
@@ -13,11 +18,7 @@ from hybrid_pretrain.training.plots import plot_metrics
 def peak_memory_bytes(device: Any) -> float:
     """This process's peak memory: the CUDA caching allocator's high-water mark on GPU, peak RSS on CPU."""
     if getattr(device, "type", "cpu") == "cuda":
-        import torch
-
         return float(torch.cuda.max_memory_allocated(device))
-    import resource
-    import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
@@ -38,12 +39,7 @@ class MetricsLogger:
         if not enabled:
             return
         self._truncate_after(resume_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step or None)
-        except ImportError:  # tensorboard is a dependency, but a missing one must not stop training
-            self._tb = None
+        self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step or None)
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():

@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
@@ -17,11 +19,6 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
     """Write ``loss.png`` (train and validation) and ``throughput.png`` (tokens/s) into ``out_dir``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not metrics_path.exists():
         return []
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -30,7 +27,8 @@ def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
         ("loss.png", ("train_loss", "val_loss"), "cross-entropy (nats/token)"),
         ("throughput.png", ("tokens_per_s",), "tokens / s (all ranks)"),
     ):
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))  # the object API: no pyplot state, no GUI backend to choose
+        ax = fig.subplots()
         drew = False
         for key in keys:
             steps, values = _series(records, key)
@@ -38,7 +36,6 @@ def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
                 ax.plot(steps, values, marker="o" if len(steps) < 30 else None, label=key)
                 drew = True
         if not drew:
-            plt.close(fig)
             continue
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
@@ -47,7 +44,6 @@ def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
         fig.tight_layout()
         path = out_dir / filename
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         written.append(path)
     return written
 

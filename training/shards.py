@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
+from hybrid_pretrain.parallel.tensor import merge_shards
 from hybrid_pretrain.training.checkpoint import CheckpointError
 
 
 def join_tensor_ranks(pieces: dict[str, dict[int, torch.Tensor]], sharded: dict[str, list], tp: int,
                       tag_dir: Path) -> dict[str, torch.Tensor]:
     """name -> {tensor rank: tensor} to name -> the single-rank fp32 tensor (replicated ones from the lowest rank)."""
-    from hybrid_pretrain.parallel.tensor import merge_shards
 
     out = {}
     for name, by_rank in pieces.items():

@@ -12,16 +12,21 @@ import contextlib
 import dataclasses
 import json
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
-from hybrid_pretrain.launcher.config import RunConfig, load_config
+from hybrid_pretrain.models.architectures import build_arch
 from hybrid_pretrain.models.config import ModelConfig
-from hybrid_pretrain.models.registry import build_arch
+from hybrid_pretrain.parallel.pipeline import lm_name
 from hybrid_pretrain.training.checkpoint import (
     LAYOUT,
     MANIFEST,
@@ -31,6 +36,7 @@ from hybrid_pretrain.training.checkpoint import (
     latest_tag,
     verify,
 )
+from hybrid_pretrain.training.config import RunConfig, load_config, save_resolved
 from hybrid_pretrain.training.expert_checkpoint import is_moe_checkpoint, moe_model_parallel_state_dict, moe_state_dict
 from hybrid_pretrain.training.shards import join_tensor_ranks
 
@@ -64,6 +70,7 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
     if stage == 0:  # no optimizer partitions: the module is whole (cast, as bf16 runs keep no fp32 copy here)
         return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress on stdout; keep it for results
@@ -85,8 +92,8 @@ def _zero3_tensor_shards(tag_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
     folder of symlinks to its own files only, and the public ``get_fp32_state_dict_from_zero_checkpoint``
     does the rest (the fp32 master weights, exact). Empty when `tag_dir` holds no such files.
     """
-    import tempfile
 
+    # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     files: dict[int, list[Path]] = {}
@@ -121,7 +128,6 @@ def _model_parallel_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     a whole shard, so each tensor rank's fp32 master weights are first consolidated from its
     data-parallel partitions (``_zero3_tensor_shards``).
     """
-    from hybrid_pretrain.parallel.pipeline import lm_name
 
     layout = json.loads((tag_dir / LAYOUT).read_text())
     tp, sharded = layout["tensor"], layout["sharded"]
@@ -208,11 +214,7 @@ def save_consolidated(weights: RunWeights, out_dir: str | Path, extra_config: di
     Tied weights are stored once (the tied model has no lm_head tensor); `extra_config` adds keys to
     config.json (Hugging Face's model_type and auto_map).
     """
-    import shutil
 
-    from safetensors.torch import save_file
-
-    from hybrid_pretrain.launcher.config import save_resolved
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +230,6 @@ def save_consolidated(weights: RunWeights, out_dir: str | Path, extra_config: di
 
 def model_config_from_dict(values: dict) -> ModelConfig:
     """The ModelConfig fields of a config.json (other keys, e.g. Hugging Face's, are ignored); validated."""
-    from hybrid_pretrain.models.config import ConfigError
 
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in values.items() if k in fields})
@@ -240,7 +241,6 @@ def model_config_from_dict(values: dict) -> ModelConfig:
 
 def load_consolidated(ckpt_dir: str | Path) -> RunWeights:
     """Read a folder written by `save_consolidated`; safetensors only, so loading never unpickles anything."""
-    from safetensors.torch import load_file
 
     ckpt_dir = Path(ckpt_dir)
     for name in (WEIGHTS_FILE, MODEL_CONFIG_FILE):
@@ -258,7 +258,6 @@ def load_consolidated(ckpt_dir: str | Path) -> RunWeights:
     except Exception as e:  # safetensors raises its own SafetensorError on a truncated or foreign file
         raise CheckpointError(f"{ckpt_dir / WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
     tok_path = ckpt_dir / TOKENIZER_FILE
-    from safetensors import safe_open
 
     with safe_open(str(ckpt_dir / WEIGHTS_FILE), framework="pt") as f:
         tag = (f.metadata() or {}).get("tag", ckpt_dir.name)

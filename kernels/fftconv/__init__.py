@@ -81,5 +81,5 @@ def ssm_conv(
             f"dB {tuple(dB.shape)}, C {tuple(C.shape)}"
         )
     if ssm_conv_path(u) == "state_passing":  # chunks of 8K: the fused kernel's limit on GPU
-        return ssm_conv_state_passing(u, dtA, dB, C, D, chunk=TRITON_MAX_LEN)
+        return ssm_conv_state_passing(u, dtA, dB, C, D, chunk=TRITON_MAX_LEN, conv=fftconv)
     return fftconv(u, ssm_kernel(dtA, dB, C, u.shape[-1]), D)

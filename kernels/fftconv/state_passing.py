@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybrid_pretrain.kernels.fftconv.reference import ssm_kernel
+from hybrid_pretrain.kernels.fftconv.reference import fftconv_ref, ssm_kernel
 
 
 def ssm_conv_state_passing(
@@ -33,13 +33,13 @@ def ssm_conv_state_passing(
         D: (H,) skip weight or None.
         chunk: steps per chunk, convolved with a length-`chunk` kernel.
         conv: the within-chunk convolution ``(u (B', H, T), k (H, T), D) -> (B', H, T)``; default the
-            dispatching ``kernels.fftconv.fftconv`` (the fused Triton kernel on GPU).
+            reference ``fftconv_ref`` (the public ``ssm_conv`` passes the dispatching ``fftconv``, the fused
+            Triton kernel on GPU).
 
     Returns:
         y: (B, H, L) in u's dtype, equal to ``ssm_conv_ref`` up to rounding. Differentiable in u, dtA, dB, C, D.
     """
-    if conv is None:
-        from hybrid_pretrain.kernels.fftconv import fftconv as conv
+    conv = conv or fftconv_ref
     B, H, L = u.shape
     T = min(chunk, L)
     n_chunks = -(-L // T)

@@ -8,27 +8,40 @@ through one of the losses in `models.atlas.losses` (perplexity distillation by d
 Staleness (Atlas section 2.4): the index is rebuilt on a schedule by the trainer
 (`retrieval.for_training`); ``rerank_factor > 1`` over-retrieves from the stale index and re-ranks with
 the current passage tower; ``query_side_only`` freezes the passage tower so the index never goes stale.
-The model holds no index: `attach(PassageSource)` gives it one.
+The model holds no index: `attach(source)` gives it one (``retrieval.passage_source.PassageSource``
+implements `CandidateSource`), so models never depend on the retrieval library.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.atlas import losses
-from hybrid_pretrain.models.atlas.passages import PassageSource
 from hybrid_pretrain.models.atlas.reader import FiDReader
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.atlas.retriever import BiEncoder, EncoderConfig
+from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.init import gpt2_init
 from hybrid_pretrain.models.options import layer_options
-from hybrid_pretrain.retrieval.encoder import BiEncoder, EncoderConfig
 
 IGNORE_INDEX = -100
+
+
+class CandidateSource(Protocol):
+    """Where Atlas's passages come from: top-n hits for query embeddings, as token ids."""
+
+    def __len__(self) -> int:
+        """Passages there are to retrieve."""
+
+    def candidates(self, query_emb: torch.Tensor, n: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """query_emb (B, D) -> (passage ids (B, n), token ids (B, n, P), mask (B, n, P)) of the top-n hits."""
 
 
 @dataclass
@@ -79,7 +92,7 @@ class Atlas(nn.Module):
         # Query-side-only: passages are embedded by a frozen snapshot of the initial retriever.
         self.frozen_passage_tower = (copy.deepcopy(self.retriever).requires_grad_(False)
                                      if o.query_side_only else None)
-        self.source: PassageSource | None = None
+        self.source: CandidateSource | None = None
         self.last: dict[str, float] = {}
         self.reset_parameters()
 
@@ -94,11 +107,11 @@ class Atlas(nn.Module):
             if self.frozen_passage_tower is not None:
                 self.frozen_passage_tower.load_state_dict(self.retriever.state_dict())
 
-    def attach(self, source: PassageSource) -> None:
+    def attach(self, source: CandidateSource) -> None:
         """Give the model its passages (an index over a passage store); needed before the first forward."""
-        if len(source.store) < self.opts.n_passages * self.opts.rerank_factor:
-            raise ConfigError(f"passage store {source.store.path} holds {len(source.store)} passages; Atlas needs at "
-                              f"least n_passages x rerank_factor = {self.opts.n_passages * self.opts.rerank_factor}")
+        if len(source) < self.opts.n_passages * self.opts.rerank_factor:
+            raise ConfigError(f"{source} holds {len(source)} passages; Atlas needs at least "
+                              f"n_passages x rerank_factor = {self.opts.n_passages * self.opts.rerank_factor}")
         self.source = source
 
     def _embed(self, tower: BiEncoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -110,7 +123,7 @@ class Atlas(nn.Module):
     def retrieve(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """query (B, Lq) -> (scores (B, K) differentiable w.r.t. the retriever, passage ids (B, K, P), mask)."""
         if self.source is None:
-            raise RuntimeError("Atlas has no passages: call attach(PassageSource) before forward "
+            raise RuntimeError("Atlas has no passages: call attach(source) before forward "
                                "(launcher/pretrain.py does this from the run's `retrieval:` section)")
         o = self.opts
         q_emb = self.retriever(query, torch.ones_like(query, dtype=torch.bool))  # (B, Dr)

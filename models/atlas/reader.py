@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_pretrain.models.atlas.retriever import BidirectionalAttention, EncoderConfig
 from hybrid_pretrain.models.block import Block
 from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.ffn import build_ffn
 from hybrid_pretrain.models.ffn.mlp import MLP
+from hybrid_pretrain.models.mixers import build_mixer
 from hybrid_pretrain.models.pattern import parse_pattern
-from hybrid_pretrain.models.registry import build_ffn, build_mixer
-from hybrid_pretrain.parallel.linear import column_linear, row_linear
-from hybrid_pretrain.retrieval.encoder import BidirectionalAttention, EncoderConfig
+from hybrid_pretrain.models.roles import column_linear, row_linear
 
 
 class CrossAttention(nn.Module):

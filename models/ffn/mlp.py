@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid_pretrain.models.config import ModelConfig
-from hybrid_pretrain.parallel.linear import column_linear, row_linear
+from hybrid_pretrain.models.roles import column_linear, row_linear
 
 
 class MLP(nn.Module):

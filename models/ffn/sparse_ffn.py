@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.options import layer_options
-from hybrid_pretrain.models.pattern import parse_pattern
-from hybrid_pretrain.parallel.linear import column_linear, replicated_linear
+from hybrid_pretrain.models.roles import column_linear, replicated_linear
 
 
 @dataclass
@@ -61,7 +61,7 @@ class SparseFFN(nn.Module):
         # 7x faster than a strided column gather at d 1024 on CPU. Replicated under tensor parallelism.
         self.down_weight = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.d_model))
         self.down_bias = nn.Parameter(torch.empty(cfg.d_model))
-        self.residual_std = cfg.init_std / math.sqrt(2 * len(parse_pattern(cfg.layers, cfg.ffn).layers))
+        self.residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

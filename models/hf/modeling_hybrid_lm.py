@@ -15,7 +15,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from hybrid_pretrain.models.config import ModelConfig
-from hybrid_pretrain.models.lm import IGNORE_INDEX, LanguageModel
+from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.models.roles import IGNORE_INDEX
 
 from .configuration_hybrid_lm import HybridLMConfig
 

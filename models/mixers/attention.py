@@ -12,8 +12,7 @@ from torch import nn
 
 from hybrid_pretrain.kernels.attention import attention
 from hybrid_pretrain.models.config import ModelConfig
-from hybrid_pretrain.parallel.linear import column_linear, row_linear
-from hybrid_pretrain.parallel.tensor import local_size
+from hybrid_pretrain.models.roles import column_linear, local_size, row_linear
 
 ROTARY_BASE = 10000.0
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.kernels.attention import attention
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.mixers.attention import Attention
 from hybrid_pretrain.models.options import layer_options
 

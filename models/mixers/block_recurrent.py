@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.kernels.attention import attention
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.mixers.attention import apply_rotary
 from hybrid_pretrain.models.options import layer_options
-from hybrid_pretrain.parallel.linear import column_linear, replicated_linear, row_linear
+from hybrid_pretrain.models.roles import column_linear, replicated_linear, row_linear
 
 GATES = ("lstm", "fixed")
 

@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.kernels.fftconv import ssm_conv
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.mixers.ssm import DT_MAX, DT_MIN, SSM_OPTIM
 from hybrid_pretrain.models.options import layer_options
+from hybrid_pretrain.models.roles import row_linear
 from hybrid_pretrain.models.scan import linear_scan
-from hybrid_pretrain.parallel.linear import row_linear
 
 MODES = ("fft", "scan")
 

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.mixers.ssm import SSM_OPTIM
 from hybrid_pretrain.models.options import layer_options
 from hybrid_pretrain.models.ssm.bidirectional import refuse_step

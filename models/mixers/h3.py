@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.mixers.s4d import diagonal_ssm_state
 from hybrid_pretrain.models.mixers.ssm import DiagonalSSM, ShiftSSM
-from hybrid_pretrain.parallel.linear import column_linear, row_linear, shared_input
-from hybrid_pretrain.parallel.tensor import local_size, mark_sharded
+from hybrid_pretrain.models.roles import column_linear, local_size, mark_sharded, row_linear, shared_input
 
 
 class H3(nn.Module):
@@ -95,7 +95,6 @@ class H3(nn.Module):
         One parallel pass instead of L recurrent steps: the shift state is the last N keys, the diagonal
         state the decayed sum of every kv (``diagonal_ssm_state``).
         """
-        from hybrid_pretrain.models.mixers.s4d import diagonal_ssm_state
 
         B, L, _ = x.shape
         d, H, N = self.head_dim, self.n_heads, self.shift_ssm.d_state

@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.mixers.ssm import DT_MAX, DT_MIN, DiagonalSSM
 from hybrid_pretrain.models.options import layer_options
+from hybrid_pretrain.models.roles import row_linear
 from hybrid_pretrain.models.ssm.bidirectional import refuse_step, ssm_convolve
 from hybrid_pretrain.models.ssm.hippo import s4d_legs
-from hybrid_pretrain.parallel.linear import row_linear
 
 INITS = ("lin", "legs")
 

@@ -2,7 +2,6 @@
 
 Q, K and V come from a multiplicative dense layer followed by a 2-D convolution (the paper's full
 variant, not the simpler multiplicative-only one):
-
     mult[s, m] = sum_i x_i D[i, s] E[i, m]          D: (d, S), E: (d, M), d = S * M; shared by Q, K, V
     Q, K, V    = Conv2d_{q,k,v}(mult)                M filters, F x F kernel over (length, modules);
                                                      causal in length (each output sees the last F tokens)
@@ -22,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.kernels.attention import attention
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.mixers.attention import apply_rotary
 from hybrid_pretrain.models.options import layer_options
-from hybrid_pretrain.parallel.linear import row_linear
+from hybrid_pretrain.models.roles import row_linear
 
 
 @dataclass

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_pretrain.models.roles import row_linear
 from hybrid_pretrain.models.ssm.bidirectional import ssm_convolve
-from hybrid_pretrain.parallel.linear import row_linear
 
 
 class ConvSSMMixer(nn.Module):

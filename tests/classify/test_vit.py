@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.classify.config import load_config
 from hybrid_pretrain.classify.train import train_classifier
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.vit import ViT
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from hybrid_pretrain.data_pipeline.documents import SkipCounter
 from hybrid_pretrain.data_pipeline.embedded import build_embedded_corpus
-from hybrid_pretrain.data_pipeline.sources import SkipCounter, read_jsonl
+from hybrid_pretrain.data_pipeline.sources import read_jsonl
 from hybrid_pretrain.data_pipeline.tokenizer import train_tokenizer
 
 PG_HEADER = (

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from hybrid_pretrain.data_pipeline.documents import SkipCounter
 from hybrid_pretrain.data_pipeline.embedded import build_embedded_corpus, stdlib_root, stdlib_sources
-from hybrid_pretrain.data_pipeline.sources import EmbeddedSource, SkipCounter, parse_sources, read_jsonl
+from hybrid_pretrain.data_pipeline.sources import EmbeddedSource, parse_sources, read_jsonl
 from hybrid_pretrain.tests.data_pipeline import corpora
 
 

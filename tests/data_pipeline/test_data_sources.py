@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from hybrid_pretrain.data_pipeline.documents import SkipCounter
 from hybrid_pretrain.data_pipeline.errors import DataError
 from hybrid_pretrain.data_pipeline.sources import (
     JsonlSource,
     PG19Source,
     PileFolderSource,
-    SkipCounter,
     TextSource,
     parse_sources,
     read_jsonl,

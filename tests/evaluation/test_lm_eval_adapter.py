@@ -7,19 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from lm_eval.api.instance import Instance
 
-pytest.importorskip("lm_eval")
-
-from lm_eval.api.instance import Instance  # noqa: E402
-
-from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from hybrid_pretrain.evaluation.lm_eval_adapter import HybridPretrainLM  # noqa: E402
-from hybrid_pretrain.launcher.config import load_config  # noqa: E402
-from hybrid_pretrain.models.lm import (
-    IGNORE_INDEX,  # noqa: E402
-    LanguageModel,  # noqa: E402
-)
-from hybrid_pretrain.training.weights import RunWeights, save_consolidated  # noqa: E402
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from hybrid_pretrain.evaluation.lm_eval_adapter import HybridPretrainLM
+from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.models.roles import IGNORE_INDEX
+from hybrid_pretrain.training.config import load_config
+from hybrid_pretrain.training.weights import RunWeights, save_consolidated
 
 TEXT = ["the cat sat on the mat. the dog sat on the log. a bird flew over the house and the tree.",
         "one two three four five six seven eight nine ten. red green blue yellow black white."] * 20

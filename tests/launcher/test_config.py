@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hybrid_pretrain.launcher.config import ParallelConfig, load_config, parse_override, save_resolved
-from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.base.typed_config import parse_override
 from hybrid_pretrain.parallel.engine import deepspeed_config
+from hybrid_pretrain.training.config import ParallelConfig, load_config, save_resolved
 
 REPO = Path(__file__).resolve().parents[2]
 DEBUG = str(REPO / "configs" / "debug_hybrid.yaml")

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid_pretrain.launcher.config import load_config, save_resolved
 from hybrid_pretrain.tests.procs import REPO, SMALL_DATA, _free_port, launch
 from hybrid_pretrain.training import weights
+from hybrid_pretrain.training.config import load_config, save_resolved
 from hybrid_pretrain.training.expert_checkpoint import moe_state_dict
 
 EP_WORKER = REPO / "tests" / "parallel" / "moe_ep_worker.py"

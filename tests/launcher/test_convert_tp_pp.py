@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 
-from hybrid_pretrain.launcher.config import load_config
 from hybrid_pretrain.tests.procs import SMALL_DATA, launch
 from hybrid_pretrain.training import weights
+from hybrid_pretrain.training.config import load_config
 
 SHAPE = ["model.layers=HAHA", "model.d_model=32", "model.n_heads=2", "model.h3_d_state=8", "data.seq_len=32",
          "train.eval_every=0", "train.warmup_steps=0", "train.zero_stage=1"]
@@ -25,7 +25,7 @@ def _ok(proc) -> None:
 
 
 def _seed_init(cfg) -> dict:
-    from hybrid_pretrain.models.registry import build_arch
+    from hybrid_pretrain.models.architectures import build_arch
 
     torch.manual_seed(cfg.seed)
     return build_arch(cfg.model).state_dict()

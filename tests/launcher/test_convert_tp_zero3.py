@@ -24,10 +24,11 @@ import shutil
 import pytest
 import torch
 
-from hybrid_pretrain.launcher.config import ConfigError, load_config
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.tests.procs import SMALL_DATA, launch
 from hybrid_pretrain.training import weights
 from hybrid_pretrain.training.checkpoint import MANIFEST, latest_tag, verify
+from hybrid_pretrain.training.config import load_config
 
 SHAPE = ["model.layers=HA", "model.d_model=256", "model.n_heads=4", "data.seq_len=32", "train.eval_every=0",
          "train.warmup_steps=0", "train.lr=1e-2", "train.micro_batch_size=2", "train.steps=3", "train.save_every=1",
@@ -124,7 +125,7 @@ def test_zero3_resume_is_exact_and_every_partition_is_under_the_manifest(runs) -
 
 
 def _seed_init(cfg) -> dict:
-    from hybrid_pretrain.models.registry import build_arch
+    from hybrid_pretrain.models.architectures import build_arch
 
     torch.manual_seed(cfg.seed)
     return build_arch(cfg.model).state_dict()

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer, train_tokenizer
 from hybrid_pretrain.launcher import perplexity
-from hybrid_pretrain.launcher.config import load_config
 from hybrid_pretrain.models.lm import LanguageModel
 from hybrid_pretrain.tests.procs import REPO
+from hybrid_pretrain.training.config import load_config
 from hybrid_pretrain.training.weights import RunWeights, save_consolidated
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his café über".split()

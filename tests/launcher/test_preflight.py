@@ -7,8 +7,8 @@ import socket
 import pytest
 
 from hybrid_pretrain.launcher import preflight
-from hybrid_pretrain.launcher.config import ParallelConfig
 from hybrid_pretrain.tests.procs import DEBUG_CONFIG, SMALL_DATA, _free_port, run_python
+from hybrid_pretrain.training.config import ParallelConfig
 
 
 def test_hostfile_in_deepspeed_format_reports_every_bad_line(tmp_path):

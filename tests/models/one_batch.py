@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from hybrid_pretrain.launcher.config import load_config
-from hybrid_pretrain.models.registry import build_arch
+from hybrid_pretrain.models.architectures import build_arch
+from hybrid_pretrain.training.config import load_config
 
 
 def train_on_one_batch(config: str, steps: int, overrides: Sequence[str], batch: int, vocab: int, lr: float = 3e-3,

@@ -8,22 +8,25 @@ import pytest
 import torch
 import yaml
 
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.models.architectures import ARCHS, count_parameters
 from hybrid_pretrain.models.block import Block
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.ffn import FFNS, build_ffn
 from hybrid_pretrain.models.ffn.mlp import MLP
 from hybrid_pretrain.models.ffn.moe import MoE
-from hybrid_pretrain.models.lm import LanguageModel, count_parameters
+from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.models.mixers import MIXERS, build_mixer
 from hybrid_pretrain.models.mixers.attention import Attention
 from hybrid_pretrain.models.mixers.h3 import H3
-from hybrid_pretrain.models.registry import ARCHS, FFNS, MIXERS, build_ffn, build_mixer, resolve
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_registry_resolves_every_entry(make_cfg) -> None:
-    assert resolve(MIXERS, "mixer", "attention") is Attention and resolve(FFNS, "ffn", "moe") is MoE
+    assert MIXERS.get("attention") is Attention and FFNS.get("moe") is MoE
     for table in (MIXERS, FFNS, ARCHS):
-        assert all(isinstance(resolve(table, "x", name), type) for name in table)
+        assert all(isinstance(cls, type) for _, cls in table.items())
     assert isinstance(build_mixer("h3", make_cfg(), 3), H3) and isinstance(build_ffn("mlp", make_cfg(), 0), MLP)
     with pytest.raises(ConfigError, match="unknown mixer 'mamba'"):
         build_mixer("mamba", make_cfg(), 0)

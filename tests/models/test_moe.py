@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid_pretrain.launcher.config import load_config
-from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.ffn.moe import MoE
 from hybrid_pretrain.models.ffn.router import GLaMRouter, SwitchRouter
 from hybrid_pretrain.models.lm import LanguageModel
 from hybrid_pretrain.models.pattern import parse_pattern
+from hybrid_pretrain.training.config import load_config
 from hybrid_pretrain.training.memory import expert_parameters
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.models.mixers import build_mixer
 from hybrid_pretrain.models.mixers.s4d import S4D, diagonal_ssm_state
 from hybrid_pretrain.models.mixers.ssm import DiagonalSSM
 from hybrid_pretrain.models.pattern import parse_pattern
-from hybrid_pretrain.models.registry import build_mixer
 
 
 def test_symbol_and_registry(make_cfg) -> None:

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hybrid_pretrain.launcher.config import ParallelConfig
 from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.parallel import engine as ds_engine
 from hybrid_pretrain.parallel import groups, pipeline
@@ -43,6 +42,7 @@ from hybrid_pretrain.tests.parallel.tp_pp_worker import (
     train_config,
 )
 from hybrid_pretrain.training import checkpoint
+from hybrid_pretrain.training.config import ParallelConfig
 from hybrid_pretrain.training.loop import train_step
 from hybrid_pretrain.training.optimizer import param_groups
 

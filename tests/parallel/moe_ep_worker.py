@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hybrid_pretrain.launcher.config import ParallelConfig, TrainConfig
 from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.lm import LanguageModel
 from hybrid_pretrain.parallel import engine as ds_engine
 from hybrid_pretrain.parallel import groups
 from hybrid_pretrain.parallel.expert import parallelize_experts
 from hybrid_pretrain.training import checkpoint
+from hybrid_pretrain.training.config import ParallelConfig, TrainConfig
 from hybrid_pretrain.training.optimizer import param_groups
 
 STEPS = 4

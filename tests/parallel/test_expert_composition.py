@@ -99,7 +99,7 @@ def test_checkpoint_resumes_exactly_and_consolidates_to_single_rank(results, lay
     (["parallel.pipeline=2", "parallel.expert=2", "train.zero_stage=2"], 4, 2),
 ])
 def test_config_accepts_expert_parallelism_with_tensor_and_pipeline(overrides, world, dp):
-    from hybrid_pretrain.launcher.config import load_config
+    from hybrid_pretrain.training.config import load_config
 
     cfg = load_config("configs/debug_glam.yaml", overrides)
     assert cfg.parallel.check_world(world) == dp
@@ -113,8 +113,8 @@ def test_config_accepts_expert_parallelism_with_tensor_and_pipeline(overrides, w
     (["parallel.tensor=2"], 2, "parallel.expert (2) must divide the data-parallel size 1"),
 ])
 def test_config_still_refuses_what_cannot_run(overrides, world, message):
-    from hybrid_pretrain.launcher.config import load_config
-    from hybrid_pretrain.models.config import ConfigError
+    from hybrid_pretrain.base.errors import ConfigError
+    from hybrid_pretrain.training.config import load_config
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config("configs/debug_glam.yaml", overrides).parallel.check_world(world)

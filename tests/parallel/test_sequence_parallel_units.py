@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hybrid_pretrain.launcher.config import load_config
-from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.parallel import pipeline, sequence
 from hybrid_pretrain.tests.parallel.sequence_parallel_ranks import two_rank_worker
 from hybrid_pretrain.tests.procs import _free_port
+from hybrid_pretrain.training.config import load_config
 
 
 @pytest.fixture

@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from hybrid_pretrain.launcher.config import load_config
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.lm import LanguageModel
 from hybrid_pretrain.parallel.linear import column_linear, row_linear
 from hybrid_pretrain.parallel.pipeline import block_bounds, lm_name
 from hybrid_pretrain.parallel.tensor import merge_shards, shard
+from hybrid_pretrain.training.config import load_config
 
 
 class _Param:
@@ -100,7 +101,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
 
 
 def test_memory_estimate_divides_weights_by_tensor_and_pipeline():
-    from hybrid_pretrain.launcher.config import TrainConfig
+    from hybrid_pretrain.training.config import TrainConfig
     from hybrid_pretrain.training.memory import estimate_memory
 
     m = ModelConfig(d_model=1024, n_heads=16, layers="HHAH" * 4)

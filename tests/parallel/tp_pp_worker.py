@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hybrid_pretrain.launcher.config import ParallelConfig, TrainConfig
 from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.parallel import engine as ds_engine
 from hybrid_pretrain.parallel import groups, pipeline, sequence
 from hybrid_pretrain.parallel.build import build_model
 from hybrid_pretrain.parallel.tensor import full_state, gather
 from hybrid_pretrain.training import checkpoint
+from hybrid_pretrain.training.config import ParallelConfig, TrainConfig
 from hybrid_pretrain.training.loop import train_step
 from hybrid_pretrain.training.optimizer import param_groups
 

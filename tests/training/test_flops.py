@@ -9,8 +9,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from hybrid_pretrain.models.architectures import count_parameters
 from hybrid_pretrain.models.config import ModelConfig
-from hybrid_pretrain.models.lm import LanguageModel, count_parameters
+from hybrid_pretrain.models.lm import LanguageModel
 from hybrid_pretrain.training.flops import mfu, training_flops_per_token
 from hybrid_pretrain.training.gpu_peaks import lookup, peak_flops
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.lm import LanguageModel
 from hybrid_pretrain.tests.fake_runs import fake_zero0_run
 from hybrid_pretrain.training import init_from as init
@@ -84,7 +84,7 @@ def test_expert_parallel_rank_keeps_only_its_experts(tmp_path, monkeypatch) -> N
 
 
 def test_prepare_config_adopts_the_checkpoint_tokenizer_and_vocabulary(tmp_path) -> None:
-    from hybrid_pretrain.launcher.config import load_config
+    from hybrid_pretrain.training.config import load_config
 
     _, ckpt = _consolidated(tmp_path)
     cfg = load_config(None, [f"run_dir={tmp_path / 'new'}"])

@@ -43,8 +43,8 @@ def test_warmup_cosine_shape():
 
 
 def test_memory_estimate_shrinks_with_zero_stage():
-    from hybrid_pretrain.launcher.config import TrainConfig
     from hybrid_pretrain.models.config import ModelConfig
+    from hybrid_pretrain.training.config import TrainConfig
 
     m = ModelConfig(d_model=768, n_heads=12, layers="HAHHHHHHAHHH", vocab_size=50257)
     totals = []

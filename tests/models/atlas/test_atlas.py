@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer, train_tokenizer
 from hybrid_pretrain.models.atlas.model import Atlas
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.retrieval.for_training import RetrievalConfig, TrainingRetrieval
 from hybrid_pretrain.retrieval.index import read_manifest
 from hybrid_pretrain.retrieval.passages import PassageStore, write_store

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_pretrain.models.registry import ARCHS, MIXERS, build_arch, resolve
+from hybrid_pretrain.models.architectures import ARCHS, build_arch
+from hybrid_pretrain.models.mixers import MIXERS
 
 
 @pytest.mark.parametrize("name", ["linear_attention", "bigbird", "block_recurrent"])
 def test_registered_mixer_resolves(name: str) -> None:
-    assert resolve(MIXERS, "mixer", name).__module__ == f"hybrid_pretrain.models.mixers.{name}"
+    assert MIXERS.get(name).__module__ == f"hybrid_pretrain.models.mixers.{name}"
 
 
 @pytest.mark.parametrize("arch,layers", [("lm", "LBRA"), ("perceiver_ar", "LBR")])

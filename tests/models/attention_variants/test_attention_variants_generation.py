@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hybrid_pretrain.models.architectures import build_arch
 from hybrid_pretrain.models.generation import generate
-from hybrid_pretrain.models.registry import build_arch
 
 
 def test_greedy_generate_equals_forward_argmax(make_cfg) -> None:

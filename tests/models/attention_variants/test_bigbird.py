@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.kernels.attention import attention, expand_block_mask
-from hybrid_pretrain.models.config import ConfigError
 from hybrid_pretrain.models.mixers.bigbird import BigBird, bigbird_block_mask
 from hybrid_pretrain.tests.models.attention_variants.helpers import fixed_batch_losses
 from hybrid_pretrain.tests.models.mixer_checks import assert_causal, step_through

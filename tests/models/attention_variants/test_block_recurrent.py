@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.mixers.block_recurrent import BlockRecurrent, Gate
 from hybrid_pretrain.tests.models.attention_variants.helpers import fixed_batch_losses
 from hybrid_pretrain.tests.models.mixer_checks import assert_causal, step_through

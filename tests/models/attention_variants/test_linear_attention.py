@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.mixers.attention import apply_rotary
 from hybrid_pretrain.models.mixers.linear_attention import LinearAttention, causal_linear_attention, feature_map
 from hybrid_pretrain.tests.models.attention_variants.helpers import fixed_batch_losses

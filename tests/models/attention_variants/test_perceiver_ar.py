@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid_pretrain.models.config import ConfigError
-from hybrid_pretrain.models.registry import build_arch
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.models.architectures import build_arch
 from hybrid_pretrain.tests.models.attention_variants.helpers import fixed_batch_losses
 
 L, N = 40, 12

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.ffn.butterfly_mlp import ButterflyMLP
 from hybrid_pretrain.models.ffn.mlp import MLP
 from hybrid_pretrain.models.layers.butterfly import ButterflyLinear, flat_butterfly_pattern

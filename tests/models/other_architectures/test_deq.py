@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.deq import DEQLanguageModel, anderson
 from hybrid_pretrain.tests.models.other_architectures.fixed_batch import fixed_batch_losses
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.ffn.sparse_ffn import SparseFFN
 from hybrid_pretrain.models.generation import generate
 from hybrid_pretrain.models.lm import LanguageModel

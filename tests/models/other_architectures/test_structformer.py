@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.structformer import StructFormer, boundaries, dependency_distributions, span_heads
 from hybrid_pretrain.tests.models.other_architectures.fixed_batch import fixed_batch_losses
 

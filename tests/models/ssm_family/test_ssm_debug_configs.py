@@ -10,8 +10,8 @@ import dataclasses
 import pytest
 import torch
 
-from hybrid_pretrain.launcher.config import load_config
-from hybrid_pretrain.models.registry import build_arch
+from hybrid_pretrain.models.architectures import build_arch
+from hybrid_pretrain.training.config import load_config
 from hybrid_pretrain.training.optimizer import param_groups
 
 VOCAB = 512

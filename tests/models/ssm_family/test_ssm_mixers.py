@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.models.mixers import build_mixer
 from hybrid_pretrain.models.mixers.dss import DSS
 from hybrid_pretrain.models.mixers.gss import GSS
 from hybrid_pretrain.models.mixers.s4 import S4
 from hybrid_pretrain.models.mixers.s4d import S4D
 from hybrid_pretrain.models.pattern import parse_pattern
-from hybrid_pretrain.models.registry import build_mixer
 from hybrid_pretrain.models.ssm import reference
 from hybrid_pretrain.models.ssm.cauchy import dplr_dense
 from hybrid_pretrain.training.optimizer import param_groups

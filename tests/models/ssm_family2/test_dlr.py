@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.lm import LanguageModel
 from hybrid_pretrain.models.mixers.dlr import DLR
 from hybrid_pretrain.models.pattern import parse_pattern

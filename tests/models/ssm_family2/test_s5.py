@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_pretrain.models.config import ConfigError
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.lm import LanguageModel
+from hybrid_pretrain.models.mixers import build_mixer
 from hybrid_pretrain.models.mixers.s5 import S5, hippo_n
 from hybrid_pretrain.models.pattern import parse_pattern
-from hybrid_pretrain.models.registry import build_mixer
 from hybrid_pretrain.tests.models.mixer_checks import assert_step_and_prefill_match
 
 

@@ -12,18 +12,25 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from hybrid_pretrain.base.hashing import state_dict_sha256
 from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
-from hybrid_pretrain.retrieval.encoder import pad_token_lists, state_dict_sha256, tokenize_padded
+from hybrid_pretrain.retrieval.encoder import pad_token_lists, tokenize_padded
 from hybrid_pretrain.retrieval.passages import PassageStore
 from hybrid_pretrain.retrieval.protocol import Retriever
 
 
 class PassageSource:
-    """Search an index with query embeddings and hand back the hits as padded token ids."""
+    """Search an index with query embeddings and hand back the hits as padded token ids (Atlas's CandidateSource)."""
 
     def __init__(self, retriever: Retriever, store: PassageStore, tokenizer: Tokenizer, passage_len: int) -> None:
         self.retriever, self.store, self.tokenizer, self.passage_len = retriever, store, tokenizer, passage_len
         self._tokens: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __str__(self) -> str:
+        return f"passage store {self.store.path}"
 
     def tokens_of_rows(self, rows: Sequence[int]) -> list[list[int]]:
         missing = sorted({int(r) for r in rows if int(r) not in self._tokens})

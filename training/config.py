@@ -7,18 +7,18 @@ directory, and the DeepSpeed JSON is derived from it (never edited by hand besid
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.base.typed_config import merge_into, parse_override, read_yaml
 from hybrid_pretrain.data_pipeline.config import DataConfig
 from hybrid_pretrain.data_pipeline.errors import DataError
-from hybrid_pretrain.models.config import ConfigError, ModelConfig
+from hybrid_pretrain.models.architectures import validate_model
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.parallel import pipeline, sequence, tensor
 from hybrid_pretrain.retrieval.config import RetrievalConfig
 
 
@@ -117,7 +117,7 @@ class RunConfig:
     def validate(self) -> None:
         if not self.name or "/" in self.name:
             raise ConfigError(f"name must be a non-empty string without '/', got '{self.name}'")
-        self.model.validate()
+        validate_model(self.model)
         self.train.validate()
         self.parallel.validate()
         self._validate_model_parallel()
@@ -156,7 +156,6 @@ class RunConfig:
 
     def _validate_model_parallel(self) -> None:
         """Tensor and pipeline parallelism against the model and ZeRO stage (parallel/ owns the rules)."""
-        from hybrid_pretrain.parallel import pipeline, sequence, tensor
 
         tensor.check_model(self.model, self.parallel.tensor)
         pipeline.check_model(self.model, self.parallel.pipeline, self.train.zero_stage, self.train.grad_clip)
@@ -164,106 +163,13 @@ class RunConfig:
             sequence.check_model(self.model, self.parallel.tensor, self.data.seq_len, self.train.zero_stage)
 
 
-def _check_type(key: str, value: Any, annotation: Any) -> Any:
-    """Return ``value`` if it fits ``annotation`` (ints pass as floats), else raise ConfigError."""
-    origin = typing.get_origin(annotation)
-    if origin is dict:
-        key_type, value_type = typing.get_args(annotation)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__} {value!r}")
-        return {
-            _check_type(f"{key} key", k, key_type): _check_type(f"{key}.{k}", v, value_type) for k, v in value.items()
-        }
-    if origin is list:
-        (item_type,) = typing.get_args(annotation)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
-        return [_check_type(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(annotation):
-            try:
-                return _check_type(key, value, option)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key} must be {annotation}, got {type(value).__name__} {value!r}")
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if annotation is int and isinstance(value, bool):
-        raise ConfigError(f"{key} must be int, got bool {value!r}")
-    if annotation is str and value is None:
-        return ""
-    if not isinstance(value, annotation):
-        raise ConfigError(f"{key} must be {annotation.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _merge(obj: Any, values: dict, prefix: str, source: str) -> None:
-    """Set fields of dataclass ``obj`` from ``values``, recursing into nested dataclasses."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'} in {source} must be a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for key, value in values.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key '{full}' in {source}{hint}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _merge(current, value, f"{full}.", source)
-        elif isinstance(current, dict) and isinstance(value, dict):  # mappings merge key by key, deeply
-            setattr(obj, key, _deep_merge(current, _check_type(full, value, hints[key])))
-        else:
-            setattr(obj, key, _check_type(full, value, hints[key]))
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for k, v in update.items():
-        merged[k] = _deep_merge(merged[k], v) if isinstance(merged.get(k), dict) and isinstance(v, dict) else v
-    return merged
-
-
-def parse_override(text: str) -> dict:
-    """``'train.steps=10'`` -> ``{'train': {'steps': 10}}`` with the value parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key=value, e.g. train.steps=10")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        value = raw
-    nested: dict = {}
-    node = nested
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return nested
-
-
 def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     """Defaults <- YAML at ``path`` <- ``overrides``; validated. Raises ConfigError on any problem."""
     cfg = RunConfig()
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(
-                f"config file '{path}' does not exist; expected a YAML file such as configs/debug_hybrid.yaml"
-            )
-        try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
-        _merge(cfg, values, "", path)
+        merge_into(cfg, read_yaml(path), "", str(path))
     for text in overrides:
-        _merge(cfg, parse_override(text), "", f"override '{text}'")
+        merge_into(cfg, parse_override(text), "", f"override '{text}'")
     cfg.validate()
     return cfg
 
