@@ -140,6 +140,14 @@ def test_config_has_transformers_standard_names(tmp_path) -> None:
     assert config.max_position_embeddings == hf.model.cfg.max_seq_len
 
 
+def test_converted_readme_says_how_to_install_and_generate(tmp_path) -> None:
+    converted(tmp_path, SHAPE)
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "library_name: transformers" in card
+    assert "pip install -e '/path/to/hybrid-pretrain[hf]'" in card and "pip install torch==" in card
+    assert "trust_remote_code=True" in card and "model.generate(" in card
+
+
 def test_padding_that_would_enter_a_state_and_unsupported_modes_are_refused(tmp_path) -> None:
     _, hf = converted(tmp_path, SHAPE)
     ids, right_mask = padded(prompts([4, 6]), "right")
