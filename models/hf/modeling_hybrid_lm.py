@@ -28,6 +28,10 @@ from hybrid_pretrain.models.lm import IGNORE_INDEX, LanguageModel
 
 from .configuration_hybrid_lm import HybridLMConfig
 
+# transformers 5.24 renamed generate's cache argument and output field `past_key_values` to `cache`; this
+# model passes its cache under the name of the installed version, so all of transformers 5 can run it.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 def model_config(config: HybridLMConfig) -> ModelConfig:
     """The project's ModelConfig from the HF config's attributes of the same names."""
@@ -124,10 +128,12 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         shifted here. Only right padding is meaningful there (the model is causal, so padding after the
         tokens does not change the logits before it); a left-padded mask is refused.
 
-        With a HybridLMCache (what ``generate`` passes): the first call prefills the left-padded prompts
-        (`attention_mask` marks the padding), later calls read the next token(s) of every row from the
-        cache's state. The logits are then the last position's only, (B, 1, V).
+        With a HybridLMCache (what ``generate`` passes, as `cache` or, before transformers 5.24,
+        `past_key_values`): the first call prefills the left-padded prompts (`attention_mask` marks the
+        padding), later calls read the next token(s) of every row from the cache's state. The logits are
+        then the last position's only, (B, 1, V).
         """
+        cache = cache if cache is not None else kwargs.get("past_key_values")
         if cache is None:
             if attention_mask is not None and (attention_mask.diff(dim=-1) > 0).any():
                 raise ValueError("a left-padded attention_mask needs the cached path (generate or a HybridLMCache)")
@@ -153,7 +159,7 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
             for t in range(input_ids.shape[1]):
                 logits = cache.decoding.step(input_ids[:, t])  # (B, V)
         cache.seen += input_ids.shape[1]
-        return CausalLMOutputWithPast(logits=logits.unsqueeze(1), cache=cache)  # logits (B, 1, V)
+        return CausalLMOutputWithPast(logits=logits.unsqueeze(1), **{CACHE_NAME: cache})  # logits (B, 1, V)
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode: GenerationMode, *args, **kwargs
@@ -166,7 +172,7 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         """
         if generation_mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
             raise ValueError(f"HybridLMForCausalLM generates by greedy search or sampling, not {generation_mode}")
-        if model_kwargs.get("cache") is not None or not generation_config.use_cache:
+        if model_kwargs.get(CACHE_NAME) is not None or not generation_config.use_cache:
             super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, *args, **kwargs)
             return
-        model_kwargs["cache"] = HybridLMCache(len(self.model.blocks), max_len=generation_config.max_length)
+        model_kwargs[CACHE_NAME] = HybridLMCache(len(self.model.blocks), max_len=generation_config.max_length)

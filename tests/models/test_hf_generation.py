@@ -1,7 +1,8 @@
 """Generation through Hugging Face: a converted folder's ``generate`` == the project's generator, with a reused Cache.
 
 These are fast tests, so ``make test-latest`` also runs them against the newest transformers that pyproject
-allows (on 2026-12: 5.25.0, the locked version too).
+allows (5.25.0 when written, the locked version too). They also pass with transformers 5.0.0 and 5.22.0,
+from before the cache argument was renamed from ``past_key_values`` to ``cache`` (checked by hand).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, Cache
 
 from hybrid_pretrain.launcher.convert_checkpoint import convert
 from hybrid_pretrain.models.generation import generate
+from hybrid_pretrain.models.hf.modeling_hybrid_lm import CACHE_NAME
 from hybrid_pretrain.models.lm import LanguageModel
 from hybrid_pretrain.models.mixers.attention import Attention
 from hybrid_pretrain.models.mixers.h3 import H3
@@ -98,14 +100,14 @@ def test_decoding_reuses_one_cache_and_steps_each_h3_layer_one_position_per_toke
     model.register_forward_hook(lambda *args: full_forwards.append(1))
     forwards = []
     hf.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(
-        (kwargs["cache"], tuple(kwargs["input_ids"].shape))), with_kwargs=True)
+        (kwargs[CACHE_NAME], tuple(kwargs["input_ids"].shape))), with_kwargs=True)
 
     rows = prompts(LENGTHS)
     ids, mask = padded(rows, "left")
     out = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
                       return_dict_in_generate=True)
 
-    cache = out.cache
+    cache = getattr(out, CACHE_NAME)
     assert isinstance(cache, Cache) and type(cache).__name__ == "HybridLMCache"
     assert [c for c, _ in forwards] == [cache] * NEW  # one object, handed from forward to forward
     assert [shape for _, shape in forwards] == [ids.shape] + [(len(rows), 1)] * (NEW - 1)
@@ -128,7 +130,8 @@ def test_equal_length_prompts_decode_as_one_batch(tmp_path) -> None:
     hf.model.step = counting(steps, "step", hf.model.step)
     ids, _ = padded(prompts([6, 6, 6]), "left")
     out = hf.generate(ids, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
-    assert len(out.cache.decoding.groups) == 1 and all(len(layer.states) == 1 for layer in out.cache.layers)
+    cache = getattr(out, CACHE_NAME)
+    assert len(cache.decoding.groups) == 1 and all(len(layer.states) == 1 for layer in cache.layers)
     assert steps == [("step", (3,))] * (NEW - 1)  # one model step for the whole batch per token
 
 
