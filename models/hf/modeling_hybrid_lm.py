@@ -84,7 +84,7 @@ class HybridLMCache(Cache):
         self.seen = 0
 
     def start(self, decoding: DecodingState) -> None:
-        """Take the state a prefill produced."""
+        """Hold this batch's decoding state; the layers show its per-group states."""
         self.decoding = decoding
         for i, layer in enumerate(self.layers):
             layer.states = [group.state[i] for group in decoding.groups]
@@ -165,6 +165,9 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         self, generation_config, model_kwargs: dict, generation_mode: GenerationMode, *args, **kwargs
     ) -> None:
         """Give ``generate`` a HybridLMCache instead of transformers' DynamicCache (a KV cache per layer).
+
+        The hook transformers' own models with a cache of their own override (T5Gemma, Voxtral realtime);
+        its signature is the same from transformers 5.0 to 5.25.
 
         Sized for ``generation_config.max_length`` positions: every row's prompt and new tokens, plus one
         spare, since transformers may run one forward past the stop. Greedy search and sampling only: the
