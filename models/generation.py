@@ -4,9 +4,10 @@ The prompt is prefilled in one parallel pass per layer (each mixer's ``prefill``
 the whole prompt), then tokens are decoded one ``step`` at a time, so a token costs O(1) in H3 layers
 and O(position) in attention layers instead of a full forward over the sequence.
 
-Prompts of different lengths share a batch without padding inside the state: the shortest prompt is
-prefilled for every row, then each row keeps being fed its own prompt tokens until they run out
-(teacher forcing) and only then samples. Each row's state thus only ever sees its own tokens.
+`DecodingState` is the decoding core: `generate` here and the Hugging Face model
+(``models/hf/modeling_hybrid_lm.py``) both prefill and step through it, so they compute every row with
+the same operations and agree token for token. Prompts of different lengths are grouped by length (see
+its docstring); each row's state only ever sees its own tokens.
 """
 
 from __future__ import annotations
@@ -100,23 +101,100 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+Discretization = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def discretizations(model: nn.Module) -> list[tuple[DiagonalSSM, Discretization]]:
+    """Every DiagonalSSM of `model` with its discretisation (dtA, dB, C), computed now, without autograd."""
+    with torch.no_grad():
+        return [(m, m.discretize()) for m in model.modules() if isinstance(m, DiagonalSSM)]
+
+
 @contextlib.contextmanager
-def frozen_discretization(model: nn.Module) -> Iterator[None]:
-    """Compute every DiagonalSSM's discretisation once for the whole generation instead of at every step.
+def frozen_discretization(
+    model: nn.Module, cached: list[tuple[DiagonalSSM, Discretization]] | None = None
+) -> Iterator[None]:
+    """Use each DiagonalSSM's discretisation computed once (`cached`, default: now) instead of at every step.
 
     The weights do not change while sampling, and recomputing exp/expm1 of the (H, N/2) modes at each
     token was the largest cost of an H3 decoding step on CPU. The cached value shadows the method on
     the instance and is removed on exit.
     """
-    ssms = [m for m in model.modules() if isinstance(m, DiagonalSSM)]
-    for ssm in ssms:
-        cached = ssm.discretize()
-        ssm.discretize = lambda cached=cached: cached
+    cached = discretizations(model) if cached is None else cached
+    for ssm, value in cached:
+        ssm.discretize = lambda value=value: value
     try:
         yield
     finally:
-        for ssm in ssms:
+        for ssm, _ in cached:
             del ssm.discretize
+
+
+@dataclass
+class RowGroup:
+    """Rows of a batch whose prompts have the same length: decoded as one batch with their own state."""
+
+    rows: torch.Tensor  # (b,) indices into the batch, ascending
+    length: int  # their prompt length
+    state: list  # LanguageModel.allocate_state(b, ...): one entry per block
+
+
+class DecodingState:
+    """The decoding core shared by `generate` and the Hugging Face model: prefill once, then one token per row per step.
+
+    Schedule: the rows are grouped by prompt length; each group is prefilled with its whole prompt and
+    then stepped as one batch, with a recurrent state of its own. Why this one:
+
+    - A row goes through the same operations whatever else is in the batch: no padding enters a state,
+      rows of different lengths never share one, and a row alone gets the same prefill and steps. That makes
+      `generate` and transformers' ``generate`` agree token for token: both drive this class, and a
+      different schedule (e.g. an FFT prefill of 12 tokens vs. a prefill of 5 and 7 steps) differs by
+      rounding, enough to flip a greedy argmax. transformers' loop needs every row's next-token logits
+      after its first forward, so the former schedule (prefill the shortest prompt, then feed the longer
+      rows their prompt while the others already sample) cannot run inside it.
+    - No mixer changes: the KV caches, rotary offsets and the other mixers' integer ``pos`` stay one per
+      state, so every mixer that decodes decodes here as is. The alternative, per-row positions in every
+      attention-like state plus a masked catch-up, changes many mixers.
+    - Equal-length prompts (the common and benchmarked case) are one group: one prefill and one ``step``
+      call per token, as before. A ragged batch costs one ``step`` call per distinct length per token.
+
+    One coupling stays, and it is the model's own: an MoE layer with a capacity limit may drop tokens
+    depending on the other tokens of its batch, here as in training.
+    """
+
+    def __init__(self, model: nn.Module, lengths: torch.Tensor, max_len: int) -> None:
+        """`lengths` (B,): each row's prompt length; `max_len`: positions a row may reach (prompt + new tokens)."""
+        self.model = model
+        self.batch_size = len(lengths)
+        self.groups: list[RowGroup] = []
+        for n in lengths.unique().tolist():  # ascending
+            rows = (lengths == n).nonzero().squeeze(1)  # (b,)
+            self.groups.append(RowGroup(rows, n, model.allocate_state(len(rows), max_len, device=lengths.device)))
+        self.discretized = discretizations(model)
+
+    def prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """prompt_ids (B, L), row b's prompt in its first lengths[b] positions -> next-token logits (B, V)."""
+        with frozen_discretization(self.model, self.discretized):
+            return self._merge([prefill(self.model, self._rows(prompt_ids, g)[:, : g.length], g.state)
+                                for g in self.groups])
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,): every row's next token -> logits (B, V) for the token after it."""
+        with frozen_discretization(self.model, self.discretized):
+            return self._merge([self.model.step(self._rows(tokens, g), g.state) for g in self.groups])
+
+    def _rows(self, t: torch.Tensor, group: RowGroup) -> torch.Tensor:
+        """Group `group`'s rows of the batch tensor `t` (all of it when there is one group)."""
+        return t if len(self.groups) == 1 else t[group.rows]
+
+    def _merge(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """One (b, V) output per group -> (B, V) in batch order."""
+        if len(outputs) == 1:
+            return outputs[0]
+        merged = outputs[0].new_empty(self.batch_size, outputs[0].shape[-1])  # (B, V)
+        for group, out in zip(self.groups, outputs):
+            merged[group.rows] = out
+        return merged
 
 
 @torch.inference_mode()
@@ -130,7 +208,7 @@ def generate(
     pad_id: int = 0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Continue each prompt by `max_new_tokens` tokens.
+    """Continue each prompt by `max_new_tokens` tokens (prefill, then recurrent steps, via `DecodingState`).
 
     Args:
         prompt_ids: (B, L) token ids; with `prompt_lengths` (B,) row b's prompt is its first
@@ -149,26 +227,23 @@ def generate(
         raise ValueError(f"prompt_lengths must be (B,) = ({B},) values in [1, {L}], got {prompt_lengths}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    longest, shortest = int(lengths.max()), int(lengths.min())
-    total = longest + max_new_tokens
-    out = torch.full((B, total), pad_id, dtype=torch.long, device=device)
-    out[:, :longest] = prompt_ids[:, :longest]
-    ends = lengths + max_new_tokens  # (B,) exclusive end of each row's tokens
+    longest = int(lengths.max())
+    in_prompt = torch.arange(longest, device=device) < lengths.unsqueeze(1)  # (B, longest)
+    out = torch.full((B, longest + max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out[:, :longest] = torch.where(in_prompt, prompt_ids[:, :longest], pad_id)
+    rows = torch.arange(B, device=device)
 
-    with eval_mode(model), frozen_discretization(model):
-        state = model.allocate_state(B, max_len=total, device=device)
-        logits = prefill(model, out[:, :shortest], state)  # (B, V)
+    with eval_mode(model):
+        decoding = DecodingState(model, lengths, max_len=longest + max_new_tokens)
+        logits = decoding.prefill(prompt_ids)  # (B, V)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        for pos in range(shortest, total):
-            in_prompt = pos < lengths  # (B,) rows still reading their prompt
-            active = ~in_prompt & (pos < ends) & ~done
-            if not active.any() and not in_prompt.any():
-                break
+        for i in range(max_new_tokens):
             nxt = sample_next(logits, sampling, generator)
-            token = torch.where(in_prompt, out[:, pos], torch.where(active, nxt, pad_id))
-            out[:, pos] = token
+            out[rows, lengths + i] = torch.where(done, pad_id, nxt)
+            feed = torch.where(done, 0, nxt)  # a stopped row's state no longer matters; pad_id may be no token
             if eos_id is not None:
-                done |= active & (token == eos_id)
-            if pos + 1 < total:  # finished rows are fed token 0: their state no longer matters, pad_id may be no token
-                logits = model.step(torch.where(in_prompt | active, token, 0), state)
+                done |= nxt == eos_id
+            if i + 1 == max_new_tokens or done.all():
+                break
+            logits = decoding.step(feed)
     return out

@@ -5,6 +5,7 @@ Loading, generation and conversion tests need a real checkpoint layout without p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,10 +15,14 @@ from hybrid_pretrain.training.checkpoint import write_manifest
 from hybrid_pretrain.training.config import load_config, save_resolved
 
 
-def fake_zero0_run(run_dir: Path, layers: str = "HA", tie: bool = True) -> LanguageModel:
-    """Tiny model (vocab 64, no tokenizer) saved as step 1; returns the model whose weights were saved."""
+def fake_zero0_run(run_dir: Path, layers: str = "HA", tie: bool = True, overrides: Sequence[str] = ()) -> LanguageModel:
+    """Tiny model (vocab 64, no tokenizer) saved as step 1; returns the model whose weights were saved.
+
+    `overrides` are more ``key=value`` config overrides, e.g. ``model.ffn=DE`` for an MoE layer.
+    """
     cfg = load_config(None, [f"run_dir={run_dir}", f"model.layers={layers}", "model.d_model=32", "model.n_heads=2",
-                             "model.h3_d_state=8", "data.vocab_size=64", f"model.tie_embeddings={str(tie).lower()}"])
+                             "model.h3_d_state=8", "data.vocab_size=64", f"model.tie_embeddings={str(tie).lower()}",
+                             *overrides])
     save_resolved(cfg, run_dir)
     cfg.model.vocab_size = 64
     torch.manual_seed(0)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import io
 import json
 import pickle
 import subprocess
@@ -106,3 +109,25 @@ def test_real_run_converts_to_the_same_logits_in_the_project_model_and_transform
         out_hf = hf(ids, labels=ids)
         torch.testing.assert_close(out_hf.logits, expected, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(out_hf.loss, model(ids[:, :-1], labels=ids[:, 1:]), rtol=1e-6, atol=1e-6)
+
+    # transformers' greedy generate on left-padded prompts of different lengths == launcher/generate.py's text.
+    prompts = ["def main(", "import os\nimport sys\nfrom"]
+    proc = run_script("generate", [str(run_dir), *sum((["--prompt", p] for p in prompts), []), "--greedy",
+                                   "--max-new-tokens", "8"])
+    _ok(proc)
+    tok = reference.tokenizer
+    encoded = [tok.encode(p) for p in prompts]
+    L = max(map(len, encoded))
+    padded = torch.tensor([[tok.pad_id] * (L - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in encoded])
+    new = hf.generate(padded, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_id)[:, L:]
+    for b, (prompt, e) in enumerate(zip(prompts, encoded)):
+        assert f"=== [{b}] {prompt}\n{tok.decode(e + new[b].tolist())}\n" in proc.stdout, proc.stdout
+
+    # The README's example runs as written (given the folder's path) and prints one continuation per prompt.
+    card = (out / "README.md").read_text()
+    example = card.split("```python\n")[1].split("```")[0].replace('"path/to/hf"', repr(str(out)))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(example, {})
+    assert len(ast.literal_eval(printed.getvalue())) == 2

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_pretrain.models.generation import GREEDY, Sampling, filter_logits, generate, prefill, sample_next
+from hybrid_pretrain.models.generation import (
+    GREEDY,
+    DecodingState,
+    Sampling,
+    filter_logits,
+    generate,
+    prefill,
+    sample_next,
+)
 from hybrid_pretrain.models.lm import LanguageModel
 
 PATTERNS = ["HAH", "SAS", "AA", "HH"]
@@ -53,6 +61,19 @@ def test_batched_equals_unbatched_with_ragged_prompts(make_cfg) -> None:
         alone = generate(model, p.unsqueeze(0), max_new_tokens=6)[0]
         assert torch.equal(out[b, : len(p) + 6], alone)
         assert (out[b, len(p) + 6 :] == -1).all()
+
+
+def test_rows_are_grouped_by_prompt_length_and_padding_never_matters(make_cfg) -> None:
+    model = LanguageModel(make_cfg(layers="HAH", init_std=0.2)).eval()
+    lengths = torch.tensor([4, 7, 4, 2])
+    decoding = DecodingState(model, lengths, max_len=12)
+    assert [(g.length, g.rows.tolist()) for g in decoding.groups] == [(2, [3]), (4, [0, 2]), (7, [1])]
+    assert len(DecodingState(model, torch.tensor([5, 5, 5]), max_len=8).groups) == 1  # equal lengths: one batch
+    prompt = torch.randint(0, 64, (4, 7))
+    garbage = torch.where(torch.arange(7) < lengths.unsqueeze(1), prompt, torch.randint(0, 64, (4, 7)))
+    a = generate(model, prompt, 5, prompt_lengths=lengths, pad_id=-1)
+    assert torch.equal(generate(model, garbage, 5, prompt_lengths=lengths, pad_id=-1), a)
+    assert all((a[b, n + 5 :] == -1).all() for b, n in enumerate(lengths.tolist()))
 
 
 def test_sampling_is_reproducible_and_stops_at_eos(make_cfg) -> None:
