@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--init-from", metavar="CKPT", help="start from the weights of a convert_checkpoint.py folder "
                         "(fresh optimizer and schedule, step 0) at this run's layout; uses its tokenizer unless "
                         "data.tokenizer is set")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="with --resume: unpickle anything the checkpoint files hold (they can run code); by "
+                        "default only tensors and DeepSpeed's own types are read")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in a run dir that already has checkpoints (they are deleted)")
     parser.add_argument("--dry-run", action="store_true",
@@ -112,7 +115,8 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
-def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None = None) -> dict:
+def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None = None,
+          trust_checkpoint: bool = False) -> dict:
     ctx = groups.initialize(cfg.parallel)
     try:
         preflight.check_run(cfg, ctx.world_size)  # world size and every rank's free memory, before data or model
@@ -159,7 +163,7 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None =
         val = list(eval_batches(data.val, t.micro_batch_size, ctx.dp_rank, ctx.dp_size, t.eval_batches))
         start_step = start_tokens = 0
         if resume:
-            state = checkpoint.load(engine, run_dir / "checkpoints")
+            state = checkpoint.load(engine, run_dir / "checkpoints", trust_checkpoint)
             start_step, start_tokens = state["step"], state["tokens"]
             batches.load_state_dict(state["data"])
             if ctx.is_main:
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--init-from starts a new run from a checkpoint's weights; expected it "
                                   "without --resume")
             prepare_config(cfg, args.init_from)
-        train(cfg, args.resume, args.overwrite, args.init_from)
+        train(cfg, args.resume, args.overwrite, args.init_from, args.trust_checkpoint)
         return 0
     except USER_ERRORS as e:
         if launched_rank() == 0:

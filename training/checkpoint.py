@@ -22,15 +22,13 @@ import torch.distributed as dist
 
 from hybrid_pretrain.base.hashing import file_sha256
 from hybrid_pretrain.parallel.tensor import sharding_layout, tensor_parallel_size
+from hybrid_pretrain.training.errors import CheckpointError  # callers import it from here
+from hybrid_pretrain.training.safe_load import restricted_unpickling
 
 TAG_PREFIX = "step"
 TMP_PREFIX = ".tmp-"
 MANIFEST = "MANIFEST.json"
 LAYOUT = "parallel_layout.json"  # TP/PP runs: how to reassemble the single-rank weights (training.weights)
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint: every candidate is missing or fails its checksum."""
 
 
 def tag_for(step: int) -> str:
@@ -179,8 +177,11 @@ def choose_tag(ckpt_dir: Path) -> str:
     raise CheckpointError(f"no usable checkpoint in {ckpt_dir}: {detail}")
 
 
-def load(engine: Any, ckpt_dir: Path) -> dict:
-    """Load the newest intact checkpoint into the engine and this rank's RNG; returns our client state."""
+def load(engine: Any, ckpt_dir: Path, trust: bool = False) -> dict:
+    """Load the newest intact checkpoint into the engine and this rank's RNG; returns our client state.
+
+    DeepSpeed's files are unpickled weights-only (training.safe_load) unless `trust` (--trust-checkpoint).
+    """
     chosen: list = [None]
     if _rank() == 0:
         try:
@@ -192,7 +193,8 @@ def load(engine: Any, ckpt_dir: Path) -> dict:
     if isinstance(chosen[0], CheckpointError):
         raise CheckpointError(str(chosen[0]))
     tag = chosen[0]
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    with restricted_unpickling(ckpt_dir / tag, trust):
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}")
     rng_file = ckpt_dir / tag / f"rng_rank{_rank():05d}.pt"
