@@ -27,7 +27,7 @@ from hybrid_pretrain.parallel import tensor as tensor_parallel
 from hybrid_pretrain.parallel.build import build_model
 from hybrid_pretrain.parallel.engine import resolve_precision
 from hybrid_pretrain.parallel.groups import PeerFailed, launched_rank
-from hybrid_pretrain.retrieval.errors import PassageError, RetrievalIndexError
+from hybrid_pretrain.retrieval.errors import AccessTokenError, PassageError, RetrievalIndexError
 from hybrid_pretrain.retrieval.for_training import TrainingRetrieval, build_store
 from hybrid_pretrain.training import checkpoint, loop
 from hybrid_pretrain.training.checkpoint import CheckpointError, latest_tag
@@ -39,7 +39,7 @@ from hybrid_pretrain.training.init_from import prepare_config
 from hybrid_pretrain.training.memory import estimate_memory, expert_parameters, format_bytes
 from hybrid_pretrain.training.optimizer import param_groups, warmup_cosine
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, PassageError, RetrievalIndexError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, PassageError, RetrievalIndexError, AccessTokenError)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -10,8 +10,9 @@ import time
 import numpy as np
 import pytest
 
+from hybrid_pretrain.retrieval.build import build_from_vectors
 from hybrid_pretrain.retrieval.client import IndexClient, ServiceError
-from hybrid_pretrain.retrieval.index import IndexSpec, ShardedIndex, build_shard, load_index, publish, staging_dir
+from hybrid_pretrain.retrieval.index import IndexSpec, ShardedIndex, build_shard, load_index
 from hybrid_pretrain.retrieval.live import LiveIndex
 from hybrid_pretrain.retrieval.protocol import Retriever
 from hybrid_pretrain.retrieval.service import IndexServer
@@ -21,11 +22,7 @@ N, D = 2000, 16
 
 
 def _publish(index_dir, version, x, ids, shards=2):
-    spec = IndexSpec("flat")
-    parts = np.array_split(np.arange(len(x)), shards)
-    index = ShardedIndex(spec, [build_shard(spec, x[p], ids[p]) for p in parts])
-    staging_dir(index_dir, version).mkdir(parents=True)
-    publish(index_dir, version, {"spec": vars(spec), "shards": index.save_shards(staging_dir(index_dir, version))})
+    assert build_from_vectors(index_dir, IndexSpec("flat"), x, ids, shards)["version"] == version
 
 
 @pytest.fixture
