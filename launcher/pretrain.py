@@ -30,7 +30,7 @@ from hybrid_pretrain.parallel.groups import PeerFailed, launched_rank
 from hybrid_pretrain.retrieval.errors import AccessTokenError, PassageError, RetrievalIndexError
 from hybrid_pretrain.retrieval.for_training import TrainingRetrieval, build_store
 from hybrid_pretrain.training import checkpoint, loop
-from hybrid_pretrain.training.checkpoint import CheckpointError, latest_tag
+from hybrid_pretrain.training.checkpoint import CheckpointError, has_checkpoints
 from hybrid_pretrain.training.config import RunConfig, load_config, save_resolved
 from hybrid_pretrain.training.flops import training_flops_per_token
 from hybrid_pretrain.training.gpu_peaks import current_device_peak
@@ -100,7 +100,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
 
     run_dir = cfg.run_path
     ckpt = run_dir / "checkpoints"
-    has_ckpt = latest_tag(ckpt) is not None
+    has_ckpt = has_checkpoints(ckpt)  # also a checkpoint published by a crashed first save, before any `latest`
     if resume and not has_ckpt:
         raise ConfigError(f"--resume given but {ckpt} holds no checkpoint; run without --resume to start")
     if not resume and has_ckpt:

@@ -33,6 +33,7 @@ from hybrid_pretrain.training.checkpoint import (
     CheckpointError,
     choose_tag,
     complete_tags,
+    is_tag,
     latest_tag,
     verify,
 )
@@ -182,6 +183,8 @@ def load_run(run_dir: str | Path, tag: str | None = None, trust: bool = False) -
         print(f"warning: {ckpt_dir / tag} has no {MANIFEST}; loading it unverified", file=sys.stderr)
     elif tag is None:
         tag = choose_tag(ckpt_dir)
+    elif not is_tag(tag):
+        raise CheckpointError(f"--tag '{tag}' is not a checkpoint tag; expected e.g. step00000150 (see {ckpt_dir})")
     else:
         problem = verify(ckpt_dir / tag)
         if problem is not None:
