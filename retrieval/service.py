@@ -27,6 +27,7 @@ import io
 import ipaddress
 import json
 import logging
+import os
 import socket
 import sys
 import threading
@@ -35,6 +36,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
+import faiss
 import numpy as np
 
 from hybrid_pretrain.retrieval.auth import TOKEN_ENV, bearer_matches, read_token
@@ -282,14 +284,15 @@ class IndexServer:
     """The service around a LiveIndex; `start()` serves on a background thread, `url` says where."""
 
     def __init__(self, live: LiveIndex, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 max_batch: int = 256, max_wait_ms: float = 2.0, limits: ServiceLimits | None = None) -> None:
+                 max_batch: int = 256, max_wait_ms: float = 2.0, limits: ServiceLimits | None = None,
+                 search_threads: int = 1) -> None:
         if not is_loopback(host) and not token:
             raise ValueError(f"refusing to serve on non-loopback address {host} without an access token")
         limits = limits or ServiceLimits()
         limits.validate()
         self.live = live
         self.httpd = _Server((host, port), _Handler, limits.max_connections)
-        self.httpd.setup_state(live, SearchBatcher(live, max_batch, max_wait_ms), token, limits)
+        self.httpd.setup_state(live, SearchBatcher(live, max_batch, max_wait_ms, search_threads), token, limits)
         self._thread: threading.Thread | None = None
 
     @property
@@ -340,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests")
     p.add_argument("--watch", type=float, default=5.0, help="seconds between checks for a new version (0: off)")
     p.add_argument("--cpu", action="store_true", help="search on the CPU even when GPU FAISS is present")
+    p.add_argument("--search-threads", type=int, default=0,
+                   help="batches searched at once (default: the CPU count on CPU FAISS, 1 on GPUs)")
     p.add_argument("--max-rows", type=int, default=d.max_rows, help=f"query rows per request (default {d.max_rows})")
     p.add_argument("--max-k", type=int, default=d.max_k, help=f"results per query, at most (default {d.max_k})")
     p.add_argument("--max-results", type=int, default=d.max_results,
@@ -357,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         token = read_token(args.token_file)
         live = LiveIndex(args.index_dir, use_gpu=not args.cpu)
-        server = IndexServer(live, args.host, args.port, token, args.max_batch, args.max_wait_ms, limits)
+        on_gpu = not args.cpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+        search_threads = args.search_threads or (1 if on_gpu else os.cpu_count() or 1)
+        server = IndexServer(live, args.host, args.port, token, args.max_batch, args.max_wait_ms, limits,
+                             search_threads)
     except (ValueError, OSError, AccessTokenError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
