@@ -43,9 +43,6 @@ class RetrievalConfig:
             raise ConfigError(f"retrieval.refresh_mode must be one of {', '.join(MODES)}, got '{self.refresh_mode}'")
         if not 0.0 < self.rolling_fraction <= 1.0:
             raise ConfigError(f"retrieval.rolling_fraction must be in (0, 1], got {self.rolling_fraction}")
-        if self.token_file and not Path(self.token_file).is_file():
-            raise ConfigError(f"retrieval.token_file '{self.token_file}' is not a file; expected a file holding the "
-                              "index service's access token (or leave it empty and set $RETRIEVAL_TOKEN)")
         if self.passages and not Path(self.passages).is_dir():
             raise ConfigError(f"retrieval.passages '{self.passages}' is not a folder; expected a passage store "
                               "(launcher/build_index.py writes one) or empty to build it from data.path")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import socket
 import time
 
@@ -45,12 +46,14 @@ def exchange(address: tuple[str, int], pieces: bytes | list[tuple[bytes, float]]
              timeout: float = 15.0) -> tuple[int | None, dict | bytes | None]:
     """Send `pieces` (bytes, or (bytes, pause seconds after) pairs) and read one response.
 
-    A piece the server no longer accepts (it answered and closed) ends the sending early.
+    Sending stops early once the server has answered (or closed), as a client reading its socket would.
     """
     if isinstance(pieces, bytes):
         pieces = [(pieces, 0.0)]
     with socket.create_connection(address, timeout=timeout) as sock:
         for data, pause in pieces:
+            if select.select([sock], [], [], 0)[0]:
+                break
             try:
                 sock.sendall(data)
             except OSError:
