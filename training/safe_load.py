@@ -52,8 +52,8 @@ def deepspeed_types() -> list[type]:
     """The classes named in DEEPSPEED_TYPES (weights-only unpickling needs the objects, not their names)."""
     # optional: DeepSpeed only where its optimizer files are read (importing it probes accelerators and logs)
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # optional: as above
+    from deepspeed.utils.tensor_fragment import fragment_address  # optional: as above
 
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
