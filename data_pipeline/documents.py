@@ -16,10 +16,32 @@ from hybrid_pretrain.data_pipeline.errors import DataError
 
 
 class Document(NamedTuple):
-    """One document's text and the set it belongs to (Pile `meta.pile_set_name`, else None)."""
+    """One document's text (or the next piece of it) and the set it belongs to (Pile `meta.pile_set_name`).
+
+    A streamed `.txt` file is one document read in pieces: every piece after the first has `continues`
+    set, so readers never hold a whole book and consumers that need whole documents join the pieces.
+    """
 
     text: str
     set_name: str | None = None
+    continues: bool = False
+
+
+def text_problem(text: object) -> str | None:
+    """Why `text` cannot be a document, as a skip reason, or None.
+
+    A lone surrogate (``"\\ud800"`` in JSON is valid) cannot be encoded as UTF-8, which the tokenizer and
+    every hash need: it would abort a whole job, so such a record is skipped instead.
+    """
+    if not isinstance(text, str):
+        return "non_string_text"
+    if not text.strip():
+        return "empty"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "lone_surrogate"
+    return None
 
 
 class SkipCounter:
@@ -81,12 +103,19 @@ class Source(abc.ABC):
         self.skips = SkipCounter()
 
     def documents(self, split: str = "train") -> Iterator[str]:
-        """Non-empty documents of `split`; DataError if the split turns out to hold none."""
+        """Non-empty whole documents of `split` (a streamed document's pieces joined); DataError if it holds none."""
+        parts: list[str] = []
         for doc in self.records(split):
-            yield doc.text
+            if parts and not doc.continues:
+                yield "".join(parts)
+                parts = []
+            parts.append(doc.text)
+        if parts:
+            yield "".join(parts)
 
     def records(self, split: str = "train", files: list[Path] | None = None) -> Iterator[Document]:
-        """Documents of `split` with their set names (only from `files`, a subset of `files(split)`, if given).
+        """Documents of `split` with their set names (only from `files`, a subset of `files(split)`, if given);
+        a streamed document comes as pieces (see Document.continues).
 
         DataError if the split turns out to hold no usable document.
         """

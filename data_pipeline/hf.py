@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from hybrid_pretrain.data_pipeline.documents import Document, Source
+from hybrid_pretrain.data_pipeline.documents import Document, Source, text_problem
 from hybrid_pretrain.data_pipeline.errors import DataError
 
 BUILDERS = {".jsonl.zst": "json", ".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
@@ -92,10 +92,9 @@ class HFSource(Source):
                 text = row.get(self.text_field)
                 meta = row.get("meta")
                 set_name = meta.get("pile_set_name") if isinstance(meta, dict) else None
-                if not isinstance(text, str):
-                    self.skips.add(label, "missing_text")
-                elif not text.strip():
-                    self.skips.add(label, "empty")
+                problem = "missing_text" if text is None else text_problem(text)
+                if problem:
+                    self.skips.add(label, problem)
                 elif self.sets is not None and set_name not in self.sets:
                     self.skips.add(label, "set_not_selected")
                 else:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from hybrid_pretrain.base.hashing import file_sha256
 from hybrid_pretrain.data_pipeline.documents import Source
 from hybrid_pretrain.data_pipeline.errors import DataError
-from hybrid_pretrain.data_pipeline.sources import parse_sources
+from hybrid_pretrain.data_pipeline.sources import DEFAULT_MAX_LINE_BYTES, parse_sources
 from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -51,6 +51,7 @@ class PreprocessSettings:
     max_doc_chars: int = 100_000  # chunk longer documents (PG-19 books) at paragraph breaks; 0: never
     val_fraction: float = 0.01  # held out by hash from sources without a native validation split
     pile_sets: tuple[str, ...] = ()  # keep only these Pile `meta.pile_set_name`s; empty: all
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # a longer JSON-lines record is skipped as "line_too_long"
 
     def validate(self) -> None:
         if self.shard_bytes <= 0:
@@ -59,6 +60,8 @@ class PreprocessSettings:
             raise DataError(f"max_doc_chars must be >= 0 (0: no chunking), got {self.max_doc_chars}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise DataError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_line_bytes <= 0:
+            raise DataError(f"max_line_bytes must be positive, got {self.max_line_bytes}")
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,10 @@ def parse_inputs(specs: list[str]) -> dict[str, str]:
 def _configure(source: Source, settings: PreprocessSettings) -> Source:
     if hasattr(source, "sets"):
         source.sets = frozenset(settings.pile_sets) or None
-    if hasattr(source, "on_truncated"):
-        source.on_truncated = "skip"  # one bad shard is reported, never the end of a long job
+    if hasattr(source, "on_bad_file"):
+        source.on_bad_file = "skip"  # one bad file is reported, never the end of a long job
+    if hasattr(source, "max_line_bytes"):
+        source.max_line_bytes = settings.max_line_bytes
     return source
 
 
@@ -142,12 +147,13 @@ def _chunks(text: str, max_chars: int) -> Iterator[str]:
     for para in re.split(r"(?<=\n\n)", text):
         pieces = [para] if len(para) <= max_chars else para.splitlines(keepends=True)
         for piece in pieces:
-            while len(piece) > max_chars:  # one enormous line: cut it hard
+            if len(piece) > max_chars:  # one enormous line: cut it hard (by offsets: linear in its length)
                 if buf:
                     yield "".join(buf)
                     buf, size = [], 0
-                yield piece[:max_chars]
-                piece = piece[max_chars:]
+                cut = (len(piece) - 1) // max_chars * max_chars  # leaves the last 1..max_chars characters
+                yield from (piece[i : i + max_chars] for i in range(0, cut, max_chars))
+                piece = piece[cut:]
             if size + len(piece) > max_chars and buf:
                 yield "".join(buf)
                 buf, size = [], 0
@@ -244,12 +250,15 @@ def process_unit(unit: Unit, out_dir: str, settings: PreprocessSettings, encode_
 
     def documents() -> Iterator[tuple[str, str, str, bool]]:
         nonlocal written
+        split = unit.split
         for file in unit.files:
             try:
                 for doc in source.records(unit.split, [Path(file)] if source.files(unit.split) else None):
-                    split = "validation" if hold_out and _held_out(doc.text, settings.val_fraction) else unit.split
-                    written += 1
-                    first = True
+                    first = not doc.continues  # a streamed .txt's later pieces belong to the same document
+                    if first:
+                        held_out = hold_out and _held_out(doc.text, settings.val_fraction)
+                        split = "validation" if held_out else unit.split
+                        written += 1
                     for chunk in _chunks(doc.text, settings.max_doc_chars):
                         yield split, doc.set_name or unit.input, chunk, first
                         first = False

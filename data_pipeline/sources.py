@@ -1,12 +1,19 @@
 """Where documents come from: each `data.path` spec becomes a `Source` that yields one `str` per document.
 
-Readers stream (a Pile shard is never decompressed whole into memory), skip bad records with a count
-per file and reason instead of failing a multi-hour job on one broken line, and fail loudly with a
-`DataError` when a spec matches nothing or holds no usable text.
+Readers stream in bounded memory, whatever the input: a zstd shard is decompressed a few dozen bytes of
+input at a time, so no single read expands past ~2 MiB (an 8 KB bomb once became one 256 MiB piece);
+lines are split in time linear in their length, and one longer than `max_line_bytes` is dropped as it
+arrives; `.txt` files are read in pieces. Bad records are skipped with a count per file and named reason
+(invalid_utf8, malformed_json, deep_nesting, missing_text, non_string_text, empty, lone_surrogate,
+line_too_long, set_not_selected) instead of failing a multi-hour job on one broken line; a file that
+cannot be read at all (unreadable, corrupt_zstd, truncated_zstd) raises a `DataError`, or with
+``on_bad_file = "skip"`` (what preprocessing sets) is counted as one skipped record. A spec that matches
+nothing or holds no usable text fails loudly.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import io
 import itertools
@@ -18,7 +25,7 @@ from pathlib import Path
 
 import zstandard
 
-from hybrid_pretrain.data_pipeline.documents import Document, SkipCounter, Source
+from hybrid_pretrain.data_pipeline.documents import Document, SkipCounter, Source, text_problem
 from hybrid_pretrain.data_pipeline.embedded import DEFAULT_MAX_BYTES, build_embedded_corpus, embedded_corpus_name
 from hybrid_pretrain.data_pipeline.errors import DataError
 from hybrid_pretrain.data_pipeline.hf import HFSource
@@ -32,6 +39,11 @@ EXPECTED = (
 )
 _READ_BYTES = 1 << 20
 _MAX_ZSTD_WINDOW = 2**31  # accept `zstd --long` files; decoders refuse windows over 128 MiB by default
+# Compressed bytes per decompress call. A zstd block yields at most 128 KiB from 4 input bytes (an RLE
+# block), so 64 bytes in give at most ~2 MiB out; measured ~115 MB/s of output, above tokenizing speed.
+_ZSTD_FEED = 64
+DEFAULT_MAX_LINE_BYTES = 64 << 20  # a JSON-lines record longer than this is skipped as "line_too_long"
+_TEXT_PIECE_CHARS = 1 << 20  # .txt files are read in pieces of about this many characters, cut at line ends
 
 _PG_START = re.compile(
     r"^(\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG[^\n]*|\*END\*THE SMALL PRINT[^\n]*)\n?", re.I | re.M
@@ -55,7 +67,7 @@ def strip_gutenberg(text: str) -> str:
 
 
 def _zstd_blocks(fh: io.BufferedIOBase, path: Path) -> Iterator[bytes]:
-    """Decompressed bytes of a (possibly multi-frame) zstd file, a bounded piece at a time.
+    """Decompressed bytes of a (possibly multi-frame) zstd file, at most ~2 MiB per piece (see _ZSTD_FEED).
 
     Done by hand rather than with `stream_reader` because that ends silently on a truncated file, and a
     half-downloaded shard must not pass for a small one.
@@ -63,76 +75,113 @@ def _zstd_blocks(fh: io.BufferedIOBase, path: Path) -> Iterator[bytes]:
     dctx = zstandard.ZstdDecompressor(max_window_size=_MAX_ZSTD_WINDOW)
     frame, fed = dctx.decompressobj(), False
     while chunk := fh.read(_READ_BYTES):
-        while chunk:
-            out = frame.decompress(chunk)
-            fed = True
-            if out:
-                yield out
-            chunk = b""
-            if frame.eof:  # the next frame starts in the leftover input
-                chunk = frame.unused_data
-                frame, fed = dctx.decompressobj(), False
+        view = memoryview(chunk)
+        for start in range(0, len(view), _ZSTD_FEED):
+            piece = view[start : start + _ZSTD_FEED]
+            while piece:
+                out = frame.decompress(piece)
+                fed = True
+                if out:
+                    yield out
+                piece = b""
+                if frame.eof:  # the next frame starts in the leftover input (at most _ZSTD_FEED bytes)
+                    piece = frame.unused_data
+                    frame, fed = dctx.decompressobj(), False
     if fed and not frame.eof:
         raise DataError(f"{path}: zstd stream ends mid-frame; the file is truncated (re-download it)")
 
 
-def _lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
-    pending = b""
+def _lines(blocks: Iterable[bytes], max_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[bytes | None]:
+    """The newline-separated lines of a byte stream, in time linear in its length; None for a line longer
+    than `max_bytes`, whose bytes are dropped as they arrive (memory stays bounded by `max_bytes`)."""
+    pending: list[bytes] = []  # the current line's pieces so far, joined once when it ends
+    size, too_long = 0, False
     for block in blocks:
-        lines = (pending + block).split(b"\n")
-        pending = lines.pop()
-        yield from lines
-    if pending:
-        yield pending
+        *ended, rest = bytes(block).split(b"\n")
+        for i, piece in enumerate(ended):
+            if i == 0 and (pending or too_long):  # ends the line that earlier blocks started
+                size += len(piece)
+                yield None if too_long or size > max_bytes else b"".join([*pending, piece])
+                pending, size, too_long = [], 0, False
+            else:
+                yield piece if len(piece) <= max_bytes else None
+        if rest and not too_long:
+            size += len(rest)
+            if size > max_bytes:
+                pending, too_long = [], True
+            else:
+                pending.append(rest)
+    if too_long:
+        yield None
+    elif pending:
+        yield b"".join(pending)
+
+
+def _parse_record(line: bytes, keep: frozenset[str] | None) -> tuple[Document | None, str | None]:
+    """One JSON line -> (Document, None), or (None, the reason it is skipped)."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "invalid_utf8"
+    except RecursionError:  # valid JSON nested deeper than the parser's stack
+        return None, "deep_nesting"
+    except ValueError:
+        return None, "malformed_json"
+    if not isinstance(record, dict) or "text" not in record:
+        return None, "missing_text"
+    problem = text_problem(record["text"])
+    if problem:
+        return None, problem
+    meta = record.get("meta")
+    set_name = meta.get("pile_set_name") if isinstance(meta, dict) else None
+    set_name = set_name if isinstance(set_name, str) and text_problem(set_name) is None else None
+    if keep is not None and set_name not in keep:
+        return None, "set_not_selected"
+    return Document(record["text"], set_name), None
+
+
+def _bad_file(path: Path, skips: SkipCounter, reason: str, message: str, on_bad_file: str) -> None:
+    """A file that cannot be read (on): raise DataError, or count it as one skipped record and warn."""
+    if on_bad_file != "skip":
+        raise DataError(message)
+    skips.count_read(path)
+    skips.add(path, reason)
+    skips.warnings[str(path)] = message
 
 
 def read_jsonl_documents(
-    path: Path, skips: SkipCounter, sets: Iterable[str] | None = None, on_truncated: str = "raise"
+    path: Path, skips: SkipCounter, sets: Iterable[str] | None = None, on_bad_file: str = "raise",
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> Iterator[Document]:
     """Stream Pile-style JSON lines (`.jsonl.zst` decompressed on the fly) as Documents.
 
     `sets` keeps only records whose `meta.pile_set_name` is listed (others count as "set_not_selected").
-    `on_truncated="skip"` keeps the records before a truncated zstd stream ends and counts the cut-off
-    line as "truncated_zstd", so one half-downloaded shard cannot kill a long preprocessing job; the
-    default raises, because silently training on half a shard is worse when nobody reads a report.
+    `on_bad_file="skip"` keeps the records before a truncated or corrupt zstd stream ends (or none of an
+    unreadable file) and counts the file as one skipped record ("truncated_zstd", "corrupt_zstd",
+    "unreadable"), so one bad shard cannot kill a long preprocessing job; the default raises, because
+    silently training on half a shard is worse when nobody reads a report.
     """
     keep = frozenset(sets) if sets is not None else None
-    with open(path, "rb") as fh:
-        blocks = _zstd_blocks(fh, path) if path.name.endswith(".zst") else iter(lambda: fh.read(_READ_BYTES), b"")
-        try:
-            for line in _lines(blocks):
-                if not line.strip():
+    try:
+        with open(path, "rb") as fh:
+            blocks = _zstd_blocks(fh, path) if path.name.endswith(".zst") else iter(lambda: fh.read(_READ_BYTES), b"")
+            for line in _lines(blocks, max_line_bytes):
+                if line is not None and not line.strip():
                     continue
                 skips.count_read(path)
-                try:
-                    line_text = line.decode("utf-8")
-                except UnicodeDecodeError:
-                    skips.add(path, "invalid_utf8")
-                    continue
-                try:
-                    record = json.loads(line_text)
-                except ValueError:
-                    skips.add(path, "malformed_json")
-                    continue
-                text = record.get("text") if isinstance(record, dict) else None
-                meta = record.get("meta") if isinstance(record, dict) else None
-                set_name = meta.get("pile_set_name") if isinstance(meta, dict) else None
-                set_name = set_name if isinstance(set_name, str) else None
-                if not isinstance(text, str):
-                    skips.add(path, "missing_text")
-                elif not text.strip():
-                    skips.add(path, "empty")
-                elif keep is not None and set_name not in keep:
-                    skips.add(path, "set_not_selected")
+                doc, reason = (None, "line_too_long") if line is None else _parse_record(line, keep)
+                if doc is None:
+                    skips.add(path, reason)
                 else:
-                    yield Document(text, set_name)
-        except zstandard.ZstdError as e:
-            raise DataError(f"{path}: not a valid zstd stream ({e}); expected a zstandard-compressed .jsonl") from e
-        except DataError:
-            if on_truncated != "skip":
-                raise
-            skips.count_read(path)
-            skips.add(path, "truncated_zstd")
+                    yield doc
+    except zstandard.ZstdError as e:
+        _bad_file(path, skips, "corrupt_zstd", f"{path}: not a valid zstd stream ({e}); expected a "
+                  "zstandard-compressed .jsonl", on_bad_file)
+    except DataError as e:  # _zstd_blocks: the stream ends mid-frame
+        _bad_file(path, skips, "truncated_zstd", str(e), on_bad_file)
+    except OSError as e:
+        _bad_file(path, skips, "unreadable", f"{path}: cannot be read ({e.strerror or e}); check the file and its "
+                  "permissions", on_bad_file)
 
 
 def read_jsonl(path: Path, skips: SkipCounter) -> Iterator[str]:
@@ -141,22 +190,97 @@ def read_jsonl(path: Path, skips: SkipCounter) -> Iterator[str]:
         yield doc.text
 
 
-def read_text(path: Path, skips: SkipCounter) -> Iterator[str]:
-    """Yield a whole text file as one document, without Project Gutenberg boilerplate.
+def _utf8_problem(path: Path) -> str | None:
+    """Whether the whole file decodes as UTF-8, checked in blocks before any of it is used: None, or why not."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as fh:
+            while block := fh.read(_READ_BYTES):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return "not_utf8"
+    return None
+
+
+def _text_pieces(fh: io.TextIOBase) -> Iterator[str]:
+    """A text file in pieces of about _TEXT_PIECE_CHARS characters ending at line ends (longer lines cut hard)."""
+    buf: list[str] = []
+    size = 0
+    while line := fh.readline(_TEXT_PIECE_CHARS):
+        buf.append(line)
+        size += len(line)
+        if size >= _TEXT_PIECE_CHARS:
+            yield "".join(buf)
+            buf, size = [], 0
+    if buf:
+        yield "".join(buf)
+
+
+def _without_gutenberg(pieces: Iterator[str]) -> Iterator[str]:
+    """`strip_gutenberg` over a stream of pieces. A file of one piece gets exactly strip_gutenberg; a longer
+    one has its start marker looked for in the first piece (the licence header is a few KB) and stops at
+    the end marker; when only an end marker exists, its leading whitespace is kept."""
+    first = next(pieces, None)
+    second = next(pieces, None)
+    if first is None:
+        return
+    if second is None:
+        yield strip_gutenberg(first)
+        return
+    start = _PG_START.search(first)
+    strip = start is not None
+    held, gap = None, []  # the last piece with text, not yet given out, and whitespace-only pieces after it
+    for piece in itertools.chain([first[start.end():] if start else first, second], pieces):
+        end = _PG_END.search(piece)
+        if end:
+            piece, strip = piece[: end.start()], True
+        if piece.strip():
+            if held is None and strip:
+                piece = piece.lstrip()
+            if held is not None:
+                yield held
+                yield from gap
+            held, gap = piece, []
+        elif held is not None:
+            gap.append(piece)
+        elif not strip:
+            yield piece  # leading whitespace of a book without markers stays
+        if end:
+            break
+    if held is not None:
+        yield held.rstrip() if strip else "".join([held, *gap])
+
+
+def read_text(path: Path, skips: SkipCounter, on_bad_file: str = "raise") -> Iterator[str]:
+    """A text file as one document, in pieces of a few MB (joined, they are the whole text), without
+    Project Gutenberg boilerplate.
 
     Stripping applies to every `.txt`, not only PG-19 folders: the markers are specific enough never to
-    occur in other text, and a book passed as a lone file should read the same as inside a folder.
+    occur in other text, and a book passed as a lone file should read the same as inside a folder. A file
+    that is not UTF-8 is skipped ("not_utf8") before any of it is given out; one that cannot be opened
+    raises DataError, or with `on_bad_file="skip"` is skipped ("unreadable").
     """
-    skips.count_read(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        skips.add(path, "not_utf8")
+        problem = _utf8_problem(path)
+    except OSError as e:
+        _bad_file(path, skips, "unreadable", f"{path}: cannot be read ({e.strerror or e}); check the file and its "
+                  "permissions", on_bad_file)
         return
-    text = strip_gutenberg(text)
-    if text.strip():
-        yield text
-    else:
+    skips.count_read(path)
+    if problem:
+        skips.add(path, problem)
+        return
+    empty = True
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            for piece in _without_gutenberg(_text_pieces(fh)):
+                empty = empty and not piece.strip()
+                if not empty:
+                    yield piece
+    except OSError as e:  # it was readable a moment ago; part of it may be out already, so never skip silently
+        raise DataError(f"{path}: reading failed midway ({e.strerror or e}); check the file and rerun") from e
+    if empty:
         skips.add(path, "empty")
 
 
@@ -167,7 +291,8 @@ class JsonlSource(Source):
     """
 
     kind = "jsonl"
-    on_truncated = "raise"  # the preprocessing CLI sets "skip" and reports the file instead
+    on_bad_file = "raise"  # the preprocessing CLI sets "skip" and reports the file instead
+    max_line_bytes = DEFAULT_MAX_LINE_BYTES
 
     def __init__(self, spec: str, paths: list[Path]) -> None:
         super().__init__(spec)
@@ -179,13 +304,21 @@ class JsonlSource(Source):
 
     def _records(self, split: str, files: list[Path]) -> Iterator[Document]:
         for path in files:
-            yield from read_jsonl_documents(path, self.skips, self.sets, self.on_truncated)
+            yield from read_jsonl_documents(path, self.skips, self.sets, self.on_bad_file, self.max_line_bytes)
+
+
+def _text_documents(paths: list[Path], skips: SkipCounter, on_bad_file: str) -> Iterator[Document]:
+    """One document per file, streamed as pieces (Document.continues marks all but the first)."""
+    for path in paths:
+        for i, piece in enumerate(read_text(path, skips, on_bad_file)):
+            yield Document(piece, continues=i > 0)
 
 
 class TextSource(Source):
     """Plain `.txt` files, one document each."""
 
     kind = "text"
+    on_bad_file = "raise"
 
     def __init__(self, spec: str, paths: list[Path]) -> None:
         super().__init__(spec)
@@ -195,8 +328,7 @@ class TextSource(Source):
         return list(self.paths)
 
     def _records(self, split: str, files: list[Path]) -> Iterator[Document]:
-        for path in files:
-            yield from (Document(text) for text in read_text(path, self.skips))
+        yield from _text_documents(files, self.skips, self.on_bad_file)
 
 
 class PG19Source(Source):
@@ -206,6 +338,7 @@ class PG19Source(Source):
     """
 
     kind = "pg19"
+    on_bad_file = "raise"
 
     def __init__(self, spec: str, root: Path) -> None:
         super().__init__(spec, tuple(s for s in SPLITS if _has_txt(root / s)))
@@ -218,8 +351,7 @@ class PG19Source(Source):
         return [p for s in splits for p in sorted((self.root / s).glob("*.txt"))]
 
     def _records(self, split: str, files: list[Path]) -> Iterator[Document]:
-        for path in files:
-            yield from (Document(text) for text in read_text(path, self.skips))
+        yield from _text_documents(files, self.skips, self.on_bad_file)
 
 
 class PileFolderSource(Source):
@@ -227,13 +359,14 @@ class PileFolderSource(Source):
 
     kind = "pile"
     _SPLIT_FILES = {"validation": "val.jsonl.zst", "test": "test.jsonl.zst"}
+    on_bad_file = "raise"
+    max_line_bytes = DEFAULT_MAX_LINE_BYTES
 
     def __init__(self, spec: str, root: Path) -> None:
         splits = ("train",) + tuple(s for s, f in self._SPLIT_FILES.items() if (root / f).is_file())
         super().__init__(spec, splits)
         self.root = root
         self.sets: frozenset[str] | None = None
-        self.on_truncated = "raise"
 
     def files(self, split: str | None = None) -> list[Path]:
         splits = self.splits if split is None else (split,)
@@ -245,7 +378,7 @@ class PileFolderSource(Source):
 
     def _records(self, split: str, files: list[Path]) -> Iterator[Document]:
         for path in files:
-            yield from read_jsonl_documents(path, self.skips, self.sets, self.on_truncated)
+            yield from read_jsonl_documents(path, self.skips, self.sets, self.on_bad_file, self.max_line_bytes)
 
 
 class EmbeddedSource(JsonlSource):

@@ -31,9 +31,10 @@ def _chunks(doc: str) -> Iterator[str]:
     buf: list[str] = []
     size = 0
     for line in doc.splitlines(keepends=True):
-        while len(line) > CHUNK_CHARS:  # minified code or a book without line breaks
-            yield line[:CHUNK_CHARS]
-            line = line[CHUNK_CHARS:]
+        if len(line) > CHUNK_CHARS:  # minified code or a book without line breaks: cut by offsets (linear)
+            cut = (len(line) - 1) // CHUNK_CHARS * CHUNK_CHARS  # leaves the last 1..CHUNK_CHARS characters
+            yield from (line[i : i + CHUNK_CHARS] for i in range(0, cut, CHUNK_CHARS))
+            line = line[cut:]
         buf.append(line)
         size += len(line)
         if size >= CHUNK_CHARS:

@@ -37,14 +37,16 @@ class HybridPretrainLM(TemplateLM):
     """The project's model (any model.arch with ``forward(ids) -> logits``) over a convert_checkpoint.py folder.
 
     model_args: ``path`` (required), ``device`` (cpu, cuda, ...), ``dtype`` (fp32 | bf16), ``batch_size``,
-    ``max_length`` (context window; default the config's data.seq_len), ``max_gen_toks`` (default 256).
+    ``max_length`` (context window; default the config's data.seq_len), ``max_gen_toks`` (default 256),
+    ``trust_checkpoint`` (unpickle anything a run directory's files hold; default only tensors).
     """
 
     def __init__(self, path: str, device: str | None = None, dtype: str = "fp32", batch_size: int | str = 8,
-                 max_length: int | str = 0, max_gen_toks: int | str = 256, **unused) -> None:
+                 max_length: int | str = 0, max_gen_toks: int | str = 256, trust_checkpoint: bool | str = False,
+                 **unused) -> None:
         super().__init__()
 
-        weights = load_weights(path)
+        weights = load_weights(path, trust=str(trust_checkpoint).lower() in ("1", "true", "yes"))
         if weights.tokenizer is None:
             raise ConfigError(f"{path} has no tokenizer.model; expected the checkpoint's tokenizer beside its weights")
         if str(dtype) not in DTYPES:

@@ -96,13 +96,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tag", help="checkpoint tag, e.g. step00000150 (default: newest intact one)")
     parser.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
                         help="hf also writes the transformers configuration/modeling files (default: safetensors)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle anything the checkpoint files hold (they can run code): only for a folder you "
+                        "or someone you trust wrote; by default only tensors and DeepSpeed's own types are read")
     return parser.parse_args(argv)
 
 
-def convert(run_dir: str | Path, out: str | Path, tag: str | None = None, fmt: str = "safetensors") -> Path:
+def convert(run_dir: str | Path, out: str | Path, tag: str | None = None, fmt: str = "safetensors",
+            trust: bool = False) -> Path:
     """Write the consolidated checkpoint of `run_dir` into `out`; returns `out`."""
 
-    weights = load_run(run_dir, tag)
+    weights = load_run(run_dir, tag, trust)
     out = save_consolidated(weights, out, HF_CONFIG if fmt == "hf" else None)
     if fmt == "hf":
         for name in HF_FILES:
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     try:
-        out = convert(args.run_dir, args.out, args.tag, args.format)
+        out = convert(args.run_dir, args.out, args.tag, args.format, args.trust_checkpoint)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

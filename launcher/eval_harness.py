@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--seed", type=int, default=1234, help="few-shot sampling and generation seed")
     parser.add_argument("--output", help="also write the harness's full results JSON here")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle anything the checkpoint files hold (they can run code): only for a folder you "
+                        "or someone you trust wrote; by default only tensors and DeepSpeed's own types are read")
     return parser.parse_args(argv)
 
 
@@ -53,7 +56,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         where = ", ".join(args.include_path) or "the harness's built-in tasks"
         raise ConfigError(f"--tasks: no task named '{unknown[0]}' in {where}; expected a task or group name there")
     model = adapter.HybridPretrainLM(args.checkpoint, device=args.device, dtype=args.dtype,
-                                     batch_size=args.batch_size, max_length=args.max_length)
+                                     batch_size=args.batch_size, max_length=args.max_length,
+                                     trust_checkpoint=args.trust_checkpoint)
     return lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                                    task_manager=manager, random_seed=args.seed, numpy_random_seed=args.seed,
                                    torch_random_seed=args.seed, fewshot_random_seed=args.seed, log_samples=False)

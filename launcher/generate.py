@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle anything the checkpoint files hold (they can run code): only for a folder you "
+                        "or someone you trust wrote; by default only tensors and DeepSpeed's own types are read")
     return parser.parse_args(argv)
 
 
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             sampling = Sampling(0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
         except ValueError as e:
             raise ConfigError(f"sampling flags: {e}") from None
-        weights = load_run(args.run_dir, args.tag)
+        weights = load_run(args.run_dir, args.tag, args.trust_checkpoint)
         if weights.tokenizer is None:
             raise ConfigError(f"{args.run_dir}/data/tokenizer.model is missing; expected the run's tokenizer")
     except (ConfigError, CheckpointError) as e:

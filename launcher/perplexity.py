@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle anything the checkpoint files hold (they can run code): only for a folder you "
+                        "or someone you trust wrote; by default only tensors and DeepSpeed's own types are read")
     return parser.parse_args(argv)
 
 
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         for flag in ("batch_size", "seq_len", "max_tokens"):
             if getattr(args, flag) < (1 if flag == "batch_size" else 0):
                 raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
-        weights = load_weights(args.checkpoint, args.tag)
+        weights = load_weights(args.checkpoint, args.tag, args.trust_checkpoint)
         if weights.tokenizer is None:
             raise ConfigError(f"{args.checkpoint} has no tokenizer.model; expected the checkpoint's tokenizer")
         seq_len = args.seq_len or weights.config.data.seq_len

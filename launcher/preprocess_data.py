@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-fraction", type=float, default=d.val_fraction,
                         help="documents held out by hash for validation from inputs without a validation split "
                         f"(default {d.val_fraction})")
+    parser.add_argument("--max-line-bytes", type=int, default=d.max_line_bytes,
+                        help="skip (and count as line_too_long) JSON-lines records longer than this "
+                        f"(default {d.max_line_bytes})")
     parser.add_argument("--pile-sets", default="",
                         help="comma-separated meta.pile_set_name values to keep (default: all), e.g. Github,PythonDocs")
     return parser.parse_args(argv)
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = PreprocessSettings(
             shard_bytes=args.shard_bytes, max_doc_chars=args.max_doc_chars, val_fraction=args.val_fraction,
             pile_sets=tuple(s.strip() for s in args.pile_sets.split(",") if s.strip()),
+            max_line_bytes=args.max_line_bytes,
         )
         report = preprocess(parse_inputs(args.input), args.out, args.tokenizer, settings, args.workers)
         return 0 if report["reconciled"] else 1

@@ -27,10 +27,10 @@ from hybrid_pretrain.parallel import tensor as tensor_parallel
 from hybrid_pretrain.parallel.build import build_model
 from hybrid_pretrain.parallel.engine import resolve_precision
 from hybrid_pretrain.parallel.groups import PeerFailed, launched_rank
-from hybrid_pretrain.retrieval.errors import PassageError, RetrievalIndexError
+from hybrid_pretrain.retrieval.errors import AccessTokenError, PassageError, RetrievalIndexError
 from hybrid_pretrain.retrieval.for_training import TrainingRetrieval, build_store
 from hybrid_pretrain.training import checkpoint, loop
-from hybrid_pretrain.training.checkpoint import CheckpointError, latest_tag
+from hybrid_pretrain.training.checkpoint import CheckpointError, has_checkpoints
 from hybrid_pretrain.training.config import RunConfig, load_config, save_resolved
 from hybrid_pretrain.training.flops import training_flops_per_token
 from hybrid_pretrain.training.gpu_peaks import current_device_peak
@@ -39,7 +39,7 @@ from hybrid_pretrain.training.init_from import prepare_config
 from hybrid_pretrain.training.memory import estimate_memory, expert_parameters, format_bytes
 from hybrid_pretrain.training.optimizer import param_groups, warmup_cosine
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, PassageError, RetrievalIndexError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, PassageError, RetrievalIndexError, AccessTokenError)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--init-from", metavar="CKPT", help="start from the weights of a convert_checkpoint.py folder "
                         "(fresh optimizer and schedule, step 0) at this run's layout; uses its tokenizer unless "
                         "data.tokenizer is set")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="with --resume: unpickle anything the checkpoint files hold (they can run code); by "
+                        "default only tensors and DeepSpeed's own types are read")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in a run dir that already has checkpoints (they are deleted)")
     parser.add_argument("--dry-run", action="store_true",
@@ -97,7 +100,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
 
     run_dir = cfg.run_path
     ckpt = run_dir / "checkpoints"
-    has_ckpt = latest_tag(ckpt) is not None
+    has_ckpt = has_checkpoints(ckpt)  # also a checkpoint published by a crashed first save, before any `latest`
     if resume and not has_ckpt:
         raise ConfigError(f"--resume given but {ckpt} holds no checkpoint; run without --resume to start")
     if not resume and has_ckpt:
@@ -112,7 +115,8 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
-def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None = None) -> dict:
+def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None = None,
+          trust_checkpoint: bool = False) -> dict:
     ctx = groups.initialize(cfg.parallel)
     try:
         preflight.check_run(cfg, ctx.world_size)  # world size and every rank's free memory, before data or model
@@ -159,7 +163,7 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None =
         val = list(eval_batches(data.val, t.micro_batch_size, ctx.dp_rank, ctx.dp_size, t.eval_batches))
         start_step = start_tokens = 0
         if resume:
-            state = checkpoint.load(engine, run_dir / "checkpoints")
+            state = checkpoint.load(engine, run_dir / "checkpoints", trust_checkpoint)
             start_step, start_tokens = state["step"], state["tokens"]
             batches.load_state_dict(state["data"])
             if ctx.is_main:
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--init-from starts a new run from a checkpoint's weights; expected it "
                                   "without --resume")
             prepare_config(cfg, args.init_from)
-        train(cfg, args.resume, args.overwrite, args.init_from)
+        train(cfg, args.resume, args.overwrite, args.init_from, args.trust_checkpoint)
         return 0
     except USER_ERRORS as e:
         if launched_rank() == 0:

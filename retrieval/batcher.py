@@ -16,22 +16,32 @@ from hybrid_pretrain.retrieval.live import LiveIndex
 
 
 class SearchBatcher:
-    """`submit(queries (n, d), k) -> (scores (n, k), ids (n, k), version)`, run on one background thread.
+    """`submit(queries (n, d), k) -> (scores (n, k), ids (n, k), version)`, run on background search threads.
 
     A batch starts with the first waiting request and takes more until `max_batch` rows or `max_wait_ms`.
     The batch is searched at its largest k and each request keeps its first k columns; for exact
     (flat) search that equals a search at k, for ANN indexes it can only be as good or better.
+    `search_threads` batches run at once (CPU FAISS searches are thread-safe; GPU ones share one stream,
+    so keep 1 there); the caller's OpenMP threads are split among them, since OpenMP workers that wait
+    by spinning waste a loaded machine's cores, while requests that arrive during a search start the
+    next batch on an idle thread instead of queueing behind it.
     """
 
-    def __init__(self, live: LiveIndex, max_batch: int = 256, max_wait_ms: float = 2.0) -> None:
+    def __init__(self, live: LiveIndex, max_batch: int = 256, max_wait_ms: float = 2.0,
+                 search_threads: int = 1) -> None:
+        if search_threads < 1:
+            raise ValueError(f"search_threads must be a positive integer, got {search_threads}")
         self.live, self.max_batch, self.max_wait = live, max_batch, max_wait_ms / 1000
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self.stats = {"requests": 0, "queries": 0, "batches": 0, "errors": 0}
         self._stats_lock = threading.Lock()
-        self._omp_threads = faiss.omp_get_max_threads()  # OpenMP settings are per thread: carry the caller's over
-        self._thread = threading.Thread(target=self._loop, name="search-batcher", daemon=True)
-        self._thread.start()
+        # OpenMP settings are per thread: carry the caller's over, shared among the search threads
+        self._omp_threads = max(1, faiss.omp_get_max_threads() // search_threads)
+        self._threads = [threading.Thread(target=self._loop, name=f"search-batcher-{i}", daemon=True)
+                         for i in range(search_threads)]
+        for t in self._threads:
+            t.start()
 
     def submit(self, queries: np.ndarray, k: int, timeout: float | None = 60.0) -> tuple[np.ndarray, np.ndarray, int]:
         fut: Future = Future()
@@ -83,4 +93,5 @@ class SearchBatcher:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        for t in self._threads:
+            t.join(timeout=5)

@@ -15,6 +15,8 @@ import numpy as np
 import torch.distributed as dist
 from tqdm import tqdm
 
+from hybrid_pretrain.retrieval.build_lock import BuildLock, clear_leftovers
+from hybrid_pretrain.retrieval.errors import RetrievalIndexError
 from hybrid_pretrain.retrieval.index import (
     IndexSpec,
     ShardedIndex,
@@ -51,6 +53,28 @@ def _default_barrier() -> Callable[[], None]:
     return lambda: None
 
 
+def _from_rank0(value: object, world_size: int) -> object:
+    """Rank 0's `value` on every rank (a broadcast when a process group is up; else `value` itself)."""
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def _lock_and_choose_version(index_dir: Path) -> tuple[BuildLock | None, int | str]:
+    """Rank 0: take the build lock, clear a crashed builder's leftovers and pick the next version number;
+    (None, the reason) when another builder holds the folder."""
+    lock = BuildLock(index_dir)
+    try:
+        lock.acquire()
+    except RetrievalIndexError as e:
+        return None, str(e)
+    current = current_version(index_dir)
+    clear_leftovers(index_dir, current)
+    return lock, (current or 0) + 1
+
+
 def _store_info(store: PassageStore) -> dict:
     return {"path": str(store.path.resolve()), "passages": len(store)}
 
@@ -68,11 +92,26 @@ def build_full(
     """Embed every passage and publish a new version; rank r builds shard r from its contiguous slice of rows.
 
     Every rank calls this with the same arguments (all see `index_dir`, e.g. on a shared filesystem);
-    shards are independent indexes (each trains its own IVF), so no vectors cross ranks. Returns the manifest.
+    shards are independent indexes (each trains its own IVF), so no vectors cross ranks. Rank 0 holds the
+    folder's build lock throughout; when another builder has it, every rank raises the same
+    RetrievalIndexError. Returns the manifest.
     """
     barrier = barrier or _default_barrier()
     index_dir = Path(index_dir)
-    version = (current_version(index_dir) or 0) + 1
+    lock, outcome = _lock_and_choose_version(index_dir) if rank == 0 else (None, None)
+    outcome = _from_rank0(outcome, world_size)
+    if isinstance(outcome, str):
+        raise RetrievalIndexError(outcome)
+    version = outcome if outcome is not None else (current_version(index_dir) or 0) + 1  # no process group
+    try:
+        return _build_version(store, embedder, index_dir, spec, int(version), rank, world_size, barrier, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build_version(store: PassageStore, embedder: Embedder, index_dir: Path, spec: IndexSpec, version: int,
+                   rank: int, world_size: int, barrier: Callable[[], None], progress: bool) -> dict:
     stage = staging_dir(index_dir, version)
     stage.mkdir(parents=True, exist_ok=True)
     rows = np.array_split(np.arange(len(store)), world_size)[rank]
@@ -115,6 +154,13 @@ def refresh_incremental(
     needs a removable index kind (flat, or IVF-PQ without refine). Returns the new manifest.
     """
     index_dir = Path(index_dir)
+    with BuildLock(index_dir):
+        clear_leftovers(index_dir, current_version(index_dir))
+        return _refresh_version(index_dir, store, embedder, reembed_ids, progress)
+
+
+def _refresh_version(index_dir: Path, store: PassageStore, embedder: Embedder, reembed_ids: np.ndarray | None,
+                     progress: bool) -> dict:
     index, old = load_index(index_dir, use_gpu=False)
     prev = np.load(version_dir(index_dir, old["version"]) / "indexed.npz")
     ids, digests, enc_idx = prev["ids"], prev["digests"], prev["encoder"]
@@ -159,3 +205,25 @@ def stale_ids(index_dir: str | Path, fingerprint: str, limit: int) -> np.ndarray
     stale = np.flatnonzero(prev["encoder"] != fresh)
     order = np.argsort(prev["encoder"][stale], kind="stable")
     return prev["ids"][stale[order][:limit]]
+
+
+def build_from_vectors(index_dir: str | Path, spec: IndexSpec, x: np.ndarray, ids: np.ndarray, shards: int = 1,
+                       info: dict | None = None) -> dict:
+    """Publish precomputed vectors `x` (n, d) with int64 `ids` as the next version, split into `shards`.
+
+    For embeddings made elsewhere (and the service's tests and load benchmark); one process, under the
+    folder's build lock. `info` adds keys to the manifest. Returns the manifest.
+    """
+    index_dir = Path(index_dir)
+    with BuildLock(index_dir):
+        current = current_version(index_dir)
+        clear_leftovers(index_dir, current)
+        version = (current or 0) + 1
+        stage = staging_dir(index_dir, version)
+        stage.mkdir(parents=True)
+        parts = np.array_split(np.arange(len(x)), shards)
+        index = ShardedIndex(spec, [build_shard(spec, x[p], ids[p], len(x)) for p in parts], use_gpu=False)
+        manifest = {"spec": spec_dict(spec), "dim": int(x.shape[1]), "metric": "inner_product", "refresh": "full",
+                    "ntotal": index.ntotal, "shards": index.save_shards(stage), **(info or {})}
+        publish(index_dir, version, manifest)
+    return read_manifest(index_dir, version)

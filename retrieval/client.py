@@ -70,6 +70,8 @@ class IndexClient:
             raise ValueError(f"queries must be 2-D (n, d), got shape {q.shape}")
         resp, data = self._request("POST", f"/search?k={int(k)}", q.tobytes(), "application/octet-stream")
         n = q.shape[0]
+        if len(data) != n * k * 12:
+            raise ServiceError(resp.status, f"answer of {len(data)} bytes; expected {n * k * 12} for {n} rows x k={k}")
         self.last_version = int(resp.getheader("X-Index-Version", "-1"))
         scores = np.frombuffer(data, "<f4", count=n * k).reshape(n, k)
         ids = np.frombuffer(data, "<i8", offset=4 * n * k).reshape(n, k)

@@ -27,9 +27,12 @@ class RetrievalConfig:
     # URL of an index service (python -m hybrid_pretrain.retrieval.service --index-dir <index_dir>) to search
     # instead of in-process
     service: str = ""
-    token: str = ""  # the service's access token, if it has one
+    # A file holding the service's access token (else $RETRIEVAL_TOKEN): the token itself never goes in a config,
+    # which is written into the run directory and every converted checkpoint.
+    token_file: str = ""
 
     def validate(self) -> None:
+        """Raise ConfigError naming the first bad field."""
         if self.max_passages <= 0 or self.words_per_passage <= 0:
             raise ConfigError("retrieval.max_passages and retrieval.words_per_passage must be positive integers")
         if self.index_kind not in KINDS:
@@ -43,3 +46,15 @@ class RetrievalConfig:
         if self.passages and not Path(self.passages).is_dir():
             raise ConfigError(f"retrieval.passages '{self.passages}' is not a folder; expected a passage store "
                               "(launcher/build_index.py writes one) or empty to build it from data.path")
+
+
+def drop_legacy_token(values: object, source: str) -> object:
+    """Config values with an old, empty ``retrieval.token`` removed (every run directory written before the
+    token moved out of configs has one); a non-empty one is refused rather than written to disk again."""
+    section = values.get("retrieval") if isinstance(values, dict) else None
+    if not isinstance(section, dict) or "token" not in section:
+        return values
+    if section["token"]:
+        raise ConfigError(f"retrieval.token in {source}: the access token no longer goes in configs (they are written "
+                          "to disk); put it in a file and set retrieval.token_file=PATH, or export RETRIEVAL_TOKEN")
+    return {**values, "retrieval": {k: v for k, v in section.items() if k != "token"}}

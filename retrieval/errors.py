@@ -7,3 +7,7 @@ class PassageError(ValueError):
 
 class RetrievalIndexError(ValueError):
     """An index spec, folder or operation that cannot work; the message names the field or file."""
+
+
+class AccessTokenError(ValueError):
+    """The index service's access token file is missing, unreadable or empty; the message names the file."""

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
+from hybrid_pretrain.retrieval.auth import read_token
 from hybrid_pretrain.retrieval.build import build_full
 from hybrid_pretrain.retrieval.client import IndexClient
 from hybrid_pretrain.retrieval.config import RetrievalConfig
@@ -58,7 +59,7 @@ class TrainingRetrieval:
         if current_version(index_dir) is None:
             self._build("initial index")
         if cfg.service:
-            self.index = IndexClient(cfg.service, token=cfg.token or None)
+            self.index = IndexClient(cfg.service, token=read_token(cfg.token_file))
         else:
             self.index = LiveIndex(index_dir, use_gpu=torch.cuda.is_available())
         model.attach(PassageSource(self.index, store, tokenizer, self.passage_len))

@@ -209,13 +209,18 @@ def staging_dir(index_dir: str | Path, version: int) -> Path:
 
 
 def publish(index_dir: str | Path, version: int, manifest: dict) -> Path:
-    """Write the manifest into the staging folder, rename it to its version and move CURRENT to it."""
+    """Write the manifest into the staging folder, rename it to its version and move CURRENT to it.
+
+    The caller holds the folder's BuildLock (retrieval.build_lock); a version folder that already exists is
+    refused rather than replaced, since a reader may be serving it.
+    """
     index_dir = Path(index_dir)
     stage, final = staging_dir(index_dir, version), version_dir(index_dir, version)
+    if final.exists():
+        raise RetrievalIndexError(f"{final} already exists; versions are never replaced (was it built without "
+                                  "the folder's build lock?)")
     manifest = {"format": FORMAT, "version": version, "created": time.time(), **manifest}
     (stage / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
     os.replace(stage, final)
     tmp = index_dir / f"CURRENT.tmp{os.getpid()}"
     tmp.write_text(f"v{version:06d}\n")

@@ -1,7 +1,9 @@
 """An index that can be replaced while it serves: searches run on a snapshot, a reload swaps the reference.
 
 The swap is one attribute assignment of an (index, manifest) tuple, atomic under the GIL, so every
-search sees either the old version or the new one whole, and none fails during a refresh.
+search sees either the old version or the new one whole, and none fails during a refresh. A new
+version that fails to load (a corrupt shard, a bad manifest) never replaces the serving one: the
+reload raises, the version is remembered as rejected and not tried again.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hybrid_pretrain.retrieval.errors import RetrievalIndexError
 from hybrid_pretrain.retrieval.index import ShardedIndex, current_version, load_index
 
 
@@ -23,6 +26,7 @@ class LiveIndex:
             raise ValueError("LiveIndex needs exactly one of index_dir or index")
         self.index_dir, self.use_gpu = (Path(index_dir) if index_dir else None), use_gpu
         self._reload_lock = threading.Lock()
+        self.rejected: dict[int, str] = {}  # version -> why it failed to load
         if index is not None:
             self._current = (index, manifest or {"version": 0})
         else:
@@ -49,11 +53,28 @@ class LiveIndex:
         self._current = (index, manifest)
 
     def reload(self) -> int:
-        """Load the published version if it is newer than the one serving (searches go on meanwhile)."""
+        """Load the published version if it is newer than the one serving (searches go on meanwhile).
+
+        Raises RetrievalIndexError, naming the version and why, when it cannot be loaded; the old index
+        keeps serving and that version is not tried again.
+        """
         if self.index_dir is None:
             return self.version
         with self._reload_lock:  # two reloads at once would load the same version twice
-            latest = current_version(self.index_dir)
-            if latest is not None and latest > self.version:
+            try:
+                latest = current_version(self.index_dir)
+            except (OSError, ValueError) as e:
+                raise RetrievalIndexError(f"{self.index_dir}/CURRENT is unreadable ({e}); still serving version "
+                                          f"{self.version}") from None
+            if latest is None or latest <= self.version:
+                return self.version
+            if latest in self.rejected:
+                raise RetrievalIndexError(self.rejected[latest])
+            try:
                 self.swap(*load_index(self.index_dir, latest, use_gpu=self.use_gpu))
+            except Exception as e:  # noqa: BLE001 - whatever a bad version raises (FAISS, JSON, I/O), keep serving
+                detail = (str(e).splitlines() or [""])[0][:300]
+                self.rejected[latest] = (f"index version {latest} in {self.index_dir} failed to load "
+                                         f"({type(e).__name__}: {detail}); still serving version {self.version}")
+                raise RetrievalIndexError(self.rejected[latest]) from None
         return self.version

@@ -19,7 +19,7 @@ from hybrid_pretrain.data_pipeline.errors import DataError
 from hybrid_pretrain.models.architectures import validate_model
 from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.parallel import pipeline, sequence, tensor
-from hybrid_pretrain.retrieval.config import RetrievalConfig
+from hybrid_pretrain.retrieval.config import RetrievalConfig, drop_legacy_token
 
 
 @dataclass
@@ -167,9 +167,9 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     """Defaults <- YAML at ``path`` <- ``overrides``; validated. Raises ConfigError on any problem."""
     cfg = RunConfig()
     if path:
-        merge_into(cfg, read_yaml(path), "", str(path))
+        merge_into(cfg, drop_legacy_token(read_yaml(path), str(path)), "", str(path))
     for text in overrides:
-        merge_into(cfg, parse_override(text), "", f"override '{text}'")
+        merge_into(cfg, drop_legacy_token(parse_override(text), f"override '{text}'"), "", f"override '{text}'")
     cfg.validate()
     return cfg
 

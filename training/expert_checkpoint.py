@@ -25,6 +25,7 @@ import torch
 from hybrid_pretrain.parallel.expert import EXPERT_KEY, single_rank_expert_name
 from hybrid_pretrain.parallel.pipeline import lm_name
 from hybrid_pretrain.training.checkpoint import LAYOUT, CheckpointError
+from hybrid_pretrain.training.safe_load import load_pt
 from hybrid_pretrain.training.shards import join_tensor_ranks
 
 EXPERT_FILES = "layer_*_expert_*_model_states.pt"
@@ -35,20 +36,20 @@ def is_moe_checkpoint(tag_dir: Path) -> bool:
     return any(Path(tag_dir).glob(EXPERT_FILES))
 
 
-def moe_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
+def moe_state_dict(tag_dir: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """Full fp32 state dict, in single-rank LanguageModel names, of the MoE checkpoint folder `tag_dir`."""
     tag_dir = Path(tag_dir)
     main = tag_dir / MAIN_FILE
     if not main.is_file():
         raise CheckpointError(f"{main} is missing; expected the non-expert weights of an MoE checkpoint (ZeRO stage "
                               "0-2: DeepSpeed MoE does not run under ZeRO-3)")
-    states = torch.load(main, map_location="cpu", weights_only=False)  # our own run's file, checksummed by load_run
+    states = load_pt(main, trust)
     if (states.get("ds_config") or {}).get("bf16", {}).get("enabled"):
         print(f"warning: {tag_dir} is a bf16 MoE checkpoint; taking its bf16 weights (the fp32 master copies live "
               "in the ZeRO optimizer partitions)", file=sys.stderr)
     out = {k: _fp32(v) for k, v in states["module"].items()}
     for path in sorted(tag_dir.glob(EXPERT_FILES)):
-        for key, value in torch.load(path, map_location="cpu", weights_only=False).items():
+        for key, value in load_pt(path, trust).items():
             if not EXPERT_KEY.match(key):
                 raise CheckpointError(f"{path} holds '{key}'; expected DeepSpeed expert keys "
                                       "'...experts.deepspeed_moe.experts.deepspeed_experts.<id>...'")
@@ -60,7 +61,7 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() else t
 
 
-def moe_model_parallel_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
+def moe_model_parallel_state_dict(tag_dir: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """Full fp32 state dict, in single-rank names, of an MoE checkpoint written under tensor and/or pipeline
     parallelism (any expert-parallel size); module weights as trained (exact for fp32 runs)."""
 
@@ -78,9 +79,9 @@ def moe_model_parallel_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor
         if not main.is_file():
             raise CheckpointError(f"{main} is missing; expected one model-states file per tensor rank and pipeline "
                                   f"stage ({tp * pp} for parallel.tensor={tp}, parallel.pipeline={pp})")
-        states = dict(torch.load(main, map_location="cpu", weights_only=False)["module"])
+        states = dict(load_pt(main, trust)["module"])
         for path in sorted(tag_dir.glob(f"layer_*_expert_*_mp_rank_{mp_rank:02d}_model_states.pt")):
-            states.update(torch.load(path, map_location="cpu", weights_only=False))
+            states.update(load_pt(path, trust))
         for key, value in states.items():
             if torch.is_tensor(value):
                 pieces.setdefault(single_rank_name(key), {})[tensor_rank] = value

@@ -33,11 +33,13 @@ from hybrid_pretrain.training.checkpoint import (
     CheckpointError,
     choose_tag,
     complete_tags,
+    is_tag,
     latest_tag,
     verify,
 )
 from hybrid_pretrain.training.config import RunConfig, load_config, save_resolved
 from hybrid_pretrain.training.expert_checkpoint import is_moe_checkpoint, moe_model_parallel_state_dict, moe_state_dict
+from hybrid_pretrain.training.safe_load import load_pt, restricted_unpickling
 from hybrid_pretrain.training.shards import join_tensor_ranks
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0/1/2; a pre-manifest run is accepted only with it
@@ -53,27 +55,31 @@ class RunWeights:
     tag: str
 
 
-def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict of checkpoint `tag` in `ckpt_dir`, on CPU, whatever the ZeRO stage and rank count."""
+def consolidated_state_dict(ckpt_dir: Path, tag: str, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of checkpoint `tag` in `ckpt_dir`, on CPU, whatever the ZeRO stage and rank count.
+
+    Files are unpickled weights-only (training.safe_load) unless `trust` (the user's --trust-checkpoint).
+    """
     tag_dir = ckpt_dir / tag
     if (tag_dir / LAYOUT).is_file():
         if is_moe_checkpoint(tag_dir):  # EP x TP / EP x PP: DeepSpeed's expert files (training.expert_checkpoint)
-            return moe_model_parallel_state_dict(tag_dir)
-        return _model_parallel_state_dict(tag_dir)
+            return moe_model_parallel_state_dict(tag_dir, trust)
+        return _model_parallel_state_dict(tag_dir, trust)
     if is_moe_checkpoint(tag_dir):  # experts live in per-expert files, which zero_to_fp32 cannot read
-        return moe_state_dict(tag_dir)
+        return moe_state_dict(tag_dir, trust)
     # ZeRO-0/1/2 write mp_rank_00_model_states.pt, ZeRO-3 one zero_pp_rank_*_model_states.pt per rank.
     model_files = sorted(tag_dir.glob("*model_states.pt"))
     if not model_files:
         raise CheckpointError(f"{tag_dir} holds no *model_states.pt; expected a DeepSpeed checkpoint folder")
-    states = torch.load(model_files[0], map_location="cpu", weights_only=False)
+    states = load_pt(model_files[0], trust)
     stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
     if stage == 0:  # no optimizer partitions: the module is whole (cast, as bf16 runs keep no fp32 copy here)
         return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
     # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress on stdout; keep it for results
+    # DeepSpeed reports progress on stdout; keep it for results
+    with contextlib.redirect_stdout(sys.stderr), restricted_unpickling(tag_dir, trust):
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
 
 
@@ -84,7 +90,7 @@ _TP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _ZERO3_TP_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
 
 
-def _zero3_tensor_shards(tag_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
+def _zero3_tensor_shards(tag_dir: Path, trust: bool = False) -> dict[int, dict[str, torch.Tensor]]:
     """Tensor rank -> that rank's whole (un-partitioned) fp32 shard, from a ZeRO-3 checkpoint's partitions.
 
     DeepSpeed's zero_to_fp32 consolidates the data-parallel partitions of one model-parallel rank: it
@@ -109,7 +115,8 @@ def _zero3_tensor_shards(tag_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
             (Path(tmp) / tag_dir.name).mkdir()
             for path in paths:
                 (Path(tmp) / tag_dir.name / path.name).symlink_to(path.resolve())
-            with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress on stdout
+            # DeepSpeed reports progress on stdout
+            with contextlib.redirect_stdout(sys.stderr), restricted_unpickling(tag_dir, trust):
                 try:
                     shards[rank] = dict(get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag_dir.name))
                 except (FileNotFoundError, ValueError) as e:  # a missing partition: DeepSpeed names the count
@@ -118,7 +125,7 @@ def _zero3_tensor_shards(tag_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
     return shards
 
 
-def _model_parallel_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+def _model_parallel_state_dict(tag_dir: Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """Reassemble a tensor/pipeline-parallel checkpoint's module weights into the single-rank state dict.
 
     Reads the module states DeepSpeed writes per tensor rank (``mp_rank_XX_model_states.pt``) or per
@@ -132,7 +139,7 @@ def _model_parallel_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     layout = json.loads((tag_dir / LAYOUT).read_text())
     tp, sharded = layout["tensor"], layout["sharded"]
     pieces: dict[str, dict[int, torch.Tensor]] = {}
-    zero3 = _zero3_tensor_shards(tag_dir) if layout["pipeline"] == 1 else {}
+    zero3 = _zero3_tensor_shards(tag_dir, trust) if layout["pipeline"] == 1 else {}
     for rank, states in zero3.items():
         for key, value in states.items():
             pieces.setdefault(key, {})[rank] = value
@@ -144,11 +151,11 @@ def _model_parallel_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
         pipe, tensor = _PIPE_FILE.match(path.name), _TP_FILE.match(path.name)
         if per_layer and pipe:
             layer, rank = int(pipe.group(1)), int(pipe.group(2) or 0)
-            states = torch.load(path, map_location="cpu", weights_only=True)
+            states = load_pt(path, trust)
             names = {k: k if layer == 0 else lm_name(f"{layer}.{k}", layout["n_blocks"]) for k in states}
         elif not per_layer and tensor:
             rank = int(tensor.group(1)) % tp
-            states = torch.load(path, map_location="cpu", weights_only=False)["module"]
+            states = load_pt(path, trust)["module"]
             names = {k: lm_name(k, layout["n_blocks"]) if layout["pipeline"] > 1 else k for k in states}
         else:
             continue
@@ -158,11 +165,12 @@ def _model_parallel_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     return join_tensor_ranks(pieces, sharded, tp, tag_dir)
 
 
-def load_run(run_dir: str | Path, tag: str | None = None) -> RunWeights:
+def load_run(run_dir: str | Path, tag: str | None = None, trust: bool = False) -> RunWeights:
     """Config, weights and tokenizer of a run; `tag` None takes the newest intact checkpoint.
 
-    Raises CheckpointError (no checkpoint, failed checksum) or ConfigError (unreadable config) with a
-    message naming the file.
+    Nothing but tensors and DeepSpeed's own types is unpickled unless `trust` (--trust-checkpoint).
+    Raises CheckpointError (no checkpoint, failed checksum, refused pickle) or ConfigError (unreadable
+    config) with a message naming the file.
     """
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
@@ -175,11 +183,13 @@ def load_run(run_dir: str | Path, tag: str | None = None) -> RunWeights:
         print(f"warning: {ckpt_dir / tag} has no {MANIFEST}; loading it unverified", file=sys.stderr)
     elif tag is None:
         tag = choose_tag(ckpt_dir)
+    elif not is_tag(tag):
+        raise CheckpointError(f"--tag '{tag}' is not a checkpoint tag; expected e.g. step00000150 (see {ckpt_dir})")
     else:
         problem = verify(ckpt_dir / tag)
         if problem is not None:
             raise CheckpointError(f"checkpoint '{tag}' in {ckpt_dir} is not usable: {problem}")
-    state_dict = consolidated_state_dict(ckpt_dir, tag)
+    state_dict = consolidated_state_dict(ckpt_dir, tag, trust)
     if "embedding.weight" not in state_dict:
         raise CheckpointError(f"{ckpt_dir / tag} holds no 'embedding.weight'; expected a LanguageModel checkpoint")
     cfg.model = dataclasses.replace(cfg.model, vocab_size=state_dict["embedding.weight"].shape[0])
@@ -264,8 +274,8 @@ def load_consolidated(ckpt_dir: str | Path) -> RunWeights:
     return RunWeights(cfg, state_dict, Tokenizer(tok_path) if tok_path.is_file() else None, tag)
 
 
-def load_weights(path: str | Path, tag: str | None = None) -> RunWeights:
+def load_weights(path: str | Path, tag: str | None = None, trust: bool = False) -> RunWeights:
     """A run directory (DeepSpeed checkpoints) or a consolidated folder, whichever `path` is."""
     if (Path(path) / WEIGHTS_FILE).is_file():
         return load_consolidated(path)
-    return load_run(path, tag)
+    return load_run(path, tag, trust)

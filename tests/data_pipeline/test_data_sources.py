@@ -39,8 +39,8 @@ def test_jsonl_zst_skips_bad_records_and_counts_them(tmp_path: Path) -> None:
     )
     skips = SkipCounter()
     assert list(read_jsonl(path, skips)) == ["first", "second"]
-    assert skips.by_reason() == {"empty": 1, "malformed_json": 1, "missing_text": 3}
-    assert skips.by_file() == {str(path): {"empty": 1, "malformed_json": 1, "missing_text": 3}}
+    assert skips.by_reason() == {"empty": 1, "malformed_json": 1, "missing_text": 2, "non_string_text": 1}
+    assert skips.by_file() == {str(path): {"empty": 1, "malformed_json": 1, "missing_text": 2, "non_string_text": 1}}
     assert "5 skipped" in skips.summary()
 
 

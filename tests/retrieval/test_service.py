@@ -10,8 +10,9 @@ import time
 import numpy as np
 import pytest
 
+from hybrid_pretrain.retrieval.build import build_from_vectors
 from hybrid_pretrain.retrieval.client import IndexClient, ServiceError
-from hybrid_pretrain.retrieval.index import IndexSpec, ShardedIndex, build_shard, load_index, publish, staging_dir
+from hybrid_pretrain.retrieval.index import IndexSpec, ShardedIndex, build_shard, load_index
 from hybrid_pretrain.retrieval.live import LiveIndex
 from hybrid_pretrain.retrieval.protocol import Retriever
 from hybrid_pretrain.retrieval.service import IndexServer
@@ -21,11 +22,7 @@ N, D = 2000, 16
 
 
 def _publish(index_dir, version, x, ids, shards=2):
-    spec = IndexSpec("flat")
-    parts = np.array_split(np.arange(len(x)), shards)
-    index = ShardedIndex(spec, [build_shard(spec, x[p], ids[p]) for p in parts])
-    staging_dir(index_dir, version).mkdir(parents=True)
-    publish(index_dir, version, {"spec": vars(spec), "shards": index.save_shards(staging_dir(index_dir, version))})
+    assert build_from_vectors(index_dir, IndexSpec("flat"), x, ids, shards)["version"] == version
 
 
 @pytest.fixture
@@ -155,3 +152,28 @@ def test_refresh_under_load_has_zero_failed_queries(served):
     assert 4 in seen and len(seen) >= 2  # clients saw the swaps happen while they searched
     np.testing.assert_array_equal(client.search(q, 3)[1], exact_topk(x, ids, q, 3)[1])  # serving the newest
     assert client.health()["version"] == 4
+
+
+def test_several_search_threads_answer_exactly(tmp_path):
+    x, ids = clustered(N, D), ids_for(N)
+    _publish(tmp_path, 1, x, ids)
+    q = clustered(48, D, seed=8)
+    truth = exact_topk(x, ids, q, 5)[1]
+    errors: list = []
+    with IndexServer(LiveIndex(tmp_path, use_gpu=False), search_threads=2) as server:
+        assert len(server.httpd.batcher._threads) == 2
+
+        def worker(w: int) -> None:
+            client = IndexClient(server.url)
+            try:
+                for j in range(w, 48, 6):
+                    np.testing.assert_array_equal(client.search(q[j : j + 2], 5)[1], truth[j : j + 2])
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in threads)
