@@ -2,13 +2,15 @@
 
 Both are linear time-invariant SSMs ``x_t = A x_{t-1} + B u_t, y_t = C x_t + D u_t`` run
 independently per channel. Training evaluates them as a causal convolution with the kernel
-``K[l] = C A^l B`` (via ``kernels.fftconv``; state passing beyond 8K on GPU); generation runs the
-recurrence one step at a time.
+``K[l] = C A^l B``; generation runs the recurrence one step at a time.
 
 - ``ShiftSSM``: A is the shift matrix and B = e1, so the state is the last N inputs and the kernel
-  is just C (a learnable causal filter of length N). It lets H3 compare tokens with their recent past.
+  is just C (a learnable causal filter of length N, run as an N-tap ``kernels.causal_conv``). It lets
+  H3 compare tokens with their recent past.
 - ``DiagonalSSM``: A is diagonal complex (S4D-Lin init), discretised with zero-order hold, so the
-  state is an exponentially decaying, oscillating summary of the whole past (the "memory").
+  state is an exponentially decaying, oscillating summary of the whole past (the "memory"). Its kernel
+  and its state after a prompt are Vandermonde products (``kernels.vandermonde``), its convolution an
+  FFT one (``kernels.fftconv.ssm_conv``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_pretrain.kernels.fftconv import fftconv, ssm_conv, ssm_kernel
+from hybrid_pretrain.kernels.causal_conv import causal_conv
+from hybrid_pretrain.kernels.fftconv import ssm_conv, ssm_kernel
+from hybrid_pretrain.kernels.vandermonde import vandermonde_transpose
 
 SSM_OPTIM = {"weight_decay": 0.0, "lr": 1e-3}  # S4 recipe: A and dt train slowly and without decay
 DT_MIN, DT_MAX = 1e-3, 1e-1
@@ -63,8 +67,8 @@ class ShiftSSM(nn.Module):
         return F.pad(self.C, (0, max(0, length - self.d_state)))[:, :length]
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u: (B, H, L) -> y: (B, H, L)."""
-        return fftconv(u, self.kernel(u.shape[-1]), self.D)
+        """u: (B, H, L) -> y: (B, H, L): an N-tap causal convolution, O(L N), instead of an FFT over L."""
+        return causal_conv(u, self.C, self.D)
 
     def allocate_state(
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
@@ -137,9 +141,42 @@ class DiagonalSSM(nn.Module):
         cdtype = torch.complex128 if _real_dtype(self.log_dt) == torch.float64 else torch.complex64
         return torch.zeros(*batch_shape, self.channels, self.n_modes, device=device or self.C.device, dtype=cdtype)
 
+    def state_after(self, u: torch.Tensor) -> torch.Tensor:
+        """The state ``step`` reaches from zero after reading all of u: (..., H, L) -> complex (..., H, N/2).
+
+        x_{L-1} = dB sum_s dA^(L-1-s) u_s is the transpose Vandermonde product of u read backwards: one
+        pass of chunked matmuls, so a prompt's state costs about what its convolution does.
+        """
+        dtA, dB, _ = self.discretize()
+        return dB * vandermonde_transpose(u.flip(-1), dtA)
+
+    def step_constants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a, b_rot, dB, C2), each real (H, N/2, 2), for ``step`` in real arithmetic on the (re, im) pairs.
+
+        dA x = a x + b_rot flip(x) with a = (Re dA, Re dA), b_rot = (-Im dA, Im dA); dB = (Re dB, Im dB); the
+        output 2 Re(C x) = sum(C2 x) with C2 = (2 Re C, -2 Im C). Without autograd they are computed once
+        and reused while the weights are unchanged (same storage, same version counter): a decoding step
+        then costs a handful of fused real ops, no exp and no complex arithmetic.
+        """
+        params = (self.log_dt, self.log_A_real, self.A_imag, self.C)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        cached = self.__dict__.get("_step_cache")
+        if not torch.is_grad_enabled() and cached is not None and cached[0] == key:
+            return cached[1]
+        dtA, dB, C = self.discretize()
+        dA = torch.view_as_real(torch.exp(dtA))  # (H, N/2, 2)
+        a = dA[..., :1].expand_as(dA)
+        b_rot = torch.stack([-dA[..., 1], dA[..., 1]], dim=-1)
+        constants = (a, b_rot, torch.view_as_real(dB), torch.view_as_real(2 * C.conj()))
+        if not torch.is_grad_enabled():
+            self.__dict__["_step_cache"] = (key, constants)
+        return constants
+
     def step(self, u_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u_t: (..., H), state: (..., H, N/2) complex -> (y_t (..., H), next state)."""
-        dtA, dB, C = self.discretize()
-        state = dtA.exp() * state + dB * u_t.unsqueeze(-1).to(dB.dtype)  # x_t = dA x_{t-1} + dB u_t
-        y_t = 2 * (C * state).sum(-1).real + self.D * u_t
-        return y_t.to(u_t.dtype), state
+        a, b_rot, dB, C2 = self.step_constants()
+        x = torch.view_as_real(state)  # (..., H, N/2, 2): (re, im) pairs, a view
+        u = u_t.to(x.dtype)[..., None, None]  # (..., H, 1, 1)
+        x = torch.addcmul(torch.addcmul(a * x, b_rot, x.flip(-1)), dB, u)  # x_t = dA x_{t-1} + dB u_t
+        y_t = torch.einsum("...hnk,hnk->...h", x, C2) + self.D * u_t  # 2 Re(C x_t) + D u_t
+        return y_t.to(u_t.dtype), torch.view_as_complex(x)
