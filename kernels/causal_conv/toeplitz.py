@@ -37,7 +37,8 @@ def _windows(u: torch.Tensor, P: int, M: int, blocks: int) -> torch.Tensor:
     """u (B, H, L) -> X (H, B * blocks, MP): each block with the M-1 blocks before it (zeros before the start)."""
     B, H, L = u.shape
     padded = F.pad(u, ((M - 1) * P, blocks * P - L))
-    return padded.unfold(-1, M * P, P).transpose(0, 1).reshape(H, B * blocks, M * P)
+    # contiguous: the overlapping unfold view would send bmm down a per-matrix copying path
+    return padded.unfold(-1, M * P, P).transpose(0, 1).reshape(H, B * blocks, M * P).contiguous()
 
 
 def block_size(rows: int) -> int:
@@ -72,7 +73,8 @@ class ToeplitzConv(torch.autograd.Function):
         dy_blocks = F.pad(dy, (0, blocks * P - L)).transpose(0, 1).reshape(H, B * blocks, P)  # (H, B * blocks, P)
         du = dk = None
         if ctx.needs_input_grad[0]:
-            dX = torch.bmm(dy_blocks, _toeplitz(k.to(u.dtype), P, M).transpose(1, 2)).view(H, B, blocks, M, P)
+            T_t = _toeplitz(k.to(u.dtype), P, M).transpose(1, 2).contiguous()  # (H, P, MP)
+            dX = torch.bmm(dy_blocks, T_t).view(H, B, blocks, M, P)
             # Window b covers blocks b - M + 1 .. b: overlap-add them back.
             du = dX[:, :, :, M - 1]
             for m in range(1, min(M, blocks)):

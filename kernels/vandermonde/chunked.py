@@ -28,27 +28,42 @@ def _complex_dtype(real: torch.dtype) -> torch.dtype:
     return torch.complex128 if real == torch.float64 else torch.complex64
 
 
-def power_table(dtA: torch.Tensor, count: int, stride: int, real: torch.dtype) -> torch.Tensor:
-    """(H, count, N) real: [Re | Im] of exp(dtA stride k) for k < count (N/2 each), in the working precision `real`.
+def _powers(a: torch.Tensor, b: torch.Tensor, k: torch.Tensor, floor: float) -> torch.Tensor:
+    """exp((a + i b) k) for real a, b (H, N/2) and steps k (K,): complex (H, K, N/2), decay floored at exp(floor)."""
+    decay = torch.exp_((a.unsqueeze(-2) * k.unsqueeze(-1)).clamp_min_(floor))
+    angle = b.unsqueeze(-2) * k.unsqueeze(-1)
+    return torch.complex(decay * torch.cos(angle), decay * torch.sin(angle))
 
-    The phase step Im(dtA) stride is reduced modulo 2 pi in fp64 (an (H, N/2) tensor), so phases stay as
-    exact as the working precision allows at any length; the table itself uses vectorised exp, cos and sin
-    in the working precision. Decays are floored at exp(log(tiny) / 3) (2.5e-13 in fp32, 1e-103 in fp64):
-    a product of two entries and a weight then stays clear of denormals, whose arithmetic (and an exp
-    that underflows into them) is 5-80x slower on x86 CPUs, at an error far below the working precision.
-    """
-    H, half = dtA.shape
-    base = dtA.detach().to(torch.complex128) * stride  # (H, N/2)
+
+def _reduced(dtA: torch.Tensor, stride: int, real: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Re, Im) of dtA stride in the working precision, the phase reduced modulo 2 pi in fp64 first."""
+    base = dtA.detach().to(torch.complex128) * stride
     turn = 2 * math.pi
-    phase = (base.imag - turn * torch.round(base.imag / turn)).to(real).unsqueeze(-2)  # (H, 1, N/2) in [-pi, pi]
-    k = torch.arange(count, device=dtA.device, dtype=real).unsqueeze(-1)  # (count, 1)
-    floor = math.log(torch.finfo(real).tiny) / 3
-    decay = torch.exp_((base.real.to(real).unsqueeze(-2) * k).clamp_min_(floor))  # (H, count, N/2)
-    angle = phase * k
-    table = torch.empty(H, count, 2 * half, device=dtA.device, dtype=real)
-    torch.mul(decay, torch.cos(angle), out=table[..., :half])
-    torch.mul(decay, torch.sin(angle), out=table[..., half:])
-    return table
+    return base.real.to(real), (base.imag - turn * torch.round(base.imag / turn)).to(real)
+
+
+def power_table(dtA: torch.Tensor, count: int, stride: int, real: torch.dtype) -> torch.Tensor:
+    """(H, count, N/2) complex: exp(dtA stride k) for k < count, complex64 (complex128 when `real` is fp64).
+
+    The outer product of two tables of ~sqrt(count) entries, exp(dtA stride k1 K2) and exp(dtA stride k2)
+    with k = k1 K2 + k2, so exp, cos and sin run on 2 sqrt(count) numbers per mode and the table costs one
+    complex multiply. Each phase step is reduced modulo 2 pi in fp64 ((H, N/2) numbers), so phases stay as
+    exact as the working precision allows at any length. Each factor's decay is floored at exp(log(tiny)/4)
+    (3e-10 in fp32, 1e-77 in fp64): a product of table entries and a weight then stays clear of denormals,
+    whose arithmetic (and an exp that underflows into them) ran 5-80x slower on the development CPU, at an
+    error far below the working precision.
+    """
+    K2 = math.isqrt(max(count - 1, 0)) + 1
+    K1 = -(-count // K2)
+    floor = math.log(torch.finfo(real).tiny) / 4
+    fine = _powers(*_reduced(dtA, stride, real), torch.arange(K2, device=dtA.device, dtype=real), floor)
+    coarse = _powers(*_reduced(dtA, stride * K2, real), torch.arange(K1, device=dtA.device, dtype=real), floor)
+    return (coarse.unsqueeze(2) * fine.unsqueeze(1)).flatten(1, 2)[:, :count]  # (H, count, N/2)
+
+
+def _interleaved(z: torch.Tensor) -> torch.Tensor:
+    """complex (..., N/2) -> real (..., N) as [Re z_0, Im z_0, Re z_1, ...] (a view of a contiguous z)."""
+    return torch.view_as_real(z).flatten(-2)
 
 
 def _fold(t: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
@@ -69,15 +84,11 @@ def _unfold(t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
 def vandermonde_chunked(w: torch.Tensor, dtA: torch.Tensor, length: int) -> torch.Tensor:
     """K (..., H, length) = 2 Re(sum_n w[..., h, n] exp(dtA[h, n] l)), by chunks; no autograd of its own."""
     real = dtA.real.dtype
-    half = dtA.shape[-1]
     J, C = chunking(length)
-    steps = power_table(dtA, J, 1, real)  # (H, J, N): [Re z^j | Im z^j]
-    chunks = power_table(dtA, C, J, real)  # (H, C, N): z^(cJ)
-    chunk_re, chunk_im = chunks[..., :half], chunks[..., half:]
-    w_re, w_im = w.real.to(real).unsqueeze(-2), w.imag.to(real).unsqueeze(-2)  # (..., H, 1, N/2)
-    # p = w z^(cJ); Re(p q) = Re p Re q - Im p Im q, so the left factor is [Re p | -Im p]
-    left = torch.cat([w_re * chunk_re - w_im * chunk_im, -(w_re * chunk_im + w_im * chunk_re)], dim=-1)
-    left, lead = _fold(left)  # (H, (...) C, N)
+    steps = _interleaved(power_table(dtA, J, 1, real).contiguous())  # (H, J, N): z^j as (re, im) pairs
+    weights = w.to(power_table(dtA, 1, 1, real).dtype).unsqueeze(-2) * power_table(dtA, C, J, real)  # w z^(cJ)
+    # Re(p q) = Re p Re q + (-Im p) Im q: the left factor holds conj(p) as (re, im) pairs
+    left, lead = _fold(_interleaved(weights.conj_physical()))  # (H, (...) C, N)
     K = _unfold(torch.matmul(left, steps.transpose(1, 2)), lead)  # (..., H, C, J)
     return 2 * K.flatten(-2)[..., :length]
 
@@ -85,16 +96,15 @@ def vandermonde_chunked(w: torch.Tensor, dtA: torch.Tensor, length: int) -> torc
 def vandermonde_transpose_chunked(g: torch.Tensor, dtA: torch.Tensor) -> torch.Tensor:
     """S (..., H, N/2) = sum_l g[..., h, l] exp(dtA[h, n] l), by chunks; no autograd of its own."""
     real = dtA.real.dtype
-    length, half = g.shape[-1], dtA.shape[-1]
+    length = g.shape[-1]
     J, C = chunking(length)
     g = torch.nn.functional.pad(g.to(real), (0, C * J - length)).unflatten(-1, (C, J))  # (..., H, C, J)
     g, lead = _fold(g)  # (H, (...) C, J)
-    M = _unfold(torch.matmul(g, power_table(dtA, J, 1, real)), lead)  # (..., H, C, N): sum_j g [Re z^j | Im z^j]
-    chunks = power_table(dtA, C, J, real)  # (H, C, N): z^(cJ)
-    # S = sum_c (M_re + i M_im) z^(cJ): real part pairs [M_re | M_im] with [Re z | -Im z], imaginary with [Im z | Re z]
-    re = (M * torch.cat([chunks[..., :half], -chunks[..., half:]], dim=-1)).sum(-2)  # (..., H, N)
-    im = (M * chunks.roll(half, dims=-1)).sum(-2)
-    return torch.complex(re[..., :half] + re[..., half:], im[..., :half] + im[..., half:])  # (..., H, N/2)
+    steps = _interleaved(power_table(dtA, J, 1, real).contiguous())  # (H, J, N)
+    M = torch.view_as_complex(torch.matmul(g, steps).unflatten(-1, (-1, 2)))  # (H, (...) C, N/2): sum_j g z^j
+    M = M.view(M.shape[0], -1, C, M.shape[-1])  # (H, (...), C, N/2), still contiguous
+    S = (M * power_table(dtA, C, J, real).unsqueeze(1)).sum(-2)  # times z^(cJ), summed over the chunks
+    return S.movedim(0, -2).reshape(*lead, *S.shape[::2])  # (..., H, N/2)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:

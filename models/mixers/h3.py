@@ -80,7 +80,8 @@ class H3(nn.Module):
     ) -> dict:
         """Recurrent state, constant in sequence length (`max_len` is accepted for a uniform interface).
 
-        shift: (B, D, N) last N keys; diag: (B, d, d, H, N/2) complex memory of kv.
+        shift: (B, D, N) last N keys; diag: (B, d, d, H, N/2) complex memory of kv (``DiagonalSSM`` keeps it
+        scaled by its output matrix).
         """
         device = device or self.q_proj.weight.device
         d = self.head_dim
@@ -91,9 +92,13 @@ class H3(nn.Module):
 
     def step(self, x_t: torch.Tensor, state: dict) -> torch.Tensor:
         """x_t: (B, D) -> y_t: (B, D); replaces the entries of `state` with the next state."""
-        B = x_t.shape[0]
+        B, d = x_t.shape[0], self.head_dim
         q, k, v = self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t)  # (B, D)
         k, state["shift"] = self.shift_ssm.step(k, state["shift"])
+        if d == 1:
+            y, diag = self.diag_ssm.step(k * v, state["diag"].view(B, -1, self.diag_ssm.n_modes))  # (B, H)
+            state["diag"] = diag.view_as(state["diag"])
+            return self.out_proj(y * q)
         kv = self._split(k).unsqueeze(2) * self._split(v).unsqueeze(1)  # (B, d_i, d_j, H)
         y, state["diag"] = self.diag_ssm.step(kv, state["diag"])  # (B, d_i, d_j, H)
         y = (y * self._split(q).unsqueeze(2)).sum(1)  # (B, d_j, H)

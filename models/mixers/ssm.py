@@ -41,6 +41,23 @@ def _expm1(z: torch.Tensor) -> torch.Tensor:
     return torch.complex(real, torch.exp(a) * torch.sin(b))
 
 
+def _frozen(module: nn.Module, name: str, params: tuple[torch.Tensor, ...], compute):
+    """``compute()``, cached on `module` while `params` keep their storage and version counter, without autograd.
+
+    Decoding steps reuse what depends only on the weights (discretisation, folded taps) instead of
+    recomputing it per token; any in-place update (an optimizer step, ``load_state_dict``) or a move to
+    another device or dtype invalidates it. With autograd on it is always recomputed (and never cached).
+    """
+    if torch.is_grad_enabled():
+        return compute()
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    cached = module.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        cached = (key, compute())
+        module.__dict__[name] = cached
+    return cached[1]
+
+
 class ShiftSSM(nn.Module):
     """Shift SSM: A = shift matrix, B = e1 (fixed), learnable C (H, N), skip D (H,).
 
@@ -81,8 +98,9 @@ class ShiftSSM(nn.Module):
     def step(self, u_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u_t: (B, H), state: (B, H, N) -> (y_t (B, H), next state (B, H, N))."""
         state = torch.cat([u_t.unsqueeze(-1).to(state.dtype), state[..., :-1]], dim=-1)  # x = A x + B u
-        y_t = (state * self.C).sum(-1) + self.D * u_t
-        return y_t.to(u_t.dtype), state
+        taps = _frozen(self, "_step_taps", (self.C, self.D),  # D folded into tap 0: y = taps . x
+                       lambda: torch.cat([self.C[:, :1] + self.D.unsqueeze(-1), self.C[:, 1:]], dim=-1))
+        return torch.einsum("bhn,hn->bh", state, taps.to(state.dtype)).to(u_t.dtype), state
 
 
 class DiagonalSSM(nn.Module):
@@ -137,46 +155,42 @@ class DiagonalSSM(nn.Module):
         return ssm_conv(u, *self.discretize(), self.D)
 
     def allocate_state(self, batch_shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
-        """Zero complex state (*batch_shape, H, N/2)."""
+        """Zero state (*batch_shape, H, N/2), complex.
+
+        The recurrent state is kept scaled by the output matrix, s = C x (per mode), so that a step's
+        readout 2 Re(sum_n C_n x_n) is a plain sum; zero either way.
+        """
         cdtype = torch.complex128 if _real_dtype(self.log_dt) == torch.float64 else torch.complex64
         return torch.zeros(*batch_shape, self.channels, self.n_modes, device=device or self.C.device, dtype=cdtype)
 
     def state_after(self, u: torch.Tensor) -> torch.Tensor:
         """The state ``step`` reaches from zero after reading all of u: (..., H, L) -> complex (..., H, N/2).
 
-        x_{L-1} = dB sum_s dA^(L-1-s) u_s is the transpose Vandermonde product of u read backwards: one
+        s_{L-1} = C dB sum_s dA^(L-1-s) u_s is the transpose Vandermonde product of u read backwards: one
         pass of chunked matmuls, so a prompt's state costs about what its convolution does.
         """
-        dtA, dB, _ = self.discretize()
-        return dB * vandermonde_transpose(u.flip(-1), dtA)
-
-    def step_constants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(a, b_rot, dB, C2), each real (H, N/2, 2), for ``step`` in real arithmetic on the (re, im) pairs.
-
-        dA x = a x + b_rot flip(x) with a = (Re dA, Re dA), b_rot = (-Im dA, Im dA); dB = (Re dB, Im dB); the
-        output 2 Re(C x) = sum(C2 x) with C2 = (2 Re C, -2 Im C). Without autograd they are computed once
-        and reused while the weights are unchanged (same storage, same version counter): a decoding step
-        then costs a handful of fused real ops, no exp and no complex arithmetic.
-        """
-        params = (self.log_dt, self.log_A_real, self.A_imag, self.C)
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        cached = self.__dict__.get("_step_cache")
-        if not torch.is_grad_enabled() and cached is not None and cached[0] == key:
-            return cached[1]
         dtA, dB, C = self.discretize()
-        dA = torch.view_as_real(torch.exp(dtA))  # (H, N/2, 2)
-        a = dA[..., :1].expand_as(dA)
-        b_rot = torch.stack([-dA[..., 1], dA[..., 1]], dim=-1)
-        constants = (a, b_rot, torch.view_as_real(dB), torch.view_as_real(2 * C.conj()))
-        if not torch.is_grad_enabled():
-            self.__dict__["_step_cache"] = (key, constants)
-        return constants
+        return C * dB * vandermonde_transpose(u.flip(-1), dtA)
+
+    def step_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dA, C dB), each complex (H, N/2): what one recurrent step multiplies by.
+
+        Without autograd they are computed once and reused while the weights are unchanged (``_frozen``),
+        so a decoding step does no exp and no discretisation, just two fused ops.
+        """
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            dtA, dB, C = self.discretize()
+            return torch.exp(dtA), C * dB
+
+        return _frozen(self, "_step_constants", (self.log_dt, self.log_A_real, self.A_imag, self.C), compute)
 
     def step(self, u_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """u_t: (..., H), state: (..., H, N/2) complex -> (y_t (..., H), next state)."""
-        a, b_rot, dB, C2 = self.step_constants()
-        x = torch.view_as_real(state)  # (..., H, N/2, 2): (re, im) pairs, a view
-        u = u_t.to(x.dtype)[..., None, None]  # (..., H, 1, 1)
-        x = torch.addcmul(torch.addcmul(a * x, b_rot, x.flip(-1)), dB, u)  # x_t = dA x_{t-1} + dB u_t
-        y_t = torch.einsum("...hnk,hnk->...h", x, C2) + self.D * u_t  # 2 Re(C x_t) + D u_t
-        return y_t.to(u_t.dtype), torch.view_as_complex(x)
+        """u_t: (..., H), state s = C x: (..., H, N/2) complex -> (y_t (..., H), next state).
+
+        s_t = dA s_{t-1} + C dB u_t and y_t = 2 Re(sum_n s_t) + D u_t: one multiply-add and one sum.
+        """
+        dA, w = self.step_constants()
+        state = torch.addcmul(state * dA, w, u_t.unsqueeze(-1).to(w.dtype))
+        y_t = 2 * state.real.sum(-1) + self.D * u_t
+        return y_t.to(u_t.dtype), state
