@@ -1,9 +1,9 @@
 """Short causal depthwise convolution: H3's shift SSM, whose kernel is its N taps C (zero beyond them).
 
 Public op: ``causal_conv(u, k, D)``. A W-tap filter costs O(L W) per channel, not an FFT over L, and
-keeps nothing complex for backward. On GPU it is one grouped ``conv1d`` (cuDNN); on CPU it runs as
-block-Toeplitz matmuls (``toeplitz.py``), because oneDNN's depthwise convolution with 64 taps is slow
-there. ``reference.py`` has the definition; the math is in this folder's README.md.
+keeps nothing complex for backward. In half precision on GPU it is one grouped ``conv1d`` (cuDNN);
+otherwise block-Toeplitz matmuls (``toeplitz.py``), because oneDNN's depthwise convolution with 64 taps
+is slow on CPU. ``reference.py`` has the definition; the math is in this folder's README.md.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ __all__ = ["causal_conv", "causal_conv_conv1d", "causal_conv_path", "causal_conv
 
 def causal_conv_path(u: torch.Tensor) -> str:
     """Which backend ``causal_conv`` uses for u: "conv1d" (cuDNN) or "toeplitz"."""
-    # CPU: oneDNN's depthwise conv1d with 64 taps ran 2.5-3x slower than the block-Toeplitz matmuls
-    # (bench/h3_layer.py --ops, 2-core VM); cuDNN's depthwise kernel is the fast one on GPU.
-    return "conv1d" if u.is_cuda else "toeplitz"
+    # CPU: oneDNN's depthwise conv1d with 64 taps ran 1.7-2.3x slower than the block-Toeplitz matmuls
+    # (bench/h3_layer.py --ops, 2-core VM). GPU: cuDNN's depthwise kernel for bf16/fp16; fp32 stays on the
+    # matmuls, which keep full fp32 products (cuDNN convolutions default to TF32).
+    return "conv1d" if u.is_cuda and u.dtype in (torch.bfloat16, torch.float16) else "toeplitz"
 
 
 def causal_conv_conv1d(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

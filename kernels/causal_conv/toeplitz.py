@@ -1,15 +1,15 @@
-"""The short causal convolution as block-Toeplitz matmuls: how it runs on CPU.
+"""The short causal convolution as block-Toeplitz matmuls: how it runs on CPU (and for fp32 on GPU).
 
-Cut each channel into blocks of P = W steps (W taps). Output block b only sees input blocks b - 1
-and b, so with the 2P-window X2_b = [u_{(b-1)P} .. u_{(b+1)P - 1}],
+Cut each channel into blocks of P steps. Output block b only sees input blocks b - M + 1 .. b,
+M = ceil((W - 1) / P) + 1 for W taps, so with the window X_b = u[(b - M + 1) P .. (b + 1) P),
 
-    y_{bP + t} = sum_{s < 2P} X2_b[s] T[s, t],    T[s, t] = k[t + P - s]  (0 where t + P - s is not in [0, W)),
+    y[bP + t] = sum_{s < MP} X_b[s] T[s, t],    T[s, t] = k[t + (M - 1) P - s]  (0 outside [0, W)),
 
-one (B * L / P, 2P) x (2P, P) matmul per channel, batched over channels. It does 2x the multiply-adds of
-the direct sum, but as a GEMM: oneDNN's depthwise convolution with 64 taps ran 1.3-2.9x slower than this
-on the 2-core development VM (batch 8 or L = 8K). T is built once per call and shared by the batch.
-Backward is again two matmuls: dX2 = dY T^T (overlap-added back into du) and dT = X2^T dY, whose sums
-along T's diagonals are dk; only u and k are saved, X2 and T are rebuilt.
+one (B L / P, MP) x (MP, P) matmul per channel, batched over channels; T is built once per call and
+shared by the batch. It does MP / W times the multiply-adds of the direct sum, but as a GEMM: oneDNN's
+depthwise convolution with 64 taps ran 1.7-2.3x slower (``bench/h3_layer.py --ops`` on the 2-core VM).
+Backward is again two matmuls: dX = dY T^T (overlap-added back into du) and dT = X^T dY, whose sums
+along T's diagonals are dk; only u and k are saved, X and T are rebuilt.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from hybrid_pretrain.kernels.causal_conv import (
 )
 from hybrid_pretrain.kernels.causal_conv.toeplitz import block_size
 from hybrid_pretrain.kernels.fftconv import fftconv_ref
+from hybrid_pretrain.tests.kernels.device import DEVICE
 from hybrid_pretrain.tests.kernels.tolerance import assert_close_to_exact
 
 BACKENDS = {"toeplitz": causal_conv_toeplitz, "conv1d": causal_conv_conv1d}
@@ -22,8 +23,9 @@ BACKENDS = {"toeplitz": causal_conv_toeplitz, "conv1d": causal_conv_conv1d}
 
 def _inputs(B: int, H: int, L: int, W: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, L, generator=g, dtype=torch.float64), torch.randn(H, W, generator=g, dtype=torch.float64),
-            torch.randn(H, generator=g, dtype=torch.float64))
+    return tuple(t.to(DEVICE) for t in (torch.randn(B, H, L, generator=g, dtype=torch.float64),
+                                         torch.randn(H, W, generator=g, dtype=torch.float64),
+                                         torch.randn(H, generator=g, dtype=torch.float64)))
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -31,7 +33,7 @@ def _inputs(B: int, H: int, L: int, W: int, seed: int):
                                    (2, 1000, 64), (1, 4097, 64)])
 def test_forward_backward_equal_reference_fp64(backend: str, B: int, L: int, W: int) -> None:
     u, k, D = (t.requires_grad_() for t in _inputs(B, 3, L, W, seed=L))
-    dy = torch.randn(B, 3, L, dtype=torch.float64)
+    dy = torch.randn(B, 3, L, dtype=torch.float64, device=DEVICE)
     conv = BACKENDS[backend]
     y, y_ref = conv(u, k), causal_conv_ref(u, k)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)

@@ -17,13 +17,14 @@ from hybrid_pretrain.kernels.vandermonde import (
     vandermonde_transpose_ref,
 )
 from hybrid_pretrain.models.mixers.ssm import DiagonalSSM
+from hybrid_pretrain.tests.kernels.device import DEVICE
 from hybrid_pretrain.tests.kernels.tolerance import assert_close_to_exact
 
 
 def _modes(H: int, d_state: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """dtA and w = C dB of an S4D-Lin SSM (H3's init), complex128."""
     torch.manual_seed(seed)
-    ssm = DiagonalSSM(H, d_state).double()
+    ssm = DiagonalSSM(H, d_state).double().to(DEVICE)
     with torch.no_grad():
         dtA, dB, C = ssm.discretize()
     return dtA, C * dB
@@ -39,7 +40,7 @@ def test_chunking_covers_the_length(length: int) -> None:
 def test_forward_equals_reference_fp64(length: int) -> None:
     dtA, w = _modes(4, 16, seed=length)
     torch.testing.assert_close(vandermonde(w, dtA, length), vandermonde_ref(w, dtA, length), rtol=1e-10, atol=1e-12)
-    g = torch.randn(2, 3, 4, length, dtype=torch.float64)
+    g = torch.randn(2, 3, 4, length, dtype=torch.float64, device=DEVICE)
     torch.testing.assert_close(vandermonde_transpose(g, dtA), vandermonde_transpose_ref(g, dtA), rtol=1e-10,
                                atol=1e-10)
 
@@ -50,9 +51,9 @@ def test_gradcheck_fp64(length: int) -> None:
     dtA, w = _modes(3, 8, seed=1)
     dtA, w = dtA.requires_grad_(), w.requires_grad_()
     assert torch.autograd.gradcheck(lambda w, a: vandermonde(w, a, length), (w, dtA))
-    w_batched = torch.randn(2, 3, 4, dtype=torch.complex128, requires_grad=True)
+    w_batched = torch.randn(2, 3, 4, dtype=torch.complex128, device=DEVICE, requires_grad=True)
     assert torch.autograd.gradcheck(lambda w, a: vandermonde(w, a, length), (w_batched, dtA))
-    g = torch.randn(2, 3, length, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, length, dtype=torch.float64, device=DEVICE, requires_grad=True)
     assert torch.autograd.gradcheck(vandermonde_transpose, (g, dtA))
 
 
@@ -60,7 +61,7 @@ def test_gradcheck_fp64(length: int) -> None:
 def test_long_lengths_fp32_as_close_as_the_reference(length: int) -> None:
     """fp32 kernel and its gradients vs fp64, no worse than the materialised fp32 reference (up to 64K)."""
     dtA, w = _modes(2, 16, seed=2)
-    dK = torch.randn(2, length, dtype=torch.float64)
+    dK = torch.randn(2, length, dtype=torch.float64, device=DEVICE)
 
     def run(fn, dtype):
         cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
@@ -77,8 +78,8 @@ def test_long_lengths_fp32_as_close_as_the_reference(length: int) -> None:
 def test_state_is_the_recurrence() -> None:
     """vandermonde_transpose of the input read backwards is the SSM state after it (x = dA x + u)."""
     dtA, _ = _modes(3, 8, seed=3)
-    u = torch.randn(2, 3, 50, dtype=torch.float64)
-    state = torch.zeros(2, 3, 4, dtype=torch.complex128)
+    u = torch.randn(2, 3, 50, dtype=torch.float64, device=DEVICE)
+    state = torch.zeros(2, 3, 4, dtype=torch.complex128, device=DEVICE)
     for t in range(50):
         state = torch.exp(dtA) * state + u[..., t, None]
     torch.testing.assert_close(vandermonde_transpose(u.flip(-1), dtA), state)
@@ -98,4 +99,4 @@ def test_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="w \\(..., H, N/2\\)"):
         vandermonde(w[:2], dtA, 10)
     with pytest.raises(ValueError, match="g \\(..., H, L\\)"):
-        vandermonde_transpose(torch.randn(2, 4, 10, dtype=torch.float64), dtA)
+        vandermonde_transpose(torch.randn(2, 4, 10, dtype=torch.float64, device=DEVICE), dtA)
