@@ -77,31 +77,38 @@ def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Calla
     def run() -> None:
         module(x).backward(dy)
         module.zero_grad(set_to_none=True)
+        if x.is_cuda:
+            torch.cuda.synchronize()
 
     return run
 
 
-def fits(d_model: int, length: int, batch: int) -> bool:
-    """Both layers' estimated activations (fp32) twice over, within the RAM available now."""
+def fits(d_model: int, length: int, batch: int, device: torch.device, elem: int) -> bool:
+    """Both layers' estimated activations twice over, within the memory available now (RAM or GPU)."""
     cfg = ModelConfig(vocab_size=256, d_model=d_model, n_heads=d_model // 64, layers="HA", max_seq_len=length)
-    need = sum(sum(layer_activations(cfg, layer, batch * length, length, 4)) for layer in parse_pattern("HA").layers)
-    return 2 * need + 4 * batch * length * d_model * 4 < psutil.virtual_memory().available
+    need = sum(sum(layer_activations(cfg, layer, batch * length, length, elem)) for layer in parse_pattern("HA").layers)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    return 2 * need + 4 * batch * length * d_model * elem < free
 
 
-def layer_times(cells: list[tuple[int, int, int]], threads: list[int], repeats: int) -> None:
-    print(f"one layer forward + backward, fp32, best of {repeats} (H3 and attention alternating); wall time, then "
-          f"process CPU time")
+CPU = torch.device("cpu")
+
+
+def layer_times(cells: list[tuple[int, int, int]], threads: list[int], repeats: int, device: torch.device = CPU,
+                dtype: torch.dtype = torch.float32) -> None:
+    print(f"one layer forward + backward, {device} {dtype}, best of {repeats} (H3 and attention alternating); wall "
+          f"time, then process CPU time")
     print(f"{'threads':>7} {'d_model':>7} {'L':>6} {'batch':>5} {'H3 ms':>9} {'attention ms':>13} {'H3 / attn':>10} "
           f"{'CPU: H3 ms':>11} {'attention ms':>13} {'H3 / attn':>10}")
     for n in threads:
         torch.set_num_threads(n)
         for d_model, length, batch in cells:
-            if not fits(d_model, length, batch):
-                print(f"{n:>7} {d_model:>7} {length:>6} {batch:>5}   skipped: activations do not fit the free RAM")
+            if not fits(d_model, length, batch, device, dtype.itemsize):
+                print(f"{n:>7} {d_model:>7} {length:>6} {batch:>5}   skipped: activations do not fit the free memory")
                 continue
-            h3, attn = mixers(d_model, length)
-            x = torch.randn(batch, length, d_model, requires_grad=True)
-            dy = torch.randn(batch, length, d_model)
+            h3, attn = (m.to(device, dtype) for m in mixers(d_model, length))
+            x = torch.randn(batch, length, d_model, device=device, dtype=dtype, requires_grad=True)
+            dy = torch.randn(batch, length, d_model, device=device, dtype=dtype)
             (w_h3, w_attn), (c_h3, c_attn) = best_wall_and_cpu([fwd_bwd(h3, x, dy), fwd_bwd(attn, x, dy)], repeats)
             print(f"{n:>7} {d_model:>7} {length:>6} {batch:>5} {w_h3 * 1e3:>9.1f} {w_attn * 1e3:>13.1f} "
                   f"{w_h3 / w_attn:>9.2f}x {c_h3 * 1e3:>11.1f} {c_attn * 1e3:>13.1f} {c_h3 / c_attn:>9.2f}x",
@@ -167,6 +174,8 @@ def main() -> None:
     parser.add_argument("--cells", default=CELLS, help="d_model x L x batch, comma-separated")
     parser.add_argument("--threads", default="1,2", help="torch CPU thread counts, comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (layer times only)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="layer weights and activations")
     parser.add_argument("--saved", action="store_true", help="saved-for-backward bytes at the 1.3B shape")
     parser.add_argument("--peak", action="store_true", help="activation estimate vs measured peak")
     parser.add_argument("--ops", action="store_true", help="building blocks against their alternatives")
@@ -181,7 +190,8 @@ def main() -> None:
             ops(args.repeats)
         return
     cells = [tuple(int(v) for v in c.split("x")) for c in args.cells.split(",")]
-    layer_times(cells, [int(n) for n in args.threads.split(",")], args.repeats)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    layer_times(cells, [int(n) for n in args.threads.split(",")], args.repeats, torch.device(args.device), dtype)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,18 @@ def _unfold(t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
     return t.view(t.shape[0], *lead, -1, t.shape[-1]).movedim(0, -3)
 
 
+def _full_precision(fn):
+    """Run fn with autocast off: its matmuls must stay in the SSM's precision (fp32 or fp64), not bf16."""
+
+    def wrapped(first: torch.Tensor, dtA: torch.Tensor, *args):
+        with torch.autocast(dtA.device.type, enabled=False):
+            return fn(first, dtA, *args)
+
+    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
+    return wrapped
+
+
+@_full_precision
 def vandermonde_chunked(w: torch.Tensor, dtA: torch.Tensor, length: int) -> torch.Tensor:
     """K (..., H, length) = 2 Re(sum_n w[..., h, n] exp(dtA[h, n] l)), by chunks; no autograd of its own."""
     real = dtA.real.dtype
@@ -93,6 +105,7 @@ def vandermonde_chunked(w: torch.Tensor, dtA: torch.Tensor, length: int) -> torc
     return 2 * K.flatten(-2)[..., :length]
 
 
+@_full_precision
 def vandermonde_transpose_chunked(g: torch.Tensor, dtA: torch.Tensor) -> torch.Tensor:
     """S (..., H, N/2) = sum_l g[..., h, l] exp(dtA[h, n] l), by chunks; no autograd of its own."""
     real = dtA.real.dtype

@@ -100,3 +100,14 @@ def test_rejects_mismatched_shapes() -> None:
         vandermonde(w[:2], dtA, 10)
     with pytest.raises(ValueError, match="g \\(..., H, L\\)"):
         vandermonde_transpose(torch.randn(2, 4, 10, dtype=torch.float64, device=DEVICE), dtA)
+
+
+def test_autocast_leaves_the_kernel_in_full_precision() -> None:
+    """Under bf16 autocast (as train_throughput --dtype bf16 runs) the kernel's matmuls stay in fp32."""
+    dtA, w = _modes(4, 16, seed=6)
+    dtA, w = dtA.to(torch.complex64), w.to(torch.complex64)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        K = vandermonde(w, dtA, 300)
+        S = vandermonde_transpose(torch.randn(2, 4, 300, device=DEVICE), dtA)
+    assert K.dtype == torch.float32 and S.dtype == torch.complex64
+    torch.testing.assert_close(K, vandermonde(w, dtA, 300))
