@@ -11,18 +11,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hybrid_pretrain.kernels.causal_conv.dense import causal_conv_dense, dense_pays
 from hybrid_pretrain.kernels.causal_conv.reference import causal_conv_ref
 from hybrid_pretrain.kernels.causal_conv.toeplitz import causal_conv_toeplitz
 
-__all__ = ["causal_conv", "causal_conv_conv1d", "causal_conv_path", "causal_conv_ref", "causal_conv_toeplitz"]
+__all__ = [
+    "causal_conv", "causal_conv_conv1d", "causal_conv_dense", "causal_conv_path", "causal_conv_ref",
+    "causal_conv_toeplitz", "dense_pays",
+]
 
 
 def causal_conv_path(u: torch.Tensor) -> str:
-    """Which backend ``causal_conv`` uses for u: "conv1d" (cuDNN) or "toeplitz"."""
-    # CPU: oneDNN's depthwise conv1d with 64 taps ran 1.7-2.3x slower than the block-Toeplitz matmuls
-    # (bench/h3_layer.py --ops, 2-core VM). GPU: cuDNN's depthwise kernel for bf16/fp16; fp32 stays on the
-    # matmuls, which keep full fp32 products (cuDNN convolutions default to TF32).
-    return "conv1d" if u.is_cuda and u.dtype in (torch.bfloat16, torch.float16) else "toeplitz"
+    """Which backend ``causal_conv`` uses for u: "conv1d" (cuDNN), "dense" or "toeplitz"."""
+    # GPU: cuDNN's depthwise kernel for bf16/fp16; fp32 stays on matmuls, which keep full fp32 products
+    # (cuDNN convolutions default to TF32). CPU: oneDNN's depthwise conv1d with 64 taps ran 1.7-2.3x slower
+    # than the block-Toeplitz matmuls (bench/h3_layer.py --ops, 2-core VM); many short sequences go
+    # through one dense (L, L) matmul instead (``dense_pays``).
+    if u.is_cuda and u.dtype in (torch.bfloat16, torch.float16):
+        return "conv1d"
+    return "dense" if dense_pays(u) else "toeplitz"
 
 
 def causal_conv_conv1d(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -48,6 +55,9 @@ def causal_conv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None)
         raise ValueError(f"causal_conv expects u (B, H, L) and k (H, W), got u {tuple(u.shape)} and k {tuple(k.shape)}")
     if D is not None:  # the skip is one more weight on the current step
         k = torch.cat([k[:, :1] + D.unsqueeze(-1), k[:, 1:]], dim=-1)
-    if causal_conv_path(u) == "conv1d":
+    path = causal_conv_path(u)
+    if path == "conv1d":
         return causal_conv_conv1d(u, k)
+    if path == "dense":
+        return causal_conv_dense(u, k)
     return causal_conv_toeplitz(u, k)

@@ -41,13 +41,15 @@ def _windows(u: torch.Tensor, P: int, M: int, blocks: int) -> torch.Tensor:
     return padded.unfold(-1, M * P, P).transpose(0, 1).reshape(H, B * blocks, M * P).contiguous()
 
 
-def block_size(rows: int) -> int:
-    """P for `rows` = B * L positions per channel: about sqrt(rows) / 2, a power of two in [16, 64].
+def block_size(rows: int, length: int) -> int:
+    """P for `rows` = B * L positions per channel: about sqrt(rows) / 2, a power of two in [16, 64], and no
+    longer than the sequence (rounded up to a power of two).
 
     Building T costs ~(W + P) P per channel and the windows ~rows (W + P) / P: small P suits one short
     sequence, large P long or batched ones (measured on the 2-core VM: 16 best at B * L = 1K, 64 at 8K).
     """
-    return 1 << min(6, max(4, round(math.log2(max(rows, 1)) / 2 - 1)))
+    P = 1 << min(6, max(4, round(math.log2(max(rows, 1)) / 2 - 1)))
+    return min(P, 1 << max(0, (length - 1).bit_length()))
 
 
 class ToeplitzConv(torch.autograd.Function):
@@ -56,7 +58,7 @@ class ToeplitzConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         B, H, L = u.shape
-        P = block_size(B * L)
+        P = block_size(B * L, L)
         M = -(-(k.shape[-1] - 1) // P) + 1  # blocks per window: the output block and the M - 1 the taps reach
         blocks = -(-L // P)
         y = torch.bmm(_windows(u, P, M, blocks), _toeplitz(k.to(u.dtype), P, M))  # (H, B * blocks, P)
@@ -67,7 +69,7 @@ class ToeplitzConv(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         u, k = ctx.saved_tensors
         B, H, L = u.shape
-        P = block_size(B * L)
+        P = block_size(B * L, L)
         M = -(-(k.shape[-1] - 1) // P) + 1
         blocks = -(-L // P)
         dy_blocks = F.pad(dy, (0, blocks * P - L)).transpose(0, 1).reshape(H, B * blocks, P)  # (H, B * blocks, P)
@@ -90,4 +92,6 @@ class ToeplitzConv(torch.autograd.Function):
 
 def causal_conv_toeplitz(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """u (B, H, L), k (H, W) -> y (B, H, L): ``y[t] = sum_{j < W} k[j] u[t - j]`` by block-Toeplitz matmuls."""
+    if k.shape[-1] > u.shape[-1]:  # taps beyond L - 1 only ever meet the zeros before the start
+        return ToeplitzConv.apply(u, k[:, : u.shape[-1]])
     return ToeplitzConv.apply(u, k)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from hybrid_pretrain.kernels.causal_conv.dense import causal_conv_dense, dense_pays
 from hybrid_pretrain.kernels.fftconv.reference import fftconv_ref, ssm_conv_ref, ssm_kernel_ref
 from hybrid_pretrain.kernels.fftconv.state_passing import ssm_conv_state_passing
 from hybrid_pretrain.kernels.fftconv.torch_fft import fft_length, fftconv_torch
@@ -24,11 +25,14 @@ __all__ = [
 
 
 def fftconv_path(u: torch.Tensor) -> str:
-    """Which backend ``fftconv`` uses for u: "triton" or "torch" (``fftconv_torch``)."""
-    # CPU: torch.fft (pocketfft) is the only fast path here; Triton runs interpreted without a GPU.
+    """Which backend ``fftconv`` uses for u: "triton", "dense" (a direct (L, L) matmul) or "torch" (torch.fft)."""
     # CUDA, L <= 8K: the fused kernel reads u once and writes y once; cuFFT's three passes and the
     # complex intermediates in HBM are what it saves. Beyond 8K one program no longer holds a sequence.
-    return "triton" if u.is_cuda and u.shape[-1] <= TRITON_MAX_LEN and u.dtype != torch.float64 else "torch"
+    # CPU: torch.fft (pocketfft), except many short sequences (``dense_pays``: H3's synthetic tasks, L = 40),
+    # where per-row transform overheads dominate; Triton would run interpreted without a GPU.
+    if u.is_cuda and u.shape[-1] <= TRITON_MAX_LEN and u.dtype != torch.float64:
+        return "triton"
+    return "dense" if not u.is_cuda and dense_pays(u) else "torch"
 
 
 def fftconv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,8 +51,11 @@ def fftconv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> 
         raise ValueError(f"fftconv expects u (B, H, L) and k (H, L), got u {tuple(u.shape)} and k {tuple(k.shape)}")
     if D is not None and D.shape != (u.shape[1],):
         raise ValueError(f"fftconv expects D of shape ({u.shape[1]},), got {tuple(D.shape)}")
-    if fftconv_path(u) == "triton":
+    path = fftconv_path(u)
+    if path == "triton":
         return fftconv_triton(u, k, D)
+    if path == "dense":
+        return causal_conv_dense(u, k, D)
     return fftconv_torch(u, k, D)
 
 

@@ -84,9 +84,9 @@ def _unfold(t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
 def _full_precision(fn):
     """Run fn with autocast off: its matmuls must stay in the SSM's precision (fp32 or fp64), not bf16."""
 
-    def wrapped(first: torch.Tensor, dtA: torch.Tensor, *args):
+    def wrapped(first: torch.Tensor, dtA: torch.Tensor, *args, **kwargs):
         with torch.autocast(dtA.device.type, enabled=False):
-            return fn(first, dtA, *args)
+            return fn(first, dtA, *args, **kwargs)
 
     wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
     return wrapped
@@ -106,28 +106,37 @@ def vandermonde_chunked(w: torch.Tensor, dtA: torch.Tensor, length: int) -> torc
 
 
 @_full_precision
-def vandermonde_transpose_chunked(g: torch.Tensor, dtA: torch.Tensor) -> torch.Tensor:
-    """S (..., H, N/2) = sum_l g[..., h, l] exp(dtA[h, n] l), by chunks; no autograd of its own."""
+def vandermonde_transpose_chunked(g: torch.Tensor, dtA: torch.Tensor, weighted: bool = False
+                                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """S (..., H, N/2) = sum_l g[..., h, l] exp(dtA[h, n] l) by chunks, no autograd of its own; with `weighted`
+    also S1 = sum_l l g_l exp(dtA l) (= dS/d(dtA)) from the same matmul, else None."""
     real = dtA.real.dtype
-    length = g.shape[-1]
+    length, half = g.shape[-1], dtA.shape[-1]
     J, C = chunking(length)
     g = torch.nn.functional.pad(g.to(real), (0, C * J - length)).unflatten(-1, (C, J))  # (..., H, C, J)
     g, lead = _fold(g)  # (H, (...) C, J)
     steps = _interleaved(power_table(dtA, J, 1, real).contiguous())  # (H, J, N)
-    M = torch.view_as_complex(torch.matmul(g, steps).unflatten(-1, (-1, 2)))  # (H, (...) C, N/2): sum_j g z^j
-    M = M.view(M.shape[0], -1, C, M.shape[-1])  # (H, (...), C, N/2), still contiguous
-    S = (M * power_table(dtA, C, J, real).unsqueeze(1)).sum(-2)  # times z^(cJ), summed over the chunks
-    return S.movedim(0, -2).reshape(*lead, *S.shape[::2])  # (..., H, N/2)
+    chunks = power_table(dtA, C, J, real).unsqueeze(1)  # (H, 1, C, N/2): z^(cJ)
+
+    def within(table: torch.Tensor) -> torch.Tensor:  # (H, J, N) -> (H, (...), C, N/2) complex, contiguous
+        M = torch.view_as_complex(torch.matmul(g, table).unflatten(-1, (-1, 2)))  # (H, (...) C, N/2)
+        return M.view(M.shape[0], -1, C, half)
+
+    def across(M: torch.Tensor) -> torch.Tensor:  # sum over the chunks: (H, (...), C, N/2) -> (..., H, N/2)
+        return (M * chunks).sum(-2).movedim(0, -2).reshape(*lead, dtA.shape[0], half)
+
+    M0 = within(steps)  # sum_j g z^j per chunk
+    if not weighted:
+        return across(M0), None
+    # l = cJ + j, so sum_l l g_l z^l = sum_c z^(cJ) (cJ M0_c + M1_c), M1_c = sum_j j g z^j
+    M1 = within(steps * torch.arange(J, device=g.device, dtype=real).unsqueeze(-1))
+    offsets = (J * torch.arange(C, device=g.device, dtype=real)).unsqueeze(-1)  # (C, 1): cJ
+    return across(M0), across(torch.addcmul(M1, M0, offsets))
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Sum the leading (broadcast) dims of t away: (..., H, N/2) -> shape (H, N/2)."""
     return t.reshape(-1, *shape).sum(0) if t.dim() > len(shape) else t
-
-
-def _with_steps_weighted(g: torch.Tensor) -> torch.Tensor:
-    """g (..., H, L) -> (2, ..., H, L): g and l g_l, whose transpose products are S and dS/d(dtA) = sum_l l g_l z^l."""
-    return torch.stack([g, g * torch.arange(g.shape[-1], device=g.device, dtype=g.dtype)])
 
 
 class Vandermonde(torch.autograd.Function):
@@ -142,7 +151,7 @@ class Vandermonde(torch.autograd.Function):
     def backward(ctx, dK: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         w, dtA = ctx.saved_tensors
         # dK_l/dRe w = 2 Re z^l, dK_l/dIm w = -2 Im z^l; dK_l/d(dtA) = 2 Re(l w z^l): both from one transpose product
-        S, S1 = vandermonde_transpose_chunked(_with_steps_weighted(dK.to(dtA.real.dtype)), dtA)
+        S, S1 = vandermonde_transpose_chunked(dK, dtA, weighted=True)
         dw = (2 * S.conj()).to(w.dtype) if ctx.needs_input_grad[0] else None
         d_dtA = 2 * _sum_to(w.to(S1.dtype) * S1, dtA.shape).conj() if ctx.needs_input_grad[1] else None
         return dw, d_dtA, None
@@ -154,7 +163,7 @@ class VandermondeTranspose(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g: torch.Tensor, dtA: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(g, dtA)
-        return vandermonde_transpose_chunked(g, dtA)
+        return vandermonde_transpose_chunked(g, dtA)[0]
 
     @staticmethod
     def backward(ctx, dS: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -163,7 +172,6 @@ class VandermondeTranspose(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # dL/dg_l = Re sum_n conj(dS_n) z_n^l: the forward product with w = conj(dS) / 2
             dg = vandermonde_chunked(dS.conj() / 2, dtA, g.shape[-1]).to(g.dtype)
         if ctx.needs_input_grad[1]:  # S is holomorphic in dtA, with derivative S1 = sum_l l g_l z^l
-            real = dtA.real.dtype
-            S1 = vandermonde_transpose_chunked(g.to(real) * torch.arange(g.shape[-1], device=g.device, dtype=real), dtA)
+            S1 = vandermonde_transpose_chunked(g, dtA, weighted=True)[1]
             d_dtA = _sum_to(dS * S1.conj(), dtA.shape)
         return dg, d_dtA

@@ -65,10 +65,11 @@ class H3(nn.Module):
         if d == 1:  # one channel per head (the paper's models): binding and readout are elementwise
             kv = k * v  # (B, H, L)
             y = self.diag_ssm(kv) * q  # (B, H, L)
-        else:
-            kv = self._split(k).unsqueeze(2) * self._split(v).unsqueeze(1)  # (B, d_i, d_j, H, L)
-            y = self.diag_ssm(kv.reshape(B * d * d, H, L)).view(B, d, d, H, L)  # (B, d_i, d_j, H, L)
-            y = torch.einsum("bijhl,bihl->bjhl", y, self._split(q))  # sum_i q_i (kv memory)_ij: (B, d_j, H, L)
+        else:  # contiguous (B, d, H, L) factors, so the (B, d, d, H, L) products come out contiguous
+            k, v, q = (self._split(t).contiguous() for t in (k, v, q))
+            kv = k.unsqueeze(2) * v.unsqueeze(1)  # (B, d_i, d_j, H, L)
+            y = self.diag_ssm(kv.view(B * d * d, H, L)).view(B, d, d, H, L)  # (B, d_i, d_j, H, L)
+            y = (y * q.unsqueeze(2)).sum(1)  # sum_i q_i (kv memory)_ij: (B, d_j, H, L)
         return y.reshape(B, self.d_model, L).transpose(1, 2), k_in, kv  # (B, L, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hybrid_pretrain.kernels.causal_conv import (
     causal_conv,
     causal_conv_conv1d,
+    causal_conv_dense,
     causal_conv_path,
     causal_conv_ref,
     causal_conv_toeplitz,
@@ -18,7 +19,7 @@ from hybrid_pretrain.kernels.fftconv import fftconv_ref
 from hybrid_pretrain.tests.kernels.device import DEVICE
 from hybrid_pretrain.tests.kernels.tolerance import assert_close_to_exact
 
-BACKENDS = {"toeplitz": causal_conv_toeplitz, "conv1d": causal_conv_conv1d}
+BACKENDS = {"toeplitz": causal_conv_toeplitz, "conv1d": causal_conv_conv1d, "dense": causal_conv_dense}
 
 
 def _inputs(B: int, H: int, L: int, W: int, seed: int):
@@ -48,6 +49,7 @@ def test_gradcheck_fp64(L: int, W: int) -> None:
     u, k, D = (t.requires_grad_() for t in _inputs(2, 3, L, W, seed=1))
     assert torch.autograd.gradcheck(causal_conv, (u, k, D))
     assert torch.autograd.gradcheck(causal_conv_toeplitz, (u, k))
+    assert torch.autograd.gradcheck(causal_conv_dense, (u, k, D))
 
 
 def test_equals_fft_convolution_with_the_zero_padded_kernel() -> None:
@@ -71,7 +73,9 @@ def test_bf16_keeps_dtype() -> None:
 
 
 def test_dispatch_and_block_sizes() -> None:
-    assert causal_conv_path(torch.zeros(1, 1, 8)) == "toeplitz"  # CPU
-    assert [block_size(n) for n in (1, 1024, 4096, 8192, 1 << 20)] == [16, 16, 32, 64, 64]
+    assert causal_conv_path(torch.zeros(1, 1, 1024)) == "toeplitz"  # CPU
+    assert causal_conv_path(torch.zeros(32, 32, 40)) == "dense"  # many short sequences
+    assert [block_size(n, 1 << 20) for n in (1, 1024, 4096, 8192, 1 << 20)] == [16, 16, 32, 64, 64]
+    assert block_size(1 << 20, 40) == 64 and block_size(1 << 20, 20) == 32 and block_size(8, 3) == 4
     with pytest.raises(ValueError, match="k \\(H, W\\)"):
         causal_conv(torch.zeros(1, 3, 8), torch.zeros(2, 4))

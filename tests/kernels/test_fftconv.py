@@ -92,8 +92,7 @@ def test_fft_length_is_the_smallest_fast_size_that_keeps_the_convolution_linear(
 
 @pytest.mark.parametrize("L", [1, 7, 129, 1000])
 def test_torch_path_equals_reference_forward_backward(L: int) -> None:
-    """The lean autograd Function (what CPU runs) against autograd through the reference, fp64."""
-    assert fftconv_path(torch.zeros(1, 1, L)) == "torch"
+    """The lean autograd Function (what CPU runs for all but many short sequences) against the reference, fp64."""
     u, k, D = (t.requires_grad_() for t in _inputs(3, 2, L, torch.float64, seed=5))
     dy = torch.randn(3, 2, L, dtype=torch.float64)
     y, y_ref = fftconv_torch(u, k, D), fftconv_ref(u, k, D)
@@ -101,6 +100,12 @@ def test_torch_path_equals_reference_forward_backward(L: int) -> None:
     grads, grads_ref = (torch.autograd.grad((out * dy).sum(), (u, k, D)) for out in (y, y_ref))
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_dispatch_on_cpu() -> None:
+    assert fftconv_path(torch.zeros(1, 4, 1024)) == "torch"
+    assert fftconv_path(torch.zeros(8, 256, 40)) == "torch"  # few sequences: the (L, L) matrix would not pay
+    assert fftconv_path(torch.zeros(2048, 4, 40)) == "dense"  # H3's synthetic tasks: many short sequences
 
 
 def test_torch_path_keeps_only_real_inputs_for_backward() -> None:
