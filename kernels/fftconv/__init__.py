@@ -56,7 +56,10 @@ def fftconv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> 
         return fftconv_triton(u, k, D)
     if path == "dense":
         return causal_conv_dense(u, k, D)
-    return fftconv_torch(u, k, D)
+    if D is not None:  # D u is the convolution's tap 0: folded into k, it costs no pass over u either way
+        k = k.to(torch.promote_types(k.dtype, D.dtype))
+        k = torch.cat([k[:, :1] + D.to(k.dtype).unsqueeze(-1), k[:, 1:]], dim=-1)
+    return fftconv_torch(u, k)
 
 
 CPU_STATE_PASSING_FROM = 16384
