@@ -18,9 +18,13 @@ import math
 import torch
 
 
-def chunking(length: int) -> tuple[int, int]:
-    """(J, C): J = ceil(sqrt(length)) steps per chunk and C chunks, C * J >= length: two equally small tables."""
-    J = math.isqrt(max(length - 1, 0)) + 1
+def chunking(length: int, rows: int = 1) -> tuple[int, int]:
+    """(J, C): J steps per chunk and C = ceil(length / J) chunks.
+
+    The step table costs ~J and the chunk sums ~rows x C per mode, so J = ceil(sqrt(rows x length)) (at most
+    the length) balances them: sqrt(L) for one kernel, longer chunks for a batch of states (prefill).
+    """
+    J = min(max(length, 1), math.isqrt(max(rows * length - 1, 0)) + 1)
     return J, -(-length // J)
 
 
@@ -96,7 +100,7 @@ def _full_precision(fn):
 def vandermonde_chunked(w: torch.Tensor, dtA: torch.Tensor, length: int) -> torch.Tensor:
     """K (..., H, length) = 2 Re(sum_n w[..., h, n] exp(dtA[h, n] l)), by chunks; no autograd of its own."""
     real = dtA.real.dtype
-    J, C = chunking(length)
+    J, C = chunking(length, w[..., 0, 0].numel())
     steps = _interleaved(power_table(dtA, J, 1, real).contiguous())  # (H, J, N): z^j as (re, im) pairs
     weights = w.to(power_table(dtA, 1, 1, real).dtype).unsqueeze(-2) * power_table(dtA, C, J, real)  # w z^(cJ)
     # Re(p q) = Re p Re q + (-Im p) Im q: the left factor holds conj(p) as (re, im) pairs
@@ -112,7 +116,7 @@ def vandermonde_transpose_chunked(g: torch.Tensor, dtA: torch.Tensor, weighted: 
     also S1 = sum_l l g_l exp(dtA l) (= dS/d(dtA)) from the same matmul, else None."""
     real = dtA.real.dtype
     length, half = g.shape[-1], dtA.shape[-1]
-    J, C = chunking(length)
+    J, C = chunking(length, g[..., 0, 0].numel())
     g = torch.nn.functional.pad(g.to(real), (0, C * J - length)).unflatten(-1, (C, J))  # (..., H, C, J)
     g, lead = _fold(g)  # (H, (...) C, J)
     steps = _interleaved(power_table(dtA, J, 1, real).contiguous())  # (H, J, N)

@@ -31,9 +31,10 @@ def _modes(H: int, d_state: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @pytest.mark.parametrize("length", [1, 2, 3, 17, 64, 100, 1001])
-def test_chunking_covers_the_length(length: int) -> None:
-    J, C = chunking(length)
-    assert J * C >= length > J * (C - 1) and J * J >= length
+@pytest.mark.parametrize("rows", [1, 8])
+def test_chunking_covers_the_length(length: int, rows: int) -> None:
+    J, C = chunking(length, rows)
+    assert J * C >= length > J * (C - 1) and J * J * rows >= length and J <= length
 
 
 @pytest.mark.parametrize("length", [1, 2, 5, 31, 100, 1023])
