@@ -177,7 +177,8 @@ def per_rank_estimate(cfg, world_size: int) -> float:
     precision = resolve_precision(cfg.train.precision)
     return estimate_memory(full_parameter_count(model_cfg), model_cfg, cfg.train, cfg.data.seq_len, vocab, dp,
                            precision, cfg.parallel.expert, tp_size=tp, pp_size=pp,
-                           sequence_parallel=cfg.parallel.sequence_parallel)["total"]
+                           sequence_parallel=cfg.parallel.sequence_parallel,
+                           checkpointing=cfg.parallel.activation_checkpointing)["total"]
 
 
 def free_memory() -> dict:

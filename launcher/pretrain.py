@@ -80,7 +80,8 @@ def dry_run(cfg: RunConfig, world_size: int) -> None:
     ep = cfg.parallel.expert
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     mem = estimate_memory(n, model_cfg, cfg.train, cfg.data.seq_len, vocab, dp, precision, ep, tp_size=tp, pp_size=pp,
-                          sequence_parallel=cfg.parallel.sequence_parallel)
+                          sequence_parallel=cfg.parallel.sequence_parallel,
+                          checkpointing=cfg.parallel.activation_checkpointing)
     print(f"config: {cfg.name}  layers: {cfg.model.layers}  d_model: {cfg.model.d_model}  vocab: {vocab}")
     print(f"parameters: {n:,} ({n / 1e6:.1f}M)")
     experts, active_experts = expert_parameters(model_cfg)
@@ -90,7 +91,8 @@ def dry_run(cfg: RunConfig, world_size: int) -> None:
               f"active per token: {active:,} ({active / 1e6:.1f}M, top-{model_cfg.top_k})")
     print(f"per-rank memory estimate ({world_size} ranks, DP={dp}, TP={tp}, PP={pp}, EP={ep}, "
           f"ZeRO-{cfg.train.zero_stage}, {precision}, "
-          f"micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens):")
+          f"micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens"
+          f"{', activation checkpointing' if cfg.parallel.activation_checkpointing else ''}):")
     for key, value in mem.items():
         print(f"  {key:<18}{format_bytes(value):>12}")
 

@@ -9,23 +9,30 @@ from __future__ import annotations
 
 import torch
 
-from hybrid_pretrain.kernels.fftconv.reference import fftconv_ref, ssm_conv_ref, ssm_kernel
+from hybrid_pretrain.kernels.causal_conv.dense import causal_conv_dense, dense_pays
+from hybrid_pretrain.kernels.fftconv.reference import fftconv_ref, ssm_conv_ref, ssm_kernel_ref
 from hybrid_pretrain.kernels.fftconv.state_passing import ssm_conv_state_passing
+from hybrid_pretrain.kernels.fftconv.torch_fft import fft_length, fftconv_torch
 from hybrid_pretrain.kernels.fftconv.triton_fftconv import MAX_LEN as TRITON_MAX_LEN
 from hybrid_pretrain.kernels.fftconv.triton_fftconv import fftconv_triton
+from hybrid_pretrain.kernels.vandermonde import vandermonde
 
 __all__ = [
-    "fftconv", "fftconv_path", "fftconv_ref", "fftconv_triton", "ssm_conv", "ssm_conv_path", "ssm_conv_ref",
-    "ssm_conv_state_passing", "ssm_kernel", "TRITON_MAX_LEN", "CPU_STATE_PASSING_FROM",
+    "fftconv", "fftconv_path", "fftconv_ref", "fftconv_torch", "fftconv_triton", "fft_length", "ssm_conv",
+    "ssm_conv_path", "ssm_conv_ref", "ssm_conv_state_passing", "ssm_kernel", "ssm_kernel_ref", "TRITON_MAX_LEN",
+    "CPU_STATE_PASSING_FROM",
 ]
 
 
 def fftconv_path(u: torch.Tensor) -> str:
-    """Which backend ``fftconv`` uses for u: "triton" or "reference"."""
-    # CPU: torch.fft (pocketfft) is the only fast path here; Triton runs interpreted without a GPU.
+    """Which backend ``fftconv`` uses for u: "triton", "dense" (a direct (L, L) matmul) or "torch" (torch.fft)."""
     # CUDA, L <= 8K: the fused kernel reads u once and writes y once; cuFFT's three passes and the
     # complex intermediates in HBM are what it saves. Beyond 8K one program no longer holds a sequence.
-    return "triton" if u.is_cuda and u.shape[-1] <= TRITON_MAX_LEN else "reference"
+    # CPU: torch.fft (pocketfft), except many short sequences (``dense_pays``: H3's synthetic tasks, L = 40),
+    # where per-row transform overheads dominate; Triton would run interpreted without a GPU.
+    if u.is_cuda and u.shape[-1] <= TRITON_MAX_LEN and u.dtype != torch.float64:
+        return "triton"
+    return "dense" if not u.is_cuda and dense_pays(u) else "torch"
 
 
 def fftconv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,15 +45,21 @@ def fftconv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> 
 
     Returns:
         y: (B, H, L) in u's dtype, ``y[b, h, t] = sum_{s<=t} k[h, t-s] u[b, h, s] + D[h] u[b, h, t]``,
-        computed in fp32 (fp64 for fp64 inputs on the reference path). Differentiable in u, k and D.
+        computed in fp32 (fp64 for fp64 inputs). Differentiable in u, k and D.
     """
     if u.dim() != 3 or k.dim() != 2 or k.shape != (u.shape[1], u.shape[2]):
         raise ValueError(f"fftconv expects u (B, H, L) and k (H, L), got u {tuple(u.shape)} and k {tuple(k.shape)}")
     if D is not None and D.shape != (u.shape[1],):
         raise ValueError(f"fftconv expects D of shape ({u.shape[1]},), got {tuple(D.shape)}")
-    if fftconv_path(u) == "triton" and u.dtype != torch.float64:
+    path = fftconv_path(u)
+    if path == "triton":
         return fftconv_triton(u, k, D)
-    return fftconv_ref(u, k, D)
+    if path == "dense":
+        return causal_conv_dense(u, k, D)
+    if D is not None:  # D u is the convolution's tap 0: folded into k, it costs no pass over u either way
+        k = k.to(torch.promote_types(k.dtype, D.dtype))
+        k = torch.cat([k[:, :1] + D.to(k.dtype).unsqueeze(-1), k[:, 1:]], dim=-1)
+    return fftconv_torch(u, k)
 
 
 CPU_STATE_PASSING_FROM = 16384
@@ -83,3 +96,12 @@ def ssm_conv(
     if ssm_conv_path(u) == "state_passing":  # chunks of 8K: the fused kernel's limit on GPU
         return ssm_conv_state_passing(u, dtA, dB, C, D, chunk=TRITON_MAX_LEN, conv=fftconv)
     return fftconv(u, ssm_kernel(dtA, dB, C, u.shape[-1]), D)
+
+
+def ssm_kernel(dtA: torch.Tensor, dB: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
+    """Convolution kernel of a diagonal SSM, ``K[h, l] = 2 Re(sum_n C_n dB_n exp(dtA_n l))``.
+
+    dtA, dB, C: complex (H, N/2) -> K: (H, length) real (fp32, fp64 for complex128). Chunked Vandermonde
+    matmuls (``kernels.vandermonde``): no (H, N/2, L) tensor in forward or backward, on CPU and GPU alike.
+    """
+    return vandermonde(C * dB, dtA, length)

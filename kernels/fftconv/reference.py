@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hybrid_pretrain.kernels.vandermonde.reference import vandermonde_ref
+
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """fp32 at least (half-precision FFTs lose too much), fp64 when any input is fp64 (gradcheck)."""
@@ -28,19 +30,13 @@ def fftconv_ref(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None)
     return y.to(u.dtype)
 
 
-def ssm_kernel(dtA: torch.Tensor, dB: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
+def ssm_kernel_ref(dtA: torch.Tensor, dB: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
     """Convolution kernel of a diagonal SSM with conjugate-pair modes: K[l] = 2 Re(sum_n C_n dB_n exp(dtA_n l)).
 
     dtA, dB, C: complex (H, N/2) (dtA = dt * A, the log of the discrete dA). Returns K: (H, length), real.
+    Materialises the (H, N/2, L) powers (``kernels.vandermonde.vandermonde_ref``); ``ssm_kernel`` does not.
     """
-    steps = torch.arange(length, device=dtA.device, dtype=dtA.real.dtype)
-    # exp(dtA l) = exp(a l) (cos(b l) + i sin(b l)) in real arithmetic: torch's CPU complex exp is not
-    # vectorised and was half of an H3 layer's time at L=1K.
-    decay = torch.exp(dtA.real.unsqueeze(-1) * steps)  # (H, N/2, L)
-    phase = dtA.imag.unsqueeze(-1) * steps  # (H, N/2, L)
-    w = C * dB  # (H, N/2)
-    return 2 * (torch.einsum("hn,hnl->hl", w.real, decay * torch.cos(phase))
-                - torch.einsum("hn,hnl->hl", w.imag, decay * torch.sin(phase)))
+    return vandermonde_ref(C * dB, dtA, length)
 
 
 def ssm_conv_ref(
@@ -49,4 +45,4 @@ def ssm_conv_ref(
     """The diagonal SSM ``x_t = exp(dtA) x_{t-1} + dB u_t, y_t = 2 Re(C x_t) + D u_t`` over all of u, as one FFT
     convolution with its full-length kernel. u: (B, H, L); dtA, dB, C: complex (H, N/2); D: (H,) -> y (B, H, L).
     """
-    return fftconv_ref(u, ssm_kernel(dtA, dB, C, u.shape[-1]), D)
+    return fftconv_ref(u, ssm_kernel_ref(dtA, dB, C, u.shape[-1]), D)

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from hybrid_pretrain.models.config import ModelConfig
-from hybrid_pretrain.models.mixers.s4d import diagonal_ssm_state
 from hybrid_pretrain.models.mixers.ssm import DiagonalSSM, ShiftSSM
 from hybrid_pretrain.models.roles import column_linear, local_size, mark_sharded, row_linear, shared_input
 
@@ -52,25 +51,37 @@ class H3(nn.Module):
         B, _, *rest = t.shape
         return t.reshape(B, self.n_heads, self.head_dim, *rest).transpose(1, 2)  # (B, d, H, ...)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, D) -> (B, L, D)."""
+    def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, L, D) -> (y (B, L, D) before the output projection, k before the shift (B, D, L), kv).
+
+        kv is what the diagonal SSM reads: (B, H, L) with one channel per head, (B, d_i, d_j, H, L) otherwise.
+        """
         d, H = self.head_dim, self.n_heads
         projections = [self.q_proj, self.k_proj, self.v_proj]
-        q, k, v = (y.transpose(1, 2) for y in shared_input(x, projections))  # (B, D, L)
+        q, k_in, v = (y.transpose(1, 2) for y in shared_input(x, projections))  # (B, D, L)
         B, _, L = q.shape  # the projections' length: all positions, also when x holds a sequence-parallel slice
-        k = self.shift_ssm(k)  # (B, D, L)
-        kv = self._split(k).unsqueeze(2) * self._split(v).unsqueeze(1)  # (B, d_i, d_j, H, L)
-        y = self.diag_ssm(kv.reshape(B * d * d, H, L)).view(B, d, d, H, L)  # (B, d_i, d_j, H, L)
-        y = (y * self._split(q).unsqueeze(2)).sum(1)  # (B, d_j, H, L): sum_i q_i (kv memory)_ij
-        y = y.reshape(B, self.d_model, L).transpose(1, 2)  # (B, L, D)
-        return self.out_proj(y)
+        k = self.shift_ssm(k_in)  # (B, D, L)
+        if d == 1:  # one channel per head (the paper's models): binding and readout are elementwise
+            kv = k * v  # (B, H, L)
+            y = self.diag_ssm(kv) * q  # (B, H, L)
+        else:  # contiguous (B, d, H, L) factors, so the (B, d, d, H, L) products come out contiguous
+            k, v, q = (self._split(t).contiguous() for t in (k, v, q))
+            kv = k.unsqueeze(2) * v.unsqueeze(1)  # (B, d_i, d_j, H, L)
+            y = self.diag_ssm(kv.view(B * d * d, H, L)).view(B, d, d, H, L)  # (B, d_i, d_j, H, L)
+            y = (y * q.unsqueeze(2)).sum(1)  # sum_i q_i (kv memory)_ij: (B, d_j, H, L)
+        return y.reshape(B, self.d_model, L).transpose(1, 2), k_in, kv  # (B, L, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, D) -> (B, L, D)."""
+        return self.out_proj(self._mix(x)[0])
 
     def allocate_state(
         self, batch_size: int, max_len: int, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> dict:
         """Recurrent state, constant in sequence length (`max_len` is accepted for a uniform interface).
 
-        shift: (B, D, N) last N keys; diag: (B, d, d, H, N/2) complex memory of kv.
+        shift: (B, D, N) last N keys; diag: (B, d, d, H, N/2) complex memory of kv (``DiagonalSSM`` keeps it
+        scaled by its output matrix).
         """
         device = device or self.q_proj.weight.device
         d = self.head_dim
@@ -81,9 +92,13 @@ class H3(nn.Module):
 
     def step(self, x_t: torch.Tensor, state: dict) -> torch.Tensor:
         """x_t: (B, D) -> y_t: (B, D); replaces the entries of `state` with the next state."""
-        B = x_t.shape[0]
+        B, d = x_t.shape[0], self.head_dim
         q, k, v = self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t)  # (B, D)
         k, state["shift"] = self.shift_ssm.step(k, state["shift"])
+        if d == 1:
+            y, diag = self.diag_ssm.step(k * v, state["diag"].view(B, -1, self.diag_ssm.n_modes))  # (B, H)
+            state["diag"] = diag.view_as(state["diag"])
+            return self.out_proj(y * q)
         kv = self._split(k).unsqueeze(2) * self._split(v).unsqueeze(1)  # (B, d_i, d_j, H)
         y, state["diag"] = self.diag_ssm.step(kv, state["diag"])  # (B, d_i, d_j, H)
         y = (y * self._split(q).unsqueeze(2)).sum(1)  # (B, d_j, H)
@@ -92,18 +107,13 @@ class H3(nn.Module):
     def prefill(self, x: torch.Tensor, state: dict) -> torch.Tensor:
         """x: (B, L, D) -> forward(x), leaving `state` as if `step` had read the L positions from a zero state.
 
-        One parallel pass instead of L recurrent steps: the shift state is the last N keys, the diagonal
-        state the decayed sum of every kv (``diagonal_ssm_state``).
+        One forward pass instead of L recurrent steps: the shift state is the last N keys, the diagonal
+        state the decayed sum of every kv (``DiagonalSSM.state_after``, one chunked matmul pass).
         """
-
-        B, L, _ = x.shape
+        B = x.shape[0]
         d, H, N = self.head_dim, self.n_heads, self.shift_ssm.d_state
-        q, k_in, v = (proj(x).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, D, L)
+        y, k_in, kv = self._mix(x)
         shift = nn.functional.pad(k_in, (N, 0))[..., -N:].flip(-1)  # (B, D, N): k_{L-1}, k_{L-2}, ..., zeros
         state["shift"] = shift.to(state["shift"].dtype)
-        k = self.shift_ssm(k_in)  # (B, D, L)
-        kv = self._split(k).unsqueeze(2) * self._split(v).unsqueeze(1)  # (B, d_i, d_j, H, L)
-        state["diag"] = diagonal_ssm_state(self.diag_ssm, kv)  # (B, d_i, d_j, H, N/2)
-        y = self.diag_ssm(kv.reshape(B * d * d, H, L)).view(B, d, d, H, L)  # (B, d_i, d_j, H, L)
-        y = (y * self._split(q).unsqueeze(2)).sum(1)  # (B, d_j, H, L)
-        return self.out_proj(y.reshape(B, self.d_model, L).transpose(1, 2))  # (B, L, D)
+        state["diag"] = self.diag_ssm.state_after(kv).view(B, d, d, H, -1)  # (B, d_i, d_j, H, N/2)
+        return self.out_proj(y)

@@ -81,21 +81,6 @@ class InitDiagonalSSM(DiagonalSSM):
                 self.C.copy_(torch.view_as_real(C).to(self.C.dtype))
 
 
-def diagonal_ssm_state(ssm: DiagonalSSM, u: torch.Tensor) -> torch.Tensor:
-    """The recurrent state `ssm.step` reaches after reading all of u: (..., H, L) -> complex (..., H, N/2).
-
-    x_{L-1} = sum_s dA^(L-1-s) dB u_s, evaluated in one contraction instead of L sequential steps, so a
-    prompt can be prefilled with one forward pass.
-    """
-    dtA, dB, _ = ssm.discretize()  # each (H, N/2)
-    L = u.shape[-1]
-    ages = torch.arange(L - 1, -1, -1, device=dtA.device, dtype=dtA.real.dtype)  # (L,) steps since input s
-    # exp(dtA * age) through real exp/cos/sin: torch's complex exp is ~2x slower on CPU.
-    angle = dtA.imag.unsqueeze(-1) * ages  # (H, N/2, L)
-    decay = torch.exp(dtA.real.unsqueeze(-1) * ages) * torch.complex(torch.cos(angle), torch.sin(angle))
-    return dB * torch.einsum("...hl,hnl->...hn", u.to(decay.dtype), decay)
-
-
 class S4D(nn.Module):
     """S4D mixer: ``forward(x (B, L, D)) -> (B, L, D)``; recurrent ``allocate_state``/``step``/``prefill``."""
 
@@ -141,5 +126,5 @@ class S4D(nn.Module):
         """x: (B, L, D) -> forward(x), leaving `state` as if `step` had read the L positions (from a zero state)."""
         if self.bidirectional:
             raise refuse_step("s4d")
-        state["ssm"] = diagonal_ssm_state(self.ssm, x.transpose(1, 2))  # (B, D, N/2)
+        state["ssm"] = self.ssm.state_after(x.transpose(1, 2))  # (B, D, N/2)
         return self.forward(x)

@@ -2,13 +2,15 @@
 
 Both are linear time-invariant SSMs ``x_t = A x_{t-1} + B u_t, y_t = C x_t + D u_t`` run
 independently per channel. Training evaluates them as a causal convolution with the kernel
-``K[l] = C A^l B`` (via ``kernels.fftconv``; state passing beyond 8K on GPU); generation runs the
-recurrence one step at a time.
+``K[l] = C A^l B``; generation runs the recurrence one step at a time.
 
 - ``ShiftSSM``: A is the shift matrix and B = e1, so the state is the last N inputs and the kernel
-  is just C (a learnable causal filter of length N). It lets H3 compare tokens with their recent past.
+  is just C (a learnable causal filter of length N, run as an N-tap ``kernels.causal_conv``). It lets
+  H3 compare tokens with their recent past.
 - ``DiagonalSSM``: A is diagonal complex (S4D-Lin init), discretised with zero-order hold, so the
-  state is an exponentially decaying, oscillating summary of the whole past (the "memory").
+  state is an exponentially decaying, oscillating summary of the whole past (the "memory"). Its kernel
+  and its state after a prompt are Vandermonde products (``kernels.vandermonde``), its convolution an
+  FFT one (``kernels.fftconv.ssm_conv``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_pretrain.kernels.fftconv import fftconv, ssm_conv, ssm_kernel
+from hybrid_pretrain.kernels.causal_conv import causal_conv
+from hybrid_pretrain.kernels.fftconv import ssm_conv, ssm_kernel
+from hybrid_pretrain.kernels.vandermonde import vandermonde_transpose
 
 SSM_OPTIM = {"weight_decay": 0.0, "lr": 1e-3}  # S4 recipe: A and dt train slowly and without decay
 DT_MIN, DT_MAX = 1e-3, 1e-1
@@ -35,6 +39,23 @@ def _expm1(z: torch.Tensor) -> torch.Tensor:
     a, b = z.real, z.imag
     real = torch.expm1(a) * torch.cos(b) - 2 * torch.sin(b / 2) ** 2
     return torch.complex(real, torch.exp(a) * torch.sin(b))
+
+
+def _frozen(module: nn.Module, name: str, params: tuple[torch.Tensor, ...], compute):
+    """``compute()``, cached on `module` while `params` keep their storage and version counter, without autograd.
+
+    Decoding steps reuse what depends only on the weights (discretisation, folded taps) instead of
+    recomputing it per token; any in-place update (an optimizer step, ``load_state_dict``) or a move to
+    another device or dtype invalidates it. With autograd on it is always recomputed (and never cached).
+    """
+    if torch.is_grad_enabled():
+        return compute()
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    cached = module.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        cached = (key, compute())
+        module.__dict__[name] = cached
+    return cached[1]
 
 
 class ShiftSSM(nn.Module):
@@ -63,8 +84,8 @@ class ShiftSSM(nn.Module):
         return F.pad(self.C, (0, max(0, length - self.d_state)))[:, :length]
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u: (B, H, L) -> y: (B, H, L)."""
-        return fftconv(u, self.kernel(u.shape[-1]), self.D)
+        """u: (B, H, L) -> y: (B, H, L): an N-tap causal convolution, O(L N), instead of an FFT over L."""
+        return causal_conv(u, self.C, self.D)
 
     def allocate_state(
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
@@ -77,8 +98,9 @@ class ShiftSSM(nn.Module):
     def step(self, u_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u_t: (B, H), state: (B, H, N) -> (y_t (B, H), next state (B, H, N))."""
         state = torch.cat([u_t.unsqueeze(-1).to(state.dtype), state[..., :-1]], dim=-1)  # x = A x + B u
-        y_t = (state * self.C).sum(-1) + self.D * u_t
-        return y_t.to(u_t.dtype), state
+        taps = _frozen(self, "_step_taps", (self.C, self.D),  # D folded into tap 0: y = taps . x
+                       lambda: torch.cat([self.C[:, :1] + self.D.unsqueeze(-1), self.C[:, 1:]], dim=-1))
+        return torch.einsum("bhn,hn->bh", state, taps.to(state.dtype)).to(u_t.dtype), state
 
 
 class DiagonalSSM(nn.Module):
@@ -133,13 +155,42 @@ class DiagonalSSM(nn.Module):
         return ssm_conv(u, *self.discretize(), self.D)
 
     def allocate_state(self, batch_shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
-        """Zero complex state (*batch_shape, H, N/2)."""
+        """Zero state (*batch_shape, H, N/2), complex.
+
+        The recurrent state is kept scaled by the output matrix, s = C x (per mode), so that a step's
+        readout 2 Re(sum_n C_n x_n) is a plain sum; zero either way.
+        """
         cdtype = torch.complex128 if _real_dtype(self.log_dt) == torch.float64 else torch.complex64
         return torch.zeros(*batch_shape, self.channels, self.n_modes, device=device or self.C.device, dtype=cdtype)
 
-    def step(self, u_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """u_t: (..., H), state: (..., H, N/2) complex -> (y_t (..., H), next state)."""
+    def state_after(self, u: torch.Tensor) -> torch.Tensor:
+        """The state ``step`` reaches from zero after reading all of u: (..., H, L) -> complex (..., H, N/2).
+
+        s_{L-1} = C dB sum_s dA^(L-1-s) u_s is the transpose Vandermonde product of u read backwards: one
+        pass of chunked matmuls, so a prompt's state costs about what its convolution does.
+        """
         dtA, dB, C = self.discretize()
-        state = dtA.exp() * state + dB * u_t.unsqueeze(-1).to(dB.dtype)  # x_t = dA x_{t-1} + dB u_t
-        y_t = 2 * (C * state).sum(-1).real + self.D * u_t
+        return C * dB * vandermonde_transpose(u.flip(-1), dtA)
+
+    def step_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dA, C dB), each complex (H, N/2): what one recurrent step multiplies by.
+
+        Without autograd they are computed once and reused while the weights are unchanged (``_frozen``),
+        so a decoding step does no exp and no discretisation, just two fused ops.
+        """
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            dtA, dB, C = self.discretize()
+            return torch.exp(dtA), C * dB
+
+        return _frozen(self, "_step_constants", (self.log_dt, self.log_A_real, self.A_imag, self.C), compute)
+
+    def step(self, u_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u_t: (..., H), state s = C x: (..., H, N/2) complex -> (y_t (..., H), next state).
+
+        s_t = dA s_{t-1} + C dB u_t and y_t = 2 Re(sum_n s_t) + D u_t: one multiply-add and one sum.
+        """
+        dA, w = self.step_constants()
+        state = torch.addcmul(state * dA, w, u_t.unsqueeze(-1).to(w.dtype))
+        y_t = 2 * state.real.sum(-1) + self.D * u_t
         return y_t.to(u_t.dtype), state

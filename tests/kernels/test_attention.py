@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_pretrain.kernels.attention import attention, attention_path, attention_ref, flash_attention_triton
+from hybrid_pretrain.tests.kernels.device import DEVICE
 from hybrid_pretrain.tests.kernels.tolerance import assert_close_to_exact
 
 BLOCK = 16  # the smallest tl.dot tile: keeps the interpreter fast
@@ -14,7 +15,7 @@ BLOCK = 16  # the smallest tl.dot tile: keeps the interpreter fast
 
 def _qkv(B: int, H: int, L: int, d: int, seed: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(B, H, L, d, generator=g, dtype=torch.float64) for _ in range(4))  # q, k, v, do
+    return tuple(torch.randn(B, H, L, d, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(4))  # q, k, v, do
 
 
 def _run(fn, q, k, v, do, dtype):
@@ -50,7 +51,7 @@ def test_block_sparse_matches_reference(heads_in_mask: int, causal: bool) -> Non
     L, H = 45, 2
     n = -(-L // BLOCK)
     g = torch.Generator().manual_seed(heads_in_mask + 2 * causal)
-    mask = torch.rand(heads_in_mask, n, n, generator=g) > 0.4
+    mask = (torch.rand(heads_in_mask, n, n, generator=g) > 0.4).to(DEVICE)
     mask[:, :, 0] = True
     mask[0, n - 1] = False  # the last query block of head 0 sees no key
     q, k, v, do = _qkv(2, H, L, 8, seed=7)

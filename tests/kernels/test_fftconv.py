@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_pretrain.kernels.fftconv import fftconv
+from hybrid_pretrain.kernels.fftconv import fft_length, fftconv, fftconv_path, fftconv_ref, fftconv_torch
 
 
 def direct_causal_conv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
@@ -73,3 +73,46 @@ def test_rejects_mismatched_shapes() -> None:
         fftconv(torch.randn(2, 3, 8), torch.randn(3, 7))
     with pytest.raises(ValueError, match="D of shape"):
         fftconv(torch.randn(2, 3, 8), torch.randn(3, 8), torch.randn(4))
+
+
+def _smooth(n: int) -> bool:
+    for p in (2, 3, 5):
+        while n % p == 0:
+            n //= p
+    return n == 1
+
+
+def test_fft_length_is_the_smallest_fast_size_that_keeps_the_convolution_linear() -> None:
+    for L in range(1, 400):
+        n = fft_length(L)
+        assert n >= 2 * L - 1 and n % 2 == 0 and _smooth(n)
+        assert not any(m % 2 == 0 and _smooth(m) for m in range(max(2, 2 * L - 1), n)), L
+    assert fft_length(1000) == 2000 and fft_length(1024) == 2048 and fft_length(4097) == 8640
+
+
+@pytest.mark.parametrize("L", [1, 7, 129, 1000])
+def test_torch_path_equals_reference_forward_backward(L: int) -> None:
+    """The lean autograd Function (what CPU runs for all but many short sequences) against the reference, fp64."""
+    u, k, D = (t.requires_grad_() for t in _inputs(3, 2, L, torch.float64, seed=5))
+    dy = torch.randn(3, 2, L, dtype=torch.float64)
+    y, y_ref = fftconv_torch(u, k, D), fftconv_ref(u, k, D)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    grads, grads_ref = (torch.autograd.grad((out * dy).sum(), (u, k, D)) for out in (y, y_ref))
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_dispatch_on_cpu() -> None:
+    assert fftconv_path(torch.zeros(1, 4, 1024)) == "torch"
+    assert fftconv_path(torch.zeros(8, 256, 40)) == "torch"  # few sequences: the (L, L) matrix would not pay
+    assert fftconv_path(torch.zeros(2048, 4, 40)) == "dense"  # H3's synthetic tasks: many short sequences
+
+
+def test_torch_path_keeps_only_real_inputs_for_backward() -> None:
+    """No complex spectrum lives from forward to backward: only u, k and D are saved."""
+    u, k, D = (t.requires_grad_() for t in _inputs(4, 3, 200, torch.float32, seed=6))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fftconv_torch(u, k, D)
+    assert not any(t.is_complex() for t in saved)
+    assert sum(t.numel() for t in saved) == u.numel() + k.numel() + D.numel()

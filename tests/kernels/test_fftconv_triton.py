@@ -10,6 +10,7 @@ import torch
 
 from hybrid_pretrain.kernels.fftconv import fftconv_path, fftconv_ref, fftconv_triton
 from hybrid_pretrain.kernels.fftconv.triton_fftconv import MAX_LEN, fft_shape
+from hybrid_pretrain.tests.kernels.device import DEVICE
 from hybrid_pretrain.tests.kernels.tolerance import assert_close_to_exact
 
 
@@ -19,7 +20,7 @@ def _inputs(B: int, H: int, L: int, seed: int) -> tuple[torch.Tensor, torch.Tens
     k = torch.randn(H, L, generator=g, dtype=torch.float64) / L**0.5
     D = torch.randn(H, generator=g, dtype=torch.float64)
     dy = torch.randn(B, H, L, generator=g, dtype=torch.float64)
-    return u, k, D, dy
+    return u.to(DEVICE), k.to(DEVICE), D.to(DEVICE), dy.to(DEVICE)
 
 
 def _grads(fn, u, k, D, dy, dtype):
@@ -64,5 +65,5 @@ def test_rejects_sequences_beyond_one_program() -> None:
         fftconv_triton(torch.zeros(1, 1, MAX_LEN + 1), torch.zeros(1, MAX_LEN + 1))
 
 
-def test_dispatch_on_cpu_is_reference() -> None:
-    assert fftconv_path(torch.zeros(1, 1, 64)) == "reference"
+def test_dispatch_on_cpu_is_torch_fft() -> None:
+    assert fftconv_path(torch.zeros(1, 1, 64)) == "torch"

@@ -13,13 +13,14 @@ from hybrid_pretrain.kernels.fftconv import (
     ssm_conv_state_passing,
 )
 from hybrid_pretrain.models.mixers.ssm import DiagonalSSM
+from hybrid_pretrain.tests.kernels.device import DEVICE
 from hybrid_pretrain.tests.kernels.tolerance import assert_close_to_exact
 
 
 def _ssm(H: int, d_state: int, seed: int) -> tuple[torch.Tensor, ...]:
     """Discretised S4D-Lin parameters (dtA, dB, C) in complex128 and D (H,) fp64, as H3 builds them."""
     torch.manual_seed(seed)
-    ssm = DiagonalSSM(H, d_state).double()
+    ssm = DiagonalSSM(H, d_state).double().to(DEVICE)
     with torch.no_grad():
         return (*ssm.discretize(), ssm.D.detach().clone())
 
@@ -33,8 +34,8 @@ def _cast(params: tuple[torch.Tensor, ...], real: torch.dtype) -> tuple[torch.Te
 def test_forward_backward_equal_reference_fp64(L: int, chunk: int) -> None:
     """Every input's gradient, including the complex SSM parameters, equals the reference's."""
     params = [p.requires_grad_() for p in _ssm(3, 8, seed=L)]
-    u = torch.randn(2, 3, L, dtype=torch.float64, requires_grad=True)
-    dy = torch.randn(2, 3, L, dtype=torch.float64)
+    u = torch.randn(2, 3, L, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    dy = torch.randn(2, 3, L, dtype=torch.float64, device=DEVICE)
     y = ssm_conv_state_passing(u, *params, chunk=chunk)
     y_ref = ssm_conv_ref(u, *params)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
@@ -48,7 +49,7 @@ def test_forward_backward_equal_reference_fp64(L: int, chunk: int) -> None:
 def test_long_sequences_match_reference_fp32(L: int, chunk: int) -> None:
     """fp32 state passing is as close to the fp64 answer as the fp32 full-length FFT convolution is."""
     params = _ssm(2, 16, seed=0)
-    u = torch.randn(1, 2, L, dtype=torch.float64)
+    u = torch.randn(1, 2, L, dtype=torch.float64, device=DEVICE)
     exact = ssm_conv_ref(u, *params)
     ours = ssm_conv_state_passing(u.float(), *_cast(params, torch.float32), chunk=chunk)
     assert ours.dtype == torch.float32
@@ -58,8 +59,8 @@ def test_long_sequences_match_reference_fp32(L: int, chunk: int) -> None:
 def test_state_passing_with_triton_chunks() -> None:
     """The GPU composition: chunks through the fused Triton kernel (interpreted here), forward and backward."""
     params = _ssm(2, 8, seed=1)
-    u = torch.randn(2, 2, 45, dtype=torch.float64)
-    dy = torch.randn(2, 2, 45, dtype=torch.float64)
+    u = torch.randn(2, 2, 45, dtype=torch.float64, device=DEVICE)
+    dy = torch.randn(2, 2, 45, dtype=torch.float64, device=DEVICE)
 
     def run(fn, real):
         leaves = [t.requires_grad_() for t in (u.to(real), *_cast(params, real))]
@@ -75,8 +76,8 @@ def test_state_passing_with_triton_chunks() -> None:
 
 def test_diagonal_ssm_goes_through_ssm_conv() -> None:
     """H3's diagonal SSM output equals the state-passing path at a length spanning several chunks."""
-    ssm = DiagonalSSM(4, 8).double()
-    u = torch.randn(2, 4, 300, dtype=torch.float64)
+    ssm = DiagonalSSM(4, 8).double().to(DEVICE)
+    u = torch.randn(2, 4, 300, dtype=torch.float64, device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(ssm(u), ssm_conv_state_passing(u, *ssm.discretize(), ssm.D, chunk=64))
 
@@ -86,4 +87,4 @@ def test_dispatch_and_validation() -> None:
     assert ssm_conv_path(torch.zeros(1, 1, 1 << 15)) == "state_passing"  # beyond: less time and memory
     dtA, dB, C, D = _ssm(3, 8, seed=2)
     with pytest.raises(ValueError, match="dtA, dB, C \\(H, N/2\\)"):
-        ssm_conv(torch.zeros(1, 2, 8, dtype=torch.float64), dtA, dB, C, D)
+        ssm_conv(torch.zeros(1, 2, 8, dtype=torch.float64, device=DEVICE), dtA, dB, C, D)

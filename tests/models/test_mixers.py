@@ -9,7 +9,7 @@ from torch import nn
 from hybrid_pretrain.models.mixers import MIXERS, build_mixer
 from hybrid_pretrain.models.mixers.attention import Attention, apply_rotary
 from hybrid_pretrain.models.mixers.h3 import H3
-from hybrid_pretrain.tests.models.mixer_checks import assert_causal, step_through
+from hybrid_pretrain.tests.models.mixer_checks import assert_causal, assert_step_and_prefill_match, step_through
 
 # Every registered mixer, plus variants whose code paths differ. A new mixer is covered by registering it.
 MIXER_CASES = {name: (name, {}) for name in MIXERS.names()} | {
@@ -58,6 +58,20 @@ def test_state_is_batch_first(mixer: nn.Module) -> None:
     state = mixer.allocate_state(3, max_len=L)
     leaves = [v for v in (state.values() if isinstance(state, dict) else [state]) if isinstance(v, torch.Tensor)]
     assert leaves and all(v.shape[0] == 3 for v in leaves), {k: getattr(v, "shape", v) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("head_dim", [1, 2])
+@torch.no_grad()
+def test_h3_prefill_builds_the_stepped_state(make_cfg, head_dim: int) -> None:
+    """One parallel prefill gives forward's outputs and the very state token-by-token stepping reaches."""
+    mixer = H3(make_cfg(h3_head_dim=head_dim), layer_idx=0).eval()
+    x = torch.randn(2, 70, 32)  # longer than the shift SSM's N taps and several Vandermonde chunks
+    assert_step_and_prefill_match(mixer, x, mixer(x), "diag")
+    state, pre = mixer.allocate_state(2, 70), mixer.allocate_state(2, 70)
+    for t in range(70):
+        mixer.step(x[:, t], state)
+    mixer.prefill(x, pre)
+    torch.testing.assert_close(pre["shift"], state["shift"])
 
 
 def test_attention_cache_overflow_raises(make_cfg) -> None:

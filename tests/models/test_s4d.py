@@ -6,7 +6,7 @@ import torch
 
 from hybrid_pretrain.models.lm import LanguageModel
 from hybrid_pretrain.models.mixers import build_mixer
-from hybrid_pretrain.models.mixers.s4d import S4D, diagonal_ssm_state
+from hybrid_pretrain.models.mixers.s4d import S4D
 from hybrid_pretrain.models.mixers.ssm import DiagonalSSM
 from hybrid_pretrain.models.pattern import parse_pattern
 
@@ -37,4 +37,4 @@ def test_state_from_sequence_equals_recurrence() -> None:
     state = ssm.allocate_state((3,))
     for t in range(25):
         _, state = ssm.step(u[..., t], state)
-    torch.testing.assert_close(diagonal_ssm_state(ssm, u), state)
+    torch.testing.assert_close(ssm.state_after(u), state)

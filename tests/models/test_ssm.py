@@ -93,3 +93,26 @@ def test_gradients_reach_every_parameter() -> None:
         ssm(torch.randn(2, 3, 9)).square().sum().backward()
         for name, p in ssm.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("ssm_cls", [ShiftSSM, DiagonalSSM])
+def test_step_constants_follow_in_place_weight_updates(ssm_cls: type) -> None:
+    """Decoding reuses what depends on the weights only while they are unchanged (e.g. across an optimizer step)."""
+    ssm = ssm_cls(4, 8)
+    u = torch.randn(2, 4, 6)
+    with torch.no_grad():
+        before = run_recurrence(ssm, u)
+        for p in ssm.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        after = run_recurrence(ssm, u)
+        torch.testing.assert_close(after, ssm(u), rtol=1e-4, atol=1e-5)  # the recurrence saw the new weights
+    assert not torch.allclose(before, after)
+
+
+def test_step_is_differentiable_and_not_cached_under_autograd() -> None:
+    ssm = DiagonalSSM(3, 8)
+    with torch.no_grad():
+        run_recurrence(ssm, torch.randn(1, 3, 2))  # fills the no-grad cache
+    run_recurrence(ssm, torch.randn(2, 3, 5)).square().sum().backward()
+    for name, p in ssm.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name

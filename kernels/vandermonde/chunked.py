@@ -1,0 +1,181 @@
+"""The Vandermonde products of a diagonal SSM as batched matmuls over chunks, without (H, N/2, L) tables.
+
+With l = cJ + j (chunk c of J steps), exp(dtA l) = exp(dtA cJ) exp(dtA j), so
+
+    K[h, cJ + j] = 2 Re sum_n (w_n exp(dtA_n cJ)) exp(dtA_n j)
+
+is an (H, C, N) x (H, N, J) real matmul of two small tables: (H, C, N/2) chunk powers folded into w
+and (H, J, N/2) step powers. The transpose product S_n = sum_l g_l exp(dtA_n l) is the same matmul
+the other way round. Each is the other's adjoint, so each backward is the other's forward: the
+autograd Functions save only w (or g) and dtA and rebuild the tables in backward. The math and the
+gradient formulas are in README.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def chunking(length: int, rows: int = 1) -> tuple[int, int]:
+    """(J, C): J steps per chunk and C = ceil(length / J) chunks.
+
+    The step table costs ~J and the chunk sums ~rows x C per mode, so J = ceil(sqrt(rows x length)) (at most
+    the length) balances them: sqrt(L) for one kernel, longer chunks for a batch of states (prefill).
+    """
+    J = min(max(length, 1), math.isqrt(max(rows * length - 1, 0)) + 1)
+    return J, -(-length // J)
+
+
+def _complex_dtype(real: torch.dtype) -> torch.dtype:
+    return torch.complex128 if real == torch.float64 else torch.complex64
+
+
+def _powers(a: torch.Tensor, b: torch.Tensor, k: torch.Tensor, floor: float) -> torch.Tensor:
+    """exp((a + i b) k) for real a, b (H, N/2) and steps k (K,): complex (H, K, N/2), decay floored at exp(floor)."""
+    decay = torch.exp_((a.unsqueeze(-2) * k.unsqueeze(-1)).clamp_min_(floor))
+    angle = b.unsqueeze(-2) * k.unsqueeze(-1)
+    return torch.complex(decay * torch.cos(angle), decay * torch.sin(angle))
+
+
+def _reduced(dtA: torch.Tensor, stride: int, real: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Re, Im) of dtA stride in the working precision, the phase reduced modulo 2 pi in fp64 first."""
+    base = dtA.detach().to(torch.complex128) * stride
+    turn = 2 * math.pi
+    return base.real.to(real), (base.imag - turn * torch.round(base.imag / turn)).to(real)
+
+
+def power_table(dtA: torch.Tensor, count: int, stride: int, real: torch.dtype) -> torch.Tensor:
+    """(H, count, N/2) complex: exp(dtA stride k) for k < count, complex64 (complex128 when `real` is fp64).
+
+    The outer product of two tables of ~sqrt(count) entries, exp(dtA stride k1 K2) and exp(dtA stride k2)
+    with k = k1 K2 + k2, so exp, cos and sin run on 2 sqrt(count) numbers per mode and the table costs one
+    complex multiply. Each phase step is reduced modulo 2 pi in fp64 ((H, N/2) numbers), so phases stay as
+    exact as the working precision allows at any length. Each factor's decay is floored at exp(log(tiny)/4)
+    (3e-10 in fp32, 1e-77 in fp64): a product of table entries and a weight then stays clear of denormals,
+    whose arithmetic (and an exp that underflows into them) ran 5-80x slower on the development CPU, at an
+    error far below the working precision.
+    """
+    K2 = math.isqrt(max(count - 1, 0)) + 1
+    K1 = -(-count // K2)
+    floor = math.log(torch.finfo(real).tiny) / 4
+    fine = _powers(*_reduced(dtA, stride, real), torch.arange(K2, device=dtA.device, dtype=real), floor)
+    coarse = _powers(*_reduced(dtA, stride * K2, real), torch.arange(K1, device=dtA.device, dtype=real), floor)
+    return (coarse.unsqueeze(2) * fine.unsqueeze(1)).flatten(1, 2)[:, :count]  # (H, count, N/2)
+
+
+def _interleaved(z: torch.Tensor) -> torch.Tensor:
+    """complex (..., N/2) -> real (..., N) as [Re z_0, Im z_0, Re z_1, ...] (a view of a contiguous z)."""
+    return torch.view_as_real(z).flatten(-2)
+
+
+def _fold(t: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+    """(..., H, R, X) -> (H, (...) * R, X) for one batched matmul over H, and the leading shape to undo it."""
+    lead = t.shape[:-3]
+    if not lead:
+        return t, lead
+    return t.movedim(-3, 0).reshape(t.shape[-3], -1, t.shape[-1]), lead
+
+
+def _unfold(t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """The inverse of ``_fold``: (H, (...) * R, X) -> (..., H, R, X)."""
+    if not lead:
+        return t
+    return t.view(t.shape[0], *lead, -1, t.shape[-1]).movedim(0, -3)
+
+
+def _full_precision(fn):
+    """Run fn with autocast off: its matmuls must stay in the SSM's precision (fp32 or fp64), not bf16."""
+
+    def wrapped(first: torch.Tensor, dtA: torch.Tensor, *args, **kwargs):
+        with torch.autocast(dtA.device.type, enabled=False):
+            return fn(first, dtA, *args, **kwargs)
+
+    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
+    return wrapped
+
+
+@_full_precision
+def vandermonde_chunked(w: torch.Tensor, dtA: torch.Tensor, length: int) -> torch.Tensor:
+    """K (..., H, length) = 2 Re(sum_n w[..., h, n] exp(dtA[h, n] l)), by chunks; no autograd of its own."""
+    real = dtA.real.dtype
+    J, C = chunking(length, w[..., 0, 0].numel())
+    steps = _interleaved(power_table(dtA, J, 1, real).contiguous())  # (H, J, N): z^j as (re, im) pairs
+    weights = w.to(power_table(dtA, 1, 1, real).dtype).unsqueeze(-2) * power_table(dtA, C, J, real)  # w z^(cJ)
+    # Re(p q) = Re p Re q + (-Im p) Im q: the left factor holds conj(p) as (re, im) pairs
+    left, lead = _fold(_interleaved(weights.conj_physical()))  # (H, (...) C, N)
+    K = _unfold(torch.matmul(left, steps.transpose(1, 2)), lead)  # (..., H, C, J)
+    return 2 * K.flatten(-2)[..., :length]
+
+
+@_full_precision
+def vandermonde_transpose_chunked(g: torch.Tensor, dtA: torch.Tensor, weighted: bool = False
+                                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """S (..., H, N/2) = sum_l g[..., h, l] exp(dtA[h, n] l) by chunks, no autograd of its own; with `weighted`
+    also S1 = sum_l l g_l exp(dtA l) (= dS/d(dtA)) from the same matmul, else None."""
+    real = dtA.real.dtype
+    length, half = g.shape[-1], dtA.shape[-1]
+    J, C = chunking(length, g[..., 0, 0].numel())
+    g = torch.nn.functional.pad(g.to(real), (0, C * J - length)).unflatten(-1, (C, J))  # (..., H, C, J)
+    g, lead = _fold(g)  # (H, (...) C, J)
+    steps = _interleaved(power_table(dtA, J, 1, real).contiguous())  # (H, J, N)
+    chunks = power_table(dtA, C, J, real).unsqueeze(1)  # (H, 1, C, N/2): z^(cJ)
+
+    def within(table: torch.Tensor) -> torch.Tensor:  # (H, J, N) -> (H, (...), C, N/2) complex, contiguous
+        M = torch.view_as_complex(torch.matmul(g, table).unflatten(-1, (-1, 2)))  # (H, (...) C, N/2)
+        return M.view(M.shape[0], -1, C, half)
+
+    def across(M: torch.Tensor) -> torch.Tensor:  # sum over the chunks: (H, (...), C, N/2) -> (..., H, N/2)
+        return (M * chunks).sum(-2).movedim(0, -2).reshape(*lead, dtA.shape[0], half)
+
+    M0 = within(steps)  # sum_j g z^j per chunk
+    if not weighted:
+        return across(M0), None
+    # l = cJ + j, so sum_l l g_l z^l = sum_c z^(cJ) (cJ M0_c + M1_c), M1_c = sum_j j g z^j
+    M1 = within(steps * torch.arange(J, device=g.device, dtype=real).unsqueeze(-1))
+    offsets = (J * torch.arange(C, device=g.device, dtype=real)).unsqueeze(-1)  # (C, 1): cJ
+    return across(M0), across(torch.addcmul(M1, M0, offsets))
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum the leading (broadcast) dims of t away: (..., H, N/2) -> shape (H, N/2)."""
+    return t.reshape(-1, *shape).sum(0) if t.dim() > len(shape) else t
+
+
+class Vandermonde(torch.autograd.Function):
+    """K = 2 Re(sum_n w_n exp(dtA_n l)), saving only w and dtA; shapes as ``vandermonde``."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, dtA: torch.Tensor, length: int) -> torch.Tensor:
+        ctx.save_for_backward(w, dtA)
+        return vandermonde_chunked(w, dtA, length)
+
+    @staticmethod
+    def backward(ctx, dK: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        w, dtA = ctx.saved_tensors
+        # dK_l/dRe w = 2 Re z^l, dK_l/dIm w = -2 Im z^l; dK_l/d(dtA) = 2 Re(l w z^l): both from one transpose product
+        S, S1 = vandermonde_transpose_chunked(dK, dtA, weighted=True)
+        dw = (2 * S.conj()).to(w.dtype) if ctx.needs_input_grad[0] else None
+        d_dtA = 2 * _sum_to(w.to(S1.dtype) * S1, dtA.shape).conj() if ctx.needs_input_grad[1] else None
+        return dw, d_dtA, None
+
+
+class VandermondeTranspose(torch.autograd.Function):
+    """S = sum_l g_l exp(dtA l), saving only g and dtA; shapes as ``vandermonde_transpose``."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, dtA: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g, dtA)
+        return vandermonde_transpose_chunked(g, dtA)[0]
+
+    @staticmethod
+    def backward(ctx, dS: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        g, dtA = ctx.saved_tensors
+        dg = d_dtA = None
+        if ctx.needs_input_grad[0]:  # dL/dg_l = Re sum_n conj(dS_n) z_n^l: the forward product with w = conj(dS) / 2
+            dg = vandermonde_chunked(dS.conj() / 2, dtA, g.shape[-1]).to(g.dtype)
+        if ctx.needs_input_grad[1]:  # S is holomorphic in dtA, with derivative S1 = sum_l l g_l z^l
+            S1 = vandermonde_transpose_chunked(g, dtA, weighted=True)[1]
+            d_dtA = _sum_to(dS * S1.conj(), dtA.shape)
+        return dg, d_dtA

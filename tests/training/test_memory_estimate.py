@@ -1,0 +1,56 @@
+"""The --dry-run activation estimate against the measured CPU peak (within 20%), and its bookkeeping."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.tests.procs import REPO
+from hybrid_pretrain.tests.training.memory_cases import CASES, run_case
+from hybrid_pretrain.training.config import TrainConfig, load_config
+from hybrid_pretrain.training.flops import full_parameter_count
+from hybrid_pretrain.training.memory import activation_bytes, estimate_memory
+
+CAN_MEASURE = Path("/proc/self/clear_refs").exists()
+
+
+@pytest.mark.skipif(not CAN_MEASURE, reason="needs Linux's /proc/self/clear_refs to reset the peak RSS")
+@pytest.mark.parametrize("case", CASES)
+def test_estimate_within_20_percent_of_measured_peak(case: str) -> None:
+    result = run_case(case)
+    assert result["measured"] > 0
+    ratio = result["estimate"] / result["measured"]
+    message = (f"{case}: estimate {result['estimate'] / 2**20:.1f} MiB, measured {result['measured'] / 2**20:.1f} MiB "
+               f"({ratio:.2f}x)")
+    assert 0.8 <= ratio <= 1.2, message
+
+
+def test_checkpointing_and_tensor_parallelism_shrink_activations() -> None:
+    m = ModelConfig(d_model=1024, n_heads=16, layers="HHAH" * 4, vocab_size=32000)
+    full = activation_bytes(m, 8, 2048, 32000, 2)
+    assert activation_bytes(m, 8, 2048, 32000, 2, checkpointing=True) < full / 2
+    assert activation_bytes(m, 8, 2048, 32000, 2, tp_size=2) < full
+    split = activation_bytes(m, 8, 2048, 32000, 2, tp_size=2)
+    assert activation_bytes(m, 8, 2048, 32000, 2, tp_size=2, sequence_parallel=True) < split
+    assert activation_bytes(m, 16, 2048, 32000, 2) == pytest.approx(2 * full, rel=0.02)  # linear in the batch
+
+
+def test_h3_head_dim_grows_its_activations() -> None:
+    one = ModelConfig(d_model=512, n_heads=8, layers="HHHH", vocab_size=1000)
+    multi = dataclasses.replace(one, h3_head_dim=8)
+    assert activation_bytes(multi, 4, 1024, 1000, 4) > activation_bytes(one, 4, 1024, 1000, 4)
+
+
+@pytest.mark.parametrize("name", ["h3_hybrid_1.3b", "h3_hybrid_2.7b"])
+def test_flagship_configs_fit_80gb_on_8_gpus(name: str) -> None:
+    """As their comments say: the estimate per rank on 8 GPUs (bf16) leaves 10% of 80 GB free."""
+    cfg = load_config(str(REPO / "configs" / f"{name}.yaml"))
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or cfg.data.vocab_size)
+    mem = estimate_memory(full_parameter_count(model_cfg), model_cfg, cfg.train, cfg.data.seq_len,
+                          model_cfg.vocab_size, cfg.parallel.check_world(8), "bf16",
+                          checkpointing=cfg.parallel.activation_checkpointing)
+    assert isinstance(cfg.train, TrainConfig)
+    assert mem["total"] < 0.9 * 80e9, {k: round(v / 1e9, 1) for k, v in mem.items()}
