@@ -7,8 +7,10 @@ no attention matrix but keep FFT buffers, counted as 34 + 16.
 
 Mixture-of-experts layers hold ``num_experts`` expert MLPs, of which each rank keeps 1/EP; their
 weights and optimizer states are sharded by ZeRO over the expert-data-parallel group (DP / EP
-ranks). Their activations are the (E, C, D) expert slots in and out and the (E, C, d_ffn) hidden
-states, with C = capacity_factor * top_k * tokens / E slots per expert.
+ranks). Their activations are the expert rows in and out (D wide) and the hidden states before and
+after GELU (d_ffn wide): top_k * tokens rows when dropless, E * C padded slots with capacity,
+C = capacity_factor * top_k * tokens / E. (Under expert parallelism a rank's experts may receive more
+or fewer rows than it sends; the estimate assumes balance.)
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def estimate_memory(n_params: int, model_cfg, train_cfg, seq_len: int, vocab_siz
         if layer.ffn == "moe":
             e, k = model_cfg.num_experts, model_cfg.top_k
             capacity = max(model_cfg.min_capacity, math.ceil(model_cfg.capacity_factor * k * s * b / e))
-            acts += e * capacity * (2 * h + 2 * model_cfg.ffn_dim) * scale  # slots in/out, hidden before/after GELU
+            rows = k * s * b if model_cfg.moe_dropless else e * capacity
+            acts += rows * (2 * h + 2 * model_cfg.ffn_dim) * scale  # rows in/out, hidden before/after GELU
     logits = s * b * vocab_size / tp_size * 4 * 2  # fp32 logits and their gradient (this rank's vocabulary slice)
     out = {"weights": weights, "master_weights": master, "gradients": grads, "optimizer_states": adam,
            "activations": acts + logits}

@@ -11,12 +11,14 @@ from collections.abc import Sequence
 
 import torch
 
+from hybrid_pretrain.kernels.grouped_linear.loop import grouped_linear_loop
 from hybrid_pretrain.kernels.grouped_linear.reference import grouped_linear_ref
 from hybrid_pretrain.kernels.grouped_linear.torch_grouped_mm import grouped_linear_grouped_mm
 
-__all__ = ["grouped_linear", "grouped_linear_path", "grouped_linear_ref", "grouped_linear_grouped_mm", "PATHS"]
+__all__ = ["grouped_linear", "grouped_linear_path", "grouped_linear_ref", "grouped_linear_loop",
+           "grouped_linear_grouped_mm", "PATHS"]
 
-PATHS = {"loop": grouped_linear_ref, "grouped_mm": grouped_linear_grouped_mm}
+PATHS = {"loop": grouped_linear_loop, "grouped_mm": grouped_linear_grouped_mm, "reference": grouped_linear_ref}
 
 
 def grouped_linear_path(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> str:
@@ -39,7 +41,8 @@ def grouped_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Seq
         weights: G tensors (M, K), one per group (``F.linear`` layout).
         biases: G tensors (M,).
         sizes: G non-negative ints summing to N (a host-side list: split sizes are needed on the host anyway).
-        path: force "loop" or "grouped_mm" (benchmarks and tests); None picks by ``grouped_linear_path``.
+        path: force "loop", "grouped_mm" or "reference" (benchmarks and tests); None picks by
+            ``grouped_linear_path``.
 
     Returns:
         y: (N, M), ``y[rows of g] = x[rows of g] @ weights[g].T + biases[g]``. Differentiable in x, weights and

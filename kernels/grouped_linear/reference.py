@@ -1,4 +1,4 @@
-"""Grouped linear layer as one ``F.linear`` per group on its slice of rows: the reference and the CPU path."""
+"""Grouped linear layer as one ``F.linear`` per group on its slice of rows: the reference, by definition."""
 
 from __future__ import annotations
 
