@@ -9,9 +9,10 @@ every context with it too); this class only scores token ids, rolls long documen
 and decodes greedily or by sampling.
 
 Scores are summed natural-log probabilities from full-sequence forwards in fp32 (or --dtype).
-Batches are padded on the right, which a causal model never sees. MoE layers route the tokens of a
-batch together, so with capacity-limited experts the batch mates can change which tokens are dropped:
-use ``batch_size=1`` for per-request-exact MoE scores.
+Batches are padded on the right, which a causal model never sees. Dropless MoE layers (the default) route
+each token on its own, so scores do not depend on batch mates; with capacity-limited experts
+(``moe_dropless=false``) the batch mates can change which tokens are dropped: use ``batch_size=1`` for
+per-request-exact MoE scores.
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ class ModelConfig:
     init_std: float = 0.02
     num_experts: int = 8  # experts per MoE layer
     top_k: int = 1  # experts per token: 1 Switch, 2 GLaM
+    # True: every assignment is computed (tokens sorted by expert, grouped expert matmuls; MegaBlocks).
+    # False: capacity-based dropping as in the Switch and GLaM papers, with the three fields below.
+    moe_dropless: bool = True
     capacity_factor: float = 1.25  # expert slots = factor * top_k * tokens / experts, in training
     eval_capacity_factor: float = 2.0  # the same at evaluation (fewer drops)
     min_capacity: int = 4  # slots per expert however few the tokens

@@ -104,8 +104,10 @@ class LanguageModel(nn.Module):
     def moe_metrics(self) -> dict[str, float]:
         """Routing statistics of the last forward, summed (losses, token counts) or averaged over MoE layers.
 
-        Empty for a dense model. Per-expert token counts are listed for up to 16 experts; beyond that
-        only the busiest and idlest expert's load relative to a uniform share.
+        Empty for a dense model. ``moe_imbalance`` is each layer's busiest expert over the mean (the capacity
+        factor that would have dropped nothing); capacity-based layers also report ``moe_dropped_fraction``.
+        Per-expert token counts are listed for up to 16 experts; beyond that only the busiest and idlest
+        expert's load relative to a uniform share.
         """
         routed = [layer.last for layer in self.moe_layers if layer.last is not None]
         if not routed:
@@ -115,10 +117,12 @@ class LanguageModel(nn.Module):
         out = {
             "moe_aux_loss": sum(r.aux_loss.item() for r in routed),
             "moe_z_loss": sum(r.z_loss.item() for r in routed),
-            "moe_dropped_fraction": sum(r.dropped_fraction.item() for r in routed) / len(routed),
+            "moe_imbalance": sum(r.imbalance.item() for r in routed) / len(routed),
             "moe_load_max": load.max().item(),
             "moe_load_min": load.min().item(),
         }
+        if not self.cfg.moe_dropless:
+            out["moe_dropped_fraction"] = sum(r.dropped_fraction.item() for r in routed) / len(routed)
         if tokens.numel() <= 16:
             out.update({f"moe_tokens_expert_{e}": n for e, n in enumerate(tokens.tolist())})
         return out

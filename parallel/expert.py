@@ -1,9 +1,11 @@
 """Expert parallelism: each rank of an expert-parallel group keeps ``num_experts / EP`` experts of every MoE layer.
 
 Choice of machinery, and why:
-- Token exchange is ``torch.distributed.all_to_all_single`` (native on gloo and NCCL) in a small
-  autograd function, around our own router's dense (E, C, D) slots. DeepSpeed's ``MOELayer`` only runs
-  its own ``TopKGate`` internals, and megatron-core's dispatcher needs CUDA streams.
+- Token exchange is ``torch.distributed.all_to_all_single`` (native on gloo and NCCL) in small autograd
+  functions. Dropless routing sends each rank exactly the rows for its experts: the per-expert row counts
+  go first (one small all-to-all), then the rows with those split sizes, and back the same way. Capacity
+  routing exchanges the dense (E, C, D) slots in equal chunks. DeepSpeed's ``MOELayer`` only runs its own
+  ``TopKGate`` internals, and megatron-core's dispatcher needs CUDA streams.
 - The expert weights live in a ``deepspeed.moe.layer.MoE`` subclass. That is what makes DeepSpeed's
   engine treat them as expert parameters: their gradients are all-reduced over the
   expert-data-parallel group only (a plain DP all-reduce would average different experts together),
@@ -28,7 +30,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hybrid_pretrain.models.ffn.moe import LocalExperts, MoE, combine, dispatch
+from hybrid_pretrain.models.ffn.moe import (
+    LocalExperts,
+    MoE,
+    combine,
+    combine_sorted,
+    dispatch,
+    dispatch_sorted,
+    expert_mlps,
+    sort_by_expert,
+)
 from hybrid_pretrain.models.ffn.router import RoutingResult
 
 
@@ -79,6 +90,8 @@ def _container_class() -> type[nn.Module]:
         group: dist.ProcessGroup | None = None
 
         def forward(self, tokens: torch.Tensor, routing: RoutingResult) -> torch.Tensor:
+            if routing.dropless:
+                return self._dropless(tokens, routing)
             slots = dispatch(tokens, routing)  # (E, C, D), E in global expert order
             experts = self.deepspeed_moe.experts.deepspeed_experts
             if self.ep_size > 1:
@@ -90,6 +103,17 @@ def _container_class() -> type[nn.Module]:
             if self.ep_size > 1:
                 out = _exchange(out, self.group)  # (E, C, D) in global expert order again
             return combine(out, routing)
+
+        def _dropless(self, tokens: torch.Tensor, routing: RoutingResult) -> torch.Tensor:
+            order, inverse, counts = sort_by_expert(routing)  # counts (E,) in global expert order
+            rows = dispatch_sorted(tokens, order, inverse, routing.top_k)  # (T*k, D) grouped by global expert
+            experts = self.deepspeed_moe.experts.deepspeed_experts
+            if self.ep_size == 1:
+                return combine_sorted(expert_mlps(rows, experts, counts.tolist()), order, inverse, routing)
+            exchange = _RowExchange(counts, len(experts), self.group)
+            mine = exchange.send(rows)  # (R, D): every rank's rows for this rank's experts, grouped by expert
+            out = exchange.receive(expert_mlps(mine, experts, exchange.local_sizes))  # (T*k, D) as ``rows``
+            return combine_sorted(out, order, inverse, routing)
 
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
             """Called by the engine; our groups were made in parallel.groups.initialize."""
@@ -147,6 +171,61 @@ def _exchange(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return _AllToAll.apply(x, group)
 
 
+class _AllToAllV(torch.autograd.Function):
+    """All-to-all with per-rank split sizes; the backward sends the gradients back with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, out_splits: list[int], in_splits: list[int]
+                ) -> torch.Tensor:
+        ctx.group, ctx.splits = group, (in_splits, out_splits)
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return _AllToAllV.apply(grad, ctx.group, *ctx.splits), None, None, None
+
+
+class _RowExchange:
+    """Dropless token exchange of one MoE layer: rows sorted by global expert go to the ranks owning them.
+
+    ``counts`` (E,) rows this rank has for each global expert; rank j owns experts ``[j * n_local, (j+1) * n_local)``.
+    The counts travel first (an equal-split all-to-all of E integers), so each rank knows its split sizes:
+    ``received[s, e]`` rows arrive from rank s for local expert e. Rows land grouped by source rank, and are
+    regrouped by local expert (source rank order within an expert) for the grouped matmuls; ``receive``
+    undoes both steps.
+    """
+
+    def __init__(self, counts: torch.Tensor, n_local: int, group: dist.ProcessGroup) -> None:
+        self.group = group
+        ep = counts.numel() // n_local
+        received = torch.empty_like(counts)
+        dist.all_to_all_single(received, counts, group=group)
+        received = received.view(ep, n_local)  # (EP source ranks, local experts)
+        self.send_splits = counts.view(ep, n_local).sum(dim=1).tolist()
+        self.recv_splits = received.sum(dim=1).tolist()
+        self.local_sizes = received.sum(dim=0).tolist()
+        # Blocks (source s, expert e) of received rows, in both layouts: row r of block b in the expert-grouped
+        # layout is row by_expert[r] = source_start[b] + (r - block_start[b]) of the source-grouped one.
+        flat = received.flatten()  # (EP * n_local,) block sizes, source-major
+        source_start = (flat.cumsum(0) - flat).view(ep, n_local).t().flatten()  # (n_local * EP,) expert-major
+        sizes = received.t().flatten()  # (n_local * EP,) block sizes, expert-major
+        block_start = sizes.cumsum(0) - sizes
+        n = sum(self.local_sizes)
+        position = torch.arange(n, device=counts.device)  # (R,)
+        self.by_expert = torch.repeat_interleave(source_start - block_start, sizes, output_size=n) + position
+        self.by_source = torch.empty_like(position).scatter_(0, self.by_expert, position)  # the inverse permutation
+
+    def send(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's rows (T*k, D) in global expert order -> the rows for its own experts (R, D), expert-grouped."""
+        return _AllToAllV.apply(rows, self.group, self.recv_splits, self.send_splits).index_select(0, self.by_expert)
+
+    def receive(self, out: torch.Tensor) -> torch.Tensor:
+        """Expert outputs (R, D), expert-grouped -> this rank's rows (T*k, D) back in global expert order."""
+        return _AllToAllV.apply(out.index_select(0, self.by_source), self.group, self.send_splits, self.recv_splits)
+
+
 def parallelize_experts(model: nn.Module, ep_size: int) -> nn.Module:
     """Swap every MoE layer's local experts for this rank's expert-parallel slice, in place; returns ``model``.
 
@@ -165,7 +244,8 @@ def parallelize_experts(model: nn.Module, ep_size: int) -> nn.Module:
     return model
 
 
-def pipeline_moe_metrics(stage: nn.Module, num_experts: int, pipe_group: dist.ProcessGroup) -> dict[str, float]:
+def pipeline_moe_metrics(stage: nn.Module, num_experts: int, dropless: bool, pipe_group: dist.ProcessGroup
+                         ) -> dict[str, float]:
     """``LanguageModel.moe_metrics`` for a pipeline: this stage's MoE layers summed with every other stage's.
 
     A collective over the pipeline group, so every stage returns the same keys (a stage without MoE layers
@@ -173,19 +253,22 @@ def pipeline_moe_metrics(stage: nn.Module, num_experts: int, pipe_group: dist.Pr
     """
     routed = [m.last for m in stage.modules() if isinstance(m, MoE) and m.last is not None]
     device = next(stage.parameters()).device  # NCCL reduces device tensors only
-    totals = torch.zeros(4 + num_experts, dtype=torch.float64, device=device)  # aux, z, dropped, layers, tokens (E,)
+    # aux, z, dropped, imbalance, layers, then tokens per expert (E,)
+    totals = torch.zeros(5 + num_experts, dtype=torch.float64, device=device)
     for r in routed:
         one = torch.ones((), device=r.aux_loss.device)
-        totals += torch.cat([torch.stack([r.aux_loss.detach(), r.z_loss.detach(), r.dropped_fraction, one]),
-                             r.tokens_per_expert]).to(device, torch.float64)
+        totals += torch.cat([torch.stack([r.aux_loss.detach(), r.z_loss.detach(), r.dropped_fraction, r.imbalance,
+                                          one]), r.tokens_per_expert]).to(device, torch.float64)
     dist.all_reduce(totals, group=pipe_group)
-    aux, z, dropped, layers = totals[:4].tolist()
-    tokens = totals[4:]
+    aux, z, dropped, imbalance, layers = totals[:5].tolist()
+    tokens = totals[5:]
     if not layers:
         return {}
     load = tokens / tokens.mean().clamp(min=1e-9)
-    out = {"moe_aux_loss": aux, "moe_z_loss": z, "moe_dropped_fraction": dropped / layers,
+    out = {"moe_aux_loss": aux, "moe_z_loss": z, "moe_imbalance": imbalance / layers,
            "moe_load_max": load.max().item(), "moe_load_min": load.min().item()}
+    if not dropless:
+        out["moe_dropped_fraction"] = dropped / layers
     if num_experts <= 16:
         out.update({f"moe_tokens_expert_{e}": n for e, n in enumerate(tokens.tolist())})
     return out

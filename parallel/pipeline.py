@@ -263,7 +263,8 @@ def _pipeline_class() -> type[nn.Module]:
             if not has_moe(self.cfg):
                 return {}
 
-            return pipeline_moe_metrics(self, self.cfg.num_experts, self._grid.get_pipe_parallel_group())
+            return pipeline_moe_metrics(self, self.cfg.num_experts, self.cfg.moe_dropless,
+                                        self._grid.get_pipe_parallel_group())
 
     return LanguageModelPipe
 

@@ -37,8 +37,8 @@ from hybrid_pretrain.training.weights import (
 )
 
 # Fields that change how a model trains but not which tensors it has or what they mean.
-TRAINING_ONLY_FIELDS = frozenset({"dropout", "init_std", "capacity_factor", "eval_capacity_factor", "min_capacity",
-                                  "aux_loss_coef", "z_loss_coef", "jitter"})
+TRAINING_ONLY_FIELDS = frozenset({"dropout", "init_std", "moe_dropless", "capacity_factor", "eval_capacity_factor",
+                                  "min_capacity", "aux_loss_coef", "z_loss_coef", "jitter"})
 LOCAL_EXPERT = re.compile(r"^(.*)\.experts\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.*)$")
 GLOBAL_EXPERT = re.compile(r"^(.*)\.experts\.mlps\.(\d+)\.(.*)$")
 

@@ -17,8 +17,10 @@ H3 and attention layers at L 2K: all within 2% when written).
 
 Mixture-of-experts layers hold ``num_experts`` expert MLPs, of which each rank keeps 1/EP; their
 weights and optimizer states are sharded by ZeRO over the expert-data-parallel group (DP / EP
-ranks). Their activations are the (E, C, D) expert slots in and out and the (E, C, d_ffn) hidden
-states, with C = capacity_factor * top_k * tokens / E slots per expert.
+ranks). Their activations are the expert rows in and out (D wide) and the hidden states before and
+after GELU (d_ffn wide): top_k * tokens rows when dropless, E * C padded slots with capacity,
+C = capacity_factor * top_k * tokens / E. (Under expert parallelism a rank's experts may receive more
+or fewer rows than it sends; the estimate assumes balance.)
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def layer_activations(model_cfg, layer, tokens: int, seq_len: int, elem: int, tp
     if layer.ffn == "moe":
         e, k = model_cfg.num_experts, model_cfg.top_k
         capacity = max(model_cfg.min_capacity, math.ceil(model_cfg.capacity_factor * k * tokens / e))
-        saved += e * capacity * (2 * h + 2 * model_cfg.ffn_dim) * elem  # slots in/out, hidden before/after GELU
+        rows = k * tokens if model_cfg.moe_dropless else e * capacity  # dropless: exactly the routed rows
+        saved += rows * (2 * h + 2 * model_cfg.ffn_dim) * elem  # rows in/out, hidden before/after GELU
     return saved, transient
 
 

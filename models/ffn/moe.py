@@ -4,6 +4,12 @@ The layer never sees ranks. It routes, then hands tokens and the routing to ``se
 dispatcher module that owns the expert weights: ``LocalExperts`` here (all experts on this rank);
 ``parallel.expert`` swaps in one that keeps a slice of the experts and exchanges tokens with
 all-to-all. Both are called as ``experts(tokens (T, D), routing) -> (T, D)``.
+
+Two ways to feed the experts, picked by the routing:
+- dropless (default): the T*k assignments are sorted by expert and each expert multiplies exactly its
+  rows (``kernels.grouped_linear``); gates are applied when the rows return to their tokens.
+- capacity (``moe_dropless=false``, the papers' layout): every expert gets C slots, (E, C, D), padded
+  with zeros or cut short, and assignments past C are dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_pretrain.kernels.grouped_linear import grouped_linear
 from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.ffn.router import RoutingResult, build_router, switch_init_
 
@@ -41,6 +48,73 @@ class Expert(nn.Module):
         return F.linear(F.gelu(F.linear(x, self.w_in, self.b_in), approximate="tanh"), self.w_out, self.b_out)
 
 
+def sort_by_expert(routing: RoutingResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The T*k assignments in expert order (dropless dispatch).
+
+    Returns ``order`` (N,) assignment ids ``token * k + choice`` grouped by expert, in token order within an
+    expert; ``inverse`` (N,) its inverse permutation; ``counts`` (E,) int64 rows per expert. N = T*k.
+    """
+    flat = routing.expert_index.flatten()  # (N,)
+    order = torch.argsort(flat, stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return order, inverse, torch.bincount(flat, minlength=routing.num_experts)
+
+
+class _ToExpertOrder(torch.autograd.Function):
+    """tokens (T, D) -> rows (T*k, D), row i a copy of token ``order[i] // k``.
+
+    The backward gathers each token's k row gradients through ``inverse`` and adds them, where
+    ``index_select``'s own backward would zero-fill a (T, D) buffer and scatter-add into it.
+    """
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return tokens.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (inverse,) = ctx.saved_tensors
+        per_token = grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1])  # (T, k, D)
+        return per_token[:, 0] if ctx.k == 1 else per_token.sum(dim=1), None, None, None
+
+
+class _ToAssignmentOrder(torch.autograd.Function):
+    """rows (N, D) in expert order -> (N, D) in assignment order (``token * k + choice``); a gather both ways."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        return rows.index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, order), None, None
+
+
+def dispatch_sorted(tokens: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+    """tokens (T, D) -> (T*k, D) one row per assignment, grouped by expert as ``sort_by_expert`` ordered them."""
+    return _ToExpertOrder.apply(tokens, order, inverse, k)
+
+
+def expert_mlps(rows: torch.Tensor, experts: list[Expert] | nn.ModuleList, sizes: list[int]) -> torch.Tensor:
+    """rows (N, D) sorted by expert, sizes[e] rows for experts[e] -> (N, D), each expert's MLP on its own rows."""
+    hidden = grouped_linear(rows, [e.w_in for e in experts], [e.b_in for e in experts], sizes)  # (N, d_ffn)
+    hidden = F.gelu(hidden, approximate="tanh")
+    return grouped_linear(hidden, [e.w_out for e in experts], [e.b_out for e in experts], sizes)  # (N, D)
+
+
+def combine_sorted(rows: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, routing: RoutingResult
+                   ) -> torch.Tensor:
+    """Expert outputs (N, D) in expert order -> tokens (T, D): each token's k outputs weighted by their gates."""
+    t, k = routing.expert_index.shape
+    per_token = _ToAssignmentOrder.apply(rows, order, inverse).view(t, k, -1)  # (T, k, D), choices in routing order
+    gate = routing.gate.to(rows.dtype)  # (T, k)
+    return per_token[:, 0] * gate if k == 1 else torch.bmm(gate.unsqueeze(1), per_token).squeeze(1)
+
+
 def _kept(routing: RoutingResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token index, flat slot index (expert * C + slot) and gate of every kept assignment, each (N,)."""
     t, k = routing.slot.shape
@@ -64,20 +138,24 @@ def combine(expert_out: torch.Tensor, routing: RoutingResult) -> torch.Tensor:
 
 
 class LocalExperts(nn.Module):
-    """All experts on this process: dispatch, run each expert on its slots, combine."""
+    """All experts on this process: dispatch, run each expert on its rows (or slots), combine."""
 
     def __init__(self, experts: list[Expert]) -> None:
         super().__init__()
         self.mlps = nn.ModuleList(experts)
 
     def forward(self, tokens: torch.Tensor, routing: RoutingResult) -> torch.Tensor:
+        if routing.dropless:
+            order, inverse, counts = sort_by_expert(routing)
+            rows = dispatch_sorted(tokens, order, inverse, routing.top_k)  # (T*k, D) grouped by expert
+            return combine_sorted(expert_mlps(rows, self.mlps, counts.tolist()), order, inverse, routing)
         slots = dispatch(tokens, routing)  # (E, C, D)
         out = torch.stack([expert(slots[e]) for e, expert in enumerate(self.mlps)])  # (E, C, D)
         return combine(out, routing)
 
 
 class MoE(nn.Module):
-    """Token-choice MoE feed-forward (Switch at ``top_k=1``, GLaM at 2) on (..., D) inputs.
+    """Token-choice MoE feed-forward (Switch at ``top_k=1``, GLaM at 2) on (..., D) inputs, dropless by default.
 
     After each forward ``last`` holds the RoutingResult, whose aux and z losses the LM adds to its loss.
 

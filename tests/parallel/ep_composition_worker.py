@@ -8,10 +8,11 @@ norm, the full gradients before each update and the final weights, all in single
 gathered, pipeline stages and expert-parallel slices assembled), plus the MoE metrics of the last
 micro-batch. Rank 0 also runs the single-rank reference.
 
-Routing groups: capacity and the load-balancing loss are computed per routed group, i.e. per rank's
+Routing groups: the load-balancing loss (and capacity) are computed per routed group, i.e. per rank's
 micro-batch, so the reference cuts the global batch into the same ``DP x micro-batches`` groups, runs
-the model on each and averages their losses. Capacity factor 1.0 with a minimum of 2 slots drops tokens,
-and the reference drops exactly the same ones.
+the model on each and averages their losses. Dropless layouts send each rank exactly its rows (variable
+all-to-all splits); the ``_capacity`` layouts use capacity factor 1.0 with a minimum of 2 slots, which
+drops tokens, and the reference drops exactly the same ones.
 
 ``--ckpt``: layouts in CKPT_LAYOUTS also save after step 2 and resume that checkpoint into a fresh engine.
 """
@@ -47,29 +48,29 @@ from hybrid_pretrain.training.loop import train_step
 from hybrid_pretrain.training.optimizer import param_groups
 
 NUM_EXPERTS = 4
-LAYOUTS = {  # name: (tensor, pipeline, expert, zero stage, micro-batches per step, top-k)
-    "ep2_tp2_top2": (2, 1, 2, 1, 1, 2),
-    "ep2_pp2_top1": (1, 2, 2, 1, 2, 1),
-    "ep2_tp2_top1": (2, 1, 2, 1, 1, 1),
-    "ep2_pp2_top2": (1, 2, 2, 1, 2, 2),
-    "ep2_pp2_zero2_top2": (1, 2, 2, 2, 2, 2),  # the 1F1B schedule of parallel/one_f_one_b.py
-    "ep2_tp2_pp2_top2": (2, 2, 2, 1, 2, 2),  # 8 ranks: run by hand (deepspeed --num_gpus 8 ... --layouts ...)
+LAYOUTS = {  # name: (tensor, pipeline, expert, zero stage, micro-batches per step, top-k, dropless)
+    "ep2_tp2_top2": (2, 1, 2, 1, 1, 2, True),
+    "ep2_pp2_top1": (1, 2, 2, 1, 2, 1, True),
+    "ep2_tp2_top1_capacity": (2, 1, 2, 1, 1, 1, False),
+    "ep2_pp2_top2_capacity": (1, 2, 2, 1, 2, 2, False),
+    "ep2_pp2_zero2_top2": (1, 2, 2, 2, 2, 2, True),  # the 1F1B schedule of parallel/one_f_one_b.py
+    "ep2_tp2_pp2_top2": (2, 2, 2, 1, 2, 2, True),  # 8 ranks: run by hand (deepspeed --num_gpus 8 ... --layouts ...)
 }
 CKPT_LAYOUTS = ("ep2_tp2_top2", "ep2_pp2_top1", "ep2_tp2_pp2_top2", "ep2_pp2_zero2_top2")
 
 
-def model_config(top_k: int) -> ModelConfig:
+def model_config(top_k: int, dropless: bool) -> ModelConfig:
     return ModelConfig(vocab_size=VOCAB, d_model=32, n_heads=4, layers="HAHA", ffn="DEDE", h3_d_state=8,
-                       h3_head_dim=2, max_seq_len=SEQ, num_experts=NUM_EXPERTS, top_k=top_k, capacity_factor=1.0,
-                       min_capacity=2)
+                       h3_head_dim=2, max_seq_len=SEQ, num_experts=NUM_EXPERTS, top_k=top_k, moe_dropless=dropless,
+                       capacity_factor=1.0, min_capacity=2)
 
 
-def reference(top_k: int, n_groups: int) -> dict:
+def reference(top_k: int, n_groups: int, dropless: bool) -> dict:
     """The single-rank run in plain PyTorch, routing the global batch in ``n_groups`` groups as the layout does."""
     from hybrid_pretrain.models.lm import LanguageModel
 
     torch.manual_seed(SEED)
-    model = LanguageModel(model_config(top_k))
+    model = LanguageModel(model_config(top_k, dropless))
     t = train_config(0, 1, 1)
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in param_groups(model, t.lr,
                             t.weight_decay)], lr=t.lr, betas=tuple(t.betas), eps=1e-8)
@@ -93,12 +94,13 @@ def reference(top_k: int, n_groups: int) -> dict:
 
 
 def build_engine(name: str, dp: int):
-    tp, pp, ep, zero, micro, top_k = LAYOUTS[name]
+    tp, pp, ep, zero, micro, top_k, dropless = LAYOUTS[name]
     par = ParallelConfig(tensor=tp, pipeline=pp, expert=ep)
     t = train_config(zero, micro, dp)
-    model = build_model(model_config(top_k), par, SEED, dp)  # this rank's tensor slice, stage and experts
+    cfg = model_config(top_k, dropless)
+    model = build_model(cfg, par, SEED, dp)  # this rank's tensor slice, stage and experts
     mpu = ds_engine.MegatronMPU() if tp > 1 and pp == 1 else None
-    ds_config = {**ds_engine.deepspeed_config(t, dp), **pipeline.deepspeed_config(model_config(top_k))}
+    ds_config = {**ds_engine.deepspeed_config(t, dp), **pipeline.deepspeed_config(cfg)}
     engine = ds_engine.initialize(model, param_groups(model, t.lr, t.weight_decay), ds_config, lambda step: 1.0,
                                   mpu=mpu)
     pipe_name = getattr(model, "lm_name", lambda n: n)
@@ -129,7 +131,7 @@ def _metrics(engine) -> dict[str, float]:
 
 
 def run_layout(name: str, ckpt: Path | None) -> dict:
-    tp, pp, ep, zero, micro, top_k = LAYOUTS[name]
+    tp, pp, ep, zero, micro, top_k, dropless = LAYOUTS[name]
     ctx = groups.initialize(ParallelConfig(tensor=tp, pipeline=pp, expert=ep))
     dp = ctx.dp_size
     engine, rename = build_engine(name, dp)
@@ -161,10 +163,10 @@ def main() -> None:
         if dist.get_rank() == 0:
             references: dict = {}
             for name in results:
-                tp, pp, ep, zero, micro, top_k = LAYOUTS[name]
-                n_groups = dist.get_world_size() // (tp * pp) * micro
-                if (top_k, n_groups) not in references:
-                    references[(top_k, n_groups)] = reference(top_k, n_groups)
+                tp, pp, ep, zero, micro, top_k, dropless = LAYOUTS[name]
+                key = (top_k, dist.get_world_size() // (tp * pp) * micro, dropless)  # top-k, routing groups, dropless
+                if key not in references:
+                    references[key] = reference(*key)
             torch.save({**results, "reference": references}, out)
     finally:
         groups.destroy()

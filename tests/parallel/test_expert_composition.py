@@ -5,7 +5,8 @@ One 4-rank launch of tests/parallel/ep_composition_worker.py trains the hybrid H
 each, ZeRO-1, and ZeRO-2 with the 1F1B schedule of parallel/one_f_one_b.py; clipping below the gradient
 norm) and compares with the single-rank reference routing the same groups: every step's loss
 (cross-entropy + aux + z), gradient norm and full gradients, the final weights and the MoE metrics.
-Capacity factor 1.0 drops tokens (~30-60 % of assignments), identically.
+Dropless layouts exchange exactly each rank's rows; the ``_capacity`` layouts use capacity factor 1.0,
+which drops tokens (~30-60 % of assignments), identically.
 
 Tolerances as tests/parallel/test_tensor_pipeline.py (relative L2 error per tensor; fp32 sums reordered,
 then amplified by AdamW's ~lr-sized steps), except that gradients after step 1 are compared by their
@@ -23,10 +24,11 @@ from hybrid_pretrain.tests.parallel.layout_runs import assert_resumes_and_consol
 from hybrid_pretrain.tests.procs import REPO
 
 WORKER = REPO / "tests" / "parallel" / "ep_composition_worker.py"
-LAYOUTS = ("ep2_tp2_top2", "ep2_pp2_top1", "ep2_tp2_top1", "ep2_pp2_top2", "ep2_pp2_zero2_top2")
-SHAPES = {"ep2_tp2_top2": (2, 1, 1, 2), "ep2_pp2_top1": (1, 2, 2, 1), "ep2_tp2_top1": (2, 1, 1, 1),
-          "ep2_pp2_top2": (1, 2, 2, 2), "ep2_pp2_zero2_top2": (1, 2, 2, 2)}  # name: (tensor, pipeline, micro-batches,
-# top-k), as in the worker
+LAYOUTS = ("ep2_tp2_top2", "ep2_pp2_top1", "ep2_tp2_top1_capacity", "ep2_pp2_top2_capacity", "ep2_pp2_zero2_top2")
+# name: (tensor, pipeline, micro-batches, top-k, dropless), as in the worker
+SHAPES = {"ep2_tp2_top2": (2, 1, 1, 2, True), "ep2_pp2_top1": (1, 2, 2, 1, True),
+          "ep2_tp2_top1_capacity": (2, 1, 1, 1, False), "ep2_pp2_top2_capacity": (1, 2, 2, 2, False),
+          "ep2_pp2_zero2_top2": (1, 2, 2, 2, True)}
 CLIP = 0.05
 
 
@@ -36,8 +38,8 @@ def results(tmp_path_factory) -> dict:
 
 
 def _reference(results: dict, layout: str) -> dict:
-    tp, pp, micro, top_k = SHAPES[layout]
-    return results["reference"][(top_k, 4 // (tp * pp) * micro)]
+    tp, pp, micro, top_k, dropless = SHAPES[layout]
+    return results["reference"][(top_k, 4 // (tp * pp) * micro, dropless)]
 
 
 @pytest.mark.slow
@@ -66,15 +68,20 @@ def test_layout_matches_single_rank(results, layout):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_moe_metrics_match_the_reference_groups(results, layout):
-    """The logged aux and z losses, dropped fraction and tokens per expert (last micro-batch, DP mean)."""
-    tp, pp, micro, _ = SHAPES[layout]
+    """The logged aux and z losses, imbalance (and dropped fraction) and tokens per expert (last micro-batch, DP
+    mean)."""
+    tp, pp, micro, _, dropless = SHAPES[layout]
     dp = 4 // (tp * pp)
     ref, got = _reference(results, layout), results[layout]
     for step in range(3):
         groups = [ref["group_metrics"][step][d * micro + micro - 1] for d in range(dp)]
         expected = {k: sum(g[k] for g in groups) / dp for k in groups[0]}
         assert got["metrics"][step].keys() == expected.keys()
-        assert expected["moe_dropped_fraction"] > 0  # capacity 1.0 drops tokens, identically on both sides
+        assert expected["moe_imbalance"] > 1
+        if dropless:
+            assert "moe_dropped_fraction" not in expected
+        else:
+            assert expected["moe_dropped_fraction"] > 0  # capacity 1.0 drops tokens, identically on both sides
         for key, value in expected.items():
             assert got["metrics"][step][key] == pytest.approx(value, rel=1e-5, abs=1e-7), f"step {step}: {key}"
 
