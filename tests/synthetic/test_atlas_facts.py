@@ -53,3 +53,32 @@ def test_every_setting_records_recall_and_exact_match_curves(tmp_path) -> None:
     assert pdist["index_version"] > random["index_version"]  # refreshed on schedule; a frozen index never is
     # the frozen random retriever retrieves the same passages all run
     assert len({(h["recall@1"], h["recall@4"]) for h in random["history"]}) == 1
+
+
+@pytest.mark.slow
+def test_pdist_retriever_learns_from_the_reader_alone(tmp_path) -> None:
+    """The shipped experiment at a smaller budget (500 entities, 200 steps): PDist's retriever finds the gold
+    passage far more often than the frozen random one, and the reader answers from it, closed book at chance."""
+    run = build(FactsRun, read_yaml(REPO / "configs" / "debug_atlas_facts.yaml"))
+    run.out_dir, run.vocab_size, run.settings = str(tmp_path / "run"), 1024, ["pdist", "random"]
+    run.task.entities, run.task.values = 500, 20
+    run.contrastive.steps, run.contrastive.batch_size = 100, 64
+    for k, v in {"steps": 200, "eval_every": 100, "eval_queries": 100, "reader_warmup": 100,
+                 "retriever_delay": 100}.items():
+        setattr(run.train, k, v)
+    pdist, random = (s["history"][-1] for s in run_experiment(run, progress=False, log=lambda _: None)["settings"])
+    assert pdist["recall@4"] >= 0.8 and random["recall@4"] <= 0.1, (pdist, random)
+    assert pdist["exact_match"] >= pdist["closed_book"] + 0.3, pdist
+    assert pdist["closed_book"] <= 3 * run.task.chance and random["exact_match"] <= 3 * run.task.chance, random
+
+
+@pytest.mark.slow  # two runs and an index service start-up
+def test_the_index_service_gives_the_same_curves_with_no_failed_query(tmp_path) -> None:
+    local = run_experiment(tiny(tmp_path / "local", steps=8, eval_every=2), progress=False, log=lambda _: None)
+    served = run_experiment(tiny(tmp_path / "served", steps=8, eval_every=2), through_service=True, progress=False,
+                            log=lambda _: None)
+    for a, b in zip(local["settings"], served["settings"], strict=True):
+        assert [{k: v for k, v in h.items() if k.startswith("recall")} for h in a["history"]] == \
+               [{k: v for k, v in h.items() if k.startswith("recall")} for h in b["history"]]
+        assert b["service"]["searches"] > 0 and b["service"]["failed"] == 0 and b["service"]["rejected"] == 0
+        assert b["index_version"] == a["index_version"]  # the service reloaded after every refresh
