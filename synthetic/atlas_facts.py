@@ -68,10 +68,12 @@ class FactsTrain:
     lr: float = 3e-3
     retriever_lr: float = 0.0  # 0: lr
     retriever_delay: int = 100  # steps the reader trains alone before the retriever loss is switched on
-    # First steps in which the reader reads each question's gold passage alone instead of what the retriever
-    # finds. A reader trained from scratch learns to copy from one passage in ~100 steps, but not in 300 when
-    # the gold passage is one of four (the copy signal is diluted over 4x the keys), and until it reads, every
-    # retriever loss gets a flat target. The retriever is not used then and never sees which passage is gold.
+    # First steps in which the reader is given each question's gold passage: alone in the first half, then in
+    # place of the last of the retriever's top K where the top K misses it. A reader trained from scratch learns
+    # to copy from one passage in ~150 steps, but not in 175 when the gold passage is one of four (the signal is
+    # diluted over 4x the keys); one that has only read passages alone copies from the wrong one when the
+    # entity's distractors are retrieved beside it. Until the reader reads, every retriever loss gets a flat
+    # target. The retriever is not trained in these steps and never sees which passage is gold.
     reader_warmup: int = 0
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1
@@ -252,6 +254,20 @@ def gold_alone(prep: Prepared, idx: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return tokens[rows][:, None], mask[rows][:, None]
 
 
+@torch.no_grad()
+def gold_among_retrieved(model: Atlas, prep: Prepared, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The retriever's top K for training questions `idx`, the last replaced by the gold passage where it is
+    missing -> ids and mask (B, K, P): the reader learns to pick the passage with the answer from the passages
+    it will be given (the entity's distractors name it too), and the retriever is not trained by it."""
+    found = model.retrieve(prep.train[0][idx, : model.opts.query_len])
+    tokens, mask = found.tokens.clone(), found.mask.clone()
+    gold_ids = np.asarray(prep.store.ids)[prep.train_gold_rows[idx].numpy()]
+    missing = torch.from_numpy(~(found.ids == gold_ids[:, None]).any(1))
+    gold_tokens, gold_mask = gold_alone(prep, idx)
+    tokens[missing, -1], mask[missing, -1] = gold_tokens[missing, 0], gold_mask[missing, 0]
+    return tokens, mask
+
+
 def build_model(run: FactsRun, prep: Prepared, setting: str) -> Atlas:
     """The setting's model from the shared initial weights: reader from the seed, retriever from run.retriever_init."""
     torch.manual_seed(run.train.seed)
@@ -306,7 +322,8 @@ def train_setting(run: FactsRun, prep: Prepared, setting: str, through_service: 
         for step in bar:
             model.learn_retriever = step > t.retriever_delay
             idx = torch.randint(len(inputs), (t.batch_size,), generator=order)
-            warm = gold_alone(prep, idx) if step <= t.reader_warmup else None
+            warm = (gold_alone(prep, idx) if step <= t.reader_warmup // 2 else
+                    gold_among_retrieved(model, prep, idx) if step <= t.reader_warmup else None)
             loss = model(inputs[idx], labels[idx], passages=warm)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
