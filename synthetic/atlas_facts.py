@@ -1,8 +1,8 @@
 """Does Atlas's retriever learn from its reader alone? Train on the fact-lookup task and measure it.
 
 For each retriever setting the same initial Atlas model trains on questions about the training entities.
-No passage label is used in training: the retriever learns only through its loss (one of Atlas's four),
-from the reader, while the index is re-embedded with the current passage tower every
+The retriever never sees a passage label: it learns only through its loss (one of Atlas's four), from
+the reader, while the index is re-embedded with the current passage tower every
 ``retrieval.refresh_every`` steps. Two frozen baselines: ``fixed`` (the initial retriever, Atlas's "fixed
 retriever") and ``random`` (an untrained one). Every ``train.eval_every`` steps the model is scored on
 questions about held-out entities:
@@ -15,7 +15,9 @@ The retriever starts from the project's generic bi-encoder (``retriever_init: ge
 training on the passages alone, `retrieval.contrastive`), as Atlas starts from Contriever, or untrained.
 The reader starts from scratch, so it first learns to read while the retriever waits
 (``train.retriever_delay``): a reader that cannot read yet gives every passage the same score, and any
-retriever loss then pulls the retriever towards scoring its passages alike, which collapses it.
+retriever loss then pulls the retriever towards scoring its passages alike, which collapses it. In those
+steps the reader is given the gold passage (``train.reader_warmup``, see `FactsTrain`): that label reaches
+the reader only, never the retriever.
 """
 
 from __future__ import annotations
