@@ -57,19 +57,20 @@ def test_every_setting_records_recall_and_exact_match_curves(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_pdist_retriever_learns_from_the_reader_alone(tmp_path) -> None:
-    """The shipped experiment at a smaller budget (1,000 entities, 400 steps): PDist's retriever finds the gold
-    passage far more often than it did at the start and than the frozen random one, and the reader answers
-    from it better than from the random one's passages, closed book at chance."""
+    """The shipped experiment at a smaller budget (1,000 entities, 400 steps) with the retriever untrained at the
+    start: PDist's retriever finds the gold passage far more often than the same retriever frozen, and the
+    reader answers from it better than from the frozen one's passages, closed book at chance. (Here the generic
+    bi-encoder alone already has gold recall@4 0.94, which leaves PDist nothing to show.)"""
     run = build(FactsRun, read_yaml(REPO / "configs" / "debug_atlas_facts.yaml"))
     run.out_dir, run.vocab_size, run.settings = str(tmp_path / "run"), 1024, ["pdist", "random"]
-    run.task.entities, run.task.values = 1000, 20
-    run.contrastive.steps, run.contrastive.batch_size = 100, 64
+    run.task.entities, run.task.values, run.retriever_init = 1000, 20, "untrained"
     for k, v in {"steps": 400, "reader_warmup": 250, "retriever_delay": 250, "eval_every": 50,
                  "eval_queries": 100}.items():
         setattr(run.train, k, v)
     pdist, random = (s["history"] for s in run_experiment(run, progress=False, log=lambda _: None)["settings"])
-    start, end, rand = pdist[0], pdist[-1], random[-1]
-    assert end["recall@4"] >= start["recall@4"] + 0.2 and end["recall@4"] >= rand["recall@4"] + 0.3, pdist
+    end, rand = pdist[-1], random[-1]
+    assert pdist[0]["recall@4"] == random[0]["recall@4"]  # the same untrained retriever at the start
+    assert end["recall@4"] >= rand["recall@4"] + 0.3, (pdist, random)
     assert end["exact_match"] >= rand["exact_match"] + 0.05, (end, rand)
     assert end["closed_book"] <= 3 * run.task.chance and rand["exact_match"] <= 3 * run.task.chance, rand
 
