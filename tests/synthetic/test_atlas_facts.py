@@ -70,7 +70,7 @@ def test_pdist_retriever_learns_from_the_reader_alone(tmp_path) -> None:
     pdist, random = (s["history"] for s in run_experiment(run, progress=False, log=lambda _: None)["settings"])
     end, rand = pdist[-1], random[-1]
     assert pdist[0]["recall@4"] == random[0]["recall@4"]  # the same untrained retriever at the start
-    assert end["recall@4"] >= rand["recall@4"] + 0.3, (pdist, random)
+    assert end["recall@4"] >= rand["recall@4"] + 0.2, (pdist, random)  # measured: 0.57 vs 0.23
     assert end["exact_match"] >= rand["exact_match"] + 0.05, (end, rand)
     assert end["closed_book"] <= 3 * run.task.chance and rand["exact_match"] <= 3 * run.task.chance, rand
 
