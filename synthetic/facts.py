@@ -3,8 +3,10 @@
 Made-up entities ("Bamcis") each have one fact, stated in a passage of its own: "The seal of Bamcis is
 vorlan." *Distractor* passages name the entity and the fact but not its value ("Nobody knows the seal
 of Bamcis, say travellers from Tovel."), several per entity, so a retriever matching words ranks them
-beside or above the gold passage: only the reader can tell which passage holds the answer. A query asks
-the fact: ``What is the seal of Bamcis?`` -> ``vorlan``.
+beside or above the gold passage: only the reader can tell which passage holds the answer. (Measured: the
+generic bi-encoder's top 4 are mostly *other* entities' fact passages, 91 %, which mislead a reader that
+copies a value without checking the entity; see bench/RESULTS.md.) A query asks the fact:
+``What is the seal of Bamcis?`` -> ``vorlan``.
 
 Values are drawn uniformly from `values` made-up words, so a model that does not read the gold
 passage answers at chance (``1 / values`` exact match); with the gold passage in its context the answer
