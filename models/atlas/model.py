@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -44,6 +44,15 @@ class CandidateSource(Protocol):
         """query_emb (B, D) -> (passage ids (B, n), token ids (B, n, P), mask (B, n, P)) of the top-n hits."""
 
 
+class Retrieved(NamedTuple):
+    """What `Atlas.retrieve` found for a batch of queries, best first."""
+
+    scores: torch.Tensor  # (B, K) query-passage inner products, differentiable w.r.t. the retriever
+    ids: np.ndarray  # (B, K) passage ids (the store's stable ids)
+    tokens: torch.Tensor  # (B, K, P) passage token ids
+    mask: torch.Tensor  # (B, K, P) bool, True on real tokens
+
+
 @dataclass
 class AtlasOptions:
     n_passages: int = 4  # K passages per query
@@ -52,10 +61,16 @@ class AtlasOptions:
     encoder_layers: int = 2  # reader encoder (bidirectional); the decoder is model.layers
     retriever_layers: int = 2
     retriever_loss: str = "pdist"  # adist | emdr2 | pdist | loop | none
-    temperature: float = 0.1  # of the retriever's softmax over passages
+    # The retriever's softmax over passages is softmax(q.p / sqrt(d) / temperature) (Atlas: temperature_score);
+    # the reader's target is sharpened by target_temperature (Atlas: temperature_gold), see models.atlas.losses.
+    temperature: float = 0.1
+    target_temperature: float = 0.1
     retriever_loss_coef: float = 1.0
     query_side_only: bool = False  # freeze the passage tower (the index stays valid all run)
     rerank_factor: int = 1  # > 1: take K * factor from the index, keep the current tower's top K
+    # Query tokens with this id are padding (the project's tokenizers put <pad> at 0 and never emit it for
+    # text): a short question padded to query_len is embedded and read without them.
+    pad_id: int = 0
 
     def validate(self, name: str) -> None:
         for field in ("n_passages", "query_len", "passage_len", "encoder_layers", "retriever_layers",
@@ -68,8 +83,9 @@ class AtlasOptions:
                               f"{', '.join((*losses.RETRIEVER_LOSSES, 'none'))}, got '{self.retriever_loss}'")
         if self.retriever_loss == "loop" and self.n_passages < 2:
             raise ConfigError(f"model.options.{name}.retriever_loss 'loop' needs n_passages >= 2")
-        if self.temperature <= 0 or self.retriever_loss_coef < 0:
-            raise ConfigError(f"model.options.{name}: temperature must be > 0 and retriever_loss_coef >= 0")
+        if self.temperature <= 0 or self.target_temperature <= 0 or self.retriever_loss_coef < 0:
+            raise ConfigError(f"model.options.{name}: temperature and target_temperature must be > 0 and "
+                              "retriever_loss_coef >= 0")
 
 
 class Atlas(nn.Module):
@@ -93,6 +109,9 @@ class Atlas(nn.Module):
         self.frozen_passage_tower = (copy.deepcopy(self.retriever).requires_grad_(False)
                                      if o.query_side_only else None)
         self.source: CandidateSource | None = None
+        # False: training forwards skip the retriever loss (the reader still learns), e.g. while a reader
+        # trained from scratch cannot read yet and would teach the retriever noise (see models.atlas.losses).
+        self.learn_retriever = True
         self.last: dict[str, float] = {}
         self.reset_parameters()
 
@@ -107,6 +126,13 @@ class Atlas(nn.Module):
             if self.frozen_passage_tower is not None:
                 self.frozen_passage_tower.load_state_dict(self.retriever.state_dict())
 
+    def load_retriever(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Start the retriever (and the frozen passage tower, if any) from a bi-encoder's weights, e.g.
+        the project's generic one (retrieval.contrastive), as Atlas starts from Contriever."""
+        self.retriever.load_state_dict(state_dict)
+        if self.frozen_passage_tower is not None:
+            self.frozen_passage_tower.load_state_dict(state_dict)
+
     def attach(self, source: CandidateSource) -> None:
         """Give the model its passages (an index over a passage store); needed before the first forward."""
         if len(source) < self.opts.n_passages * self.opts.rerank_factor:
@@ -120,32 +146,38 @@ class Atlas(nn.Module):
                 return tower(ids, mask)
         return tower(ids, mask)
 
-    def retrieve(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """query (B, Lq) -> (scores (B, K) differentiable w.r.t. the retriever, passage ids (B, K, P), mask)."""
+    def query_mask(self, query: torch.Tensor) -> torch.Tensor:
+        """query (B, Lq) -> (B, Lq) bool, False on padding."""
+        return query != self.opts.pad_id
+
+    def retrieve(self, query: torch.Tensor) -> Retrieved:
+        """query (B, Lq) -> the K passages the index and (when re-ranking) the current tower rank first."""
         if self.source is None:
             raise RuntimeError("Atlas has no passages: call attach(source) before forward "
                                "(launcher/pretrain.py does this from the run's `retrieval:` section)")
         o = self.opts
-        q_emb = self.retriever(query, torch.ones_like(query, dtype=torch.bool))  # (B, Dr)
+        q_emb = self.retriever(query, self.query_mask(query))  # (B, Dr)
         n = o.n_passages * o.rerank_factor
-        _, p_ids, p_mask = self.source.candidates(q_emb, n)  # (B, n, P)
+        ids, p_ids, p_mask = self.source.candidates(q_emb, n)  # (B, n), (B, n, P)
         B, _, P = p_ids.shape
         p_ids, p_mask = p_ids.to(query.device), p_mask.to(query.device)
         p_emb = self._embed(self.passage_tower, p_ids.view(B * n, P), p_mask.view(B * n, P)).view(B, n, -1)
-        scores = torch.einsum("bd,bnd->bn", q_emb, p_emb)  # (B, n)
+        scores = torch.einsum("bd,bnd->bn", q_emb, p_emb) / q_emb.shape[-1] ** 0.5  # (B, n), Atlas's scaling
         if o.rerank_factor > 1:  # keep the current tower's top K of the stale index's top K * factor
             top = scores.topk(o.n_passages, dim=1).indices  # (B, K)
             scores = scores.gather(1, top)
             p_ids = p_ids.gather(1, top[..., None].expand(-1, -1, P))
             p_mask = p_mask.gather(1, top[..., None].expand(-1, -1, P))
-        return scores, p_ids, p_mask
+            ids = np.take_along_axis(ids, top.cpu().numpy(), axis=1)
+        return Retrieved(scores, ids, p_ids, p_mask)
 
-    @staticmethod
-    def context(query: torch.Tensor, p_ids: torch.Tensor, p_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each passage prefixed by the query: (B, K, Lq + P) ids and mask."""
+    def context(self, query: torch.Tensor, p_ids: torch.Tensor, p_mask: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+        """Each passage prefixed by the query: (B, K, Lq + P) ids and mask (query padding masked out)."""
         B, K, _ = p_ids.shape
-        q = query[:, None, :].expand(B, K, -1)
-        return torch.cat([q, p_ids], dim=2), torch.cat([torch.ones_like(q, dtype=torch.bool), p_mask], dim=2)
+        q = query[:, None, :].expand(B, K, -1)  # (B, K, Lq)
+        q_mask = self.query_mask(query)[:, None, :].expand(B, K, -1)
+        return torch.cat([q, p_ids], dim=2), torch.cat([q_mask, p_mask], dim=2)
 
     @torch.no_grad()
     def answer_log_likelihood(self, ctx: torch.Tensor, ctx_mask: torch.Tensor, target: torch.Tensor,
@@ -159,44 +191,55 @@ class Atlas(nn.Module):
                         labels: torch.Tensor, attention_mass: torch.Tensor | None) -> torch.Tensor:
         o = self.opts
         B, K, C = ctx.shape
-        if o.retriever_loss == "adist":
-            return losses.attention_distillation(attention_mass, scores, o.temperature)
         T = target.shape[1]
+        if o.retriever_loss == "adist":
+            share = attention_mass / attention_mass.sum(dim=1, keepdim=True).clamp_min(1e-30)  # (B, K)
+            return losses.attention_distillation(share, scores, o.temperature, o.target_temperature)
+        tokens = (labels != IGNORE_INDEX).sum(dim=1).clamp_min(1)[:, None]  # (B, 1) answer tokens per query
         if o.retriever_loss == "loop":  # the reader with every passage but k, for each k
             keep = ~torch.eye(K, dtype=torch.bool, device=ctx.device)  # (K, K) row k drops passage k
             sub = ctx[:, None].expand(B, K, K, C)[:, keep].view(B * K, K - 1, C)
             sub_mask = ctx_mask[:, None].expand(B, K, K, C)[:, keep].view(B * K, K - 1, C)
             ll = self.answer_log_likelihood(sub, sub_mask, target.repeat_interleave(K, 0),
                                             labels.repeat_interleave(K, 0)).view(B, K)
-            return losses.leave_one_out_distillation(ll, scores, o.temperature)
+            return losses.leave_one_out_distillation(ll / tokens, scores, o.temperature, o.target_temperature)
         # pdist and emdr2: the reader with passage k alone
         ll = self.answer_log_likelihood(ctx.reshape(B * K, 1, C), ctx_mask.reshape(B * K, 1, C),
                                         target.repeat_interleave(K, 0).view(B * K, T),
                                         labels.repeat_interleave(K, 0)).view(B, K)
-        if o.retriever_loss == "emdr2":
+        if o.retriever_loss == "emdr2":  # a likelihood of the whole answer: no target to sharpen
             return losses.emdr2(ll, scores, o.temperature)
-        return losses.perplexity_distillation(ll, scores, o.temperature)
+        return losses.perplexity_distillation(ll / tokens, scores, o.temperature, o.target_temperature)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                passages: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """input_ids (B, L) with L > query_len; labels (B, L) aligned as LanguageModel's.
 
         Returns logits (B, L - query_len, V) for the continuation when `labels` is None; otherwise the
         reader's mean cross-entropy over the continuation, plus the retriever loss in training mode.
+        `passages` ((B, K', P) ids, (B, K', P) mask) replaces retrieval (no retriever loss): empty ones
+        (P = 0) read closed-book, random ones measure what retrieval adds.
         """
         o = self.opts
         if input_ids.shape[1] <= o.query_len:
             raise ConfigError(f"Atlas needs sequences longer than model.options.atlas.query_len ({o.query_len}); "
                               f"got length {input_ids.shape[1]}: raise data.seq_len")
         query, target = input_ids[:, : o.query_len], input_ids[:, o.query_len :]
-        scores, p_ids, p_mask = self.retrieve(query)
-        ctx, ctx_mask = self.context(query, p_ids, p_mask)  # (B, K, C)
-        want_attention = self.training and labels is not None and o.retriever_loss == "adist"
+        if passages is None:
+            found = self.retrieve(query)
+            scores, p_ids, p_mask = found.scores, found.tokens, found.mask
+        else:
+            scores, (p_ids, p_mask) = None, passages
+        ctx, ctx_mask = self.context(query, p_ids.to(query.device), p_mask.to(query.device))  # (B, K, C)
+        train_retriever = (self.training and self.learn_retriever and labels is not None and scores is not None
+                           and o.retriever_loss != "none")
+        want_attention = train_retriever and o.retriever_loss == "adist"
         logits, attention_mass = self.reader(ctx, ctx_mask, target, passage_scores=want_attention)
         if labels is None:
             return logits
         labels = labels[:, o.query_len :]
         reader_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-        if not self.training or o.retriever_loss == "none":
+        if not train_retriever:
             return reader_loss
         retriever_loss = self._retriever_loss(scores, ctx, ctx_mask, target, labels, attention_mass)
         self.last = {"reader_loss": reader_loss.item(), "retriever_loss": retriever_loss.item()}

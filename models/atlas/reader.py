@@ -94,7 +94,8 @@ class FiDReader(nn.Module):
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.context_pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)  # the encoder is order-blind otherwise
         enc_cfg = EncoderConfig(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads,
-                                n_layers=encoder_layers, max_len=cfg.max_seq_len, dropout=cfg.dropout)
+                                n_layers=encoder_layers, max_len=cfg.max_seq_len, dropout=cfg.dropout,
+                                rotary_dim=cfg.rotary_dim)
         self.encoder = nn.ModuleList(
             Block(BidirectionalAttention(enc_cfg), MLP(cfg, i), nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps),
                   nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps), cfg.dropout)

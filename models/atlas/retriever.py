@@ -18,6 +18,7 @@ from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.block import Block
 from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.ffn.mlp import MLP
+from hybrid_pretrain.models.mixers.attention import apply_rotary
 from hybrid_pretrain.models.roles import column_linear, row_linear
 
 
@@ -30,6 +31,9 @@ class EncoderConfig:
     max_len: int = 256  # tokens per query or passage (~100 words of prose is ~150 tokens)
     dropout: float = 0.0
     init_std: float = 0.02
+    # Rotary dims per head (0: none): relative positions let a token see what stands just before it, which
+    # copying ("the code of X is 8456" -> 8456) needs and learned absolute positions learn slowly.
+    rotary_dim: int = 0
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_len"):
@@ -39,6 +43,9 @@ class EncoderConfig:
             raise ConfigError(
                 f"retrieval.encoder.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
+        if self.rotary_dim < 0 or self.rotary_dim % 2 or self.rotary_dim > self.d_model // self.n_heads:
+            raise ConfigError(f"retrieval.encoder.rotary_dim must be even, >= 0 and at most the head size "
+                              f"{self.d_model // self.n_heads}, got {self.rotary_dim}")
 
     def model_config(self) -> ModelConfig:
         """The LM config the shared MLP is built from."""
@@ -51,6 +58,7 @@ class BidirectionalAttention(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.dropout
+        self.rotary_dim = cfg.rotary_dim
         self.qkv_proj = column_linear(cfg.d_model, 3 * cfg.d_model)
         self.out_proj = row_linear(cfg.d_model, cfg.d_model)
         self.key_mask: torch.Tensor | None = None  # (B, L) bool, set by the encoder around each forward
@@ -60,6 +68,9 @@ class BidirectionalAttention(nn.Module):
         B, L, D = x.shape
         qkv = self.qkv_proj(x).view(B, L, self.n_heads, 3, self.head_dim)  # (B, L, H, 3, hd), head-major as Attention
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, H, L, hd)
+        if self.rotary_dim:
+            positions = torch.arange(L, device=x.device)
+            q, k = apply_rotary(q, positions, self.rotary_dim), apply_rotary(k, positions, self.rotary_dim)
         mask = None if self.key_mask is None else self.key_mask[:, None, None, :]  # (B, 1, 1, L)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, dropout_p=p)

@@ -108,13 +108,15 @@ def test_rerank_keeps_the_current_towers_top_k(tokenizer, store, tmp_path):
     attach(model, store, tokenizer, tmp_path)
     x, _ = batch(tokenizer)
     query = x[:, :Q]
-    scores, p_ids, _ = model.retrieve(query)
-    q_emb = model.retriever(query, torch.ones_like(query, dtype=torch.bool))
-    _, cand, cand_mask = model.source.candidates(q_emb, 2 * K)
+    found = model.retrieve(query)
+    q_emb = model.retriever(query, model.query_mask(query))
+    cand_ids, cand, cand_mask = model.source.candidates(q_emb, 2 * K)
     all_scores = torch.einsum("bd,bnd->bn", q_emb, model.retriever(cand.flatten(0, 1), cand_mask.flatten(0, 1))
-                              .view(2, 2 * K, -1))
-    torch.testing.assert_close(scores, all_scores.topk(K, dim=1).values)
-    assert p_ids.shape == (2, K, P)
+                              .view(2, 2 * K, -1)) / q_emb.shape[-1] ** 0.5  # Atlas's q.p / sqrt(d)
+    top = all_scores.topk(K, dim=1)
+    torch.testing.assert_close(found.scores, top.values)
+    np.testing.assert_array_equal(found.ids, np.take_along_axis(cand_ids, top.indices.numpy(), axis=1))
+    assert found.tokens.shape == (2, K, P)
 
 
 def test_refresh_reindexes_with_the_current_weights(tokenizer, store, tmp_path):

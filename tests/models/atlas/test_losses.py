@@ -69,3 +69,15 @@ def test_targets_carry_no_gradient():
                losses.attention_distillation):
         fn(target, _scores([1.0, 0.0]), 1.0).backward()
     assert target.grad is None
+
+
+@pytest.mark.parametrize("fn,sign", [(losses.perplexity_distillation, 1.0), (losses.leave_one_out_distillation, -1.0),
+                                     (losses.attention_distillation, 1.0)])
+def test_target_temperature_sharpens_the_reader_target(fn, sign):
+    # target = softmax(sign * [-1, -1.5] / 0.25) = softmax(sign * [-4, -6]); retriever softmax([0, 0]) = (1/2, 1/2)
+    target = torch.tensor([[-1.0, -1.5]])
+    loss = fn(target, _scores([0.0, 0.0]), temperature=1.0, target_temperature=0.25)
+    t = torch.softmax(sign * torch.tensor([-4.0, -6.0], dtype=torch.float64), 0)
+    expected = float((t * torch.log(t / 0.5)).sum())
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert loss.item() > fn(target, _scores([0.0, 0.0]), temperature=1.0).item()  # sharper target, further away
