@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hybrid_pretrain.training.memory_probe import saved_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,20 +41,11 @@ def _free_port() -> int:
 
 def saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
     """Bytes autograd keeps for backward in one forward with labels, parameters excluded, storages counted once."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(ids[:, :-1], labels=ids[:, 1:])
-    loss.backward()
+    losses = []
+    saved = saved_bytes(lambda: losses.append(model(ids[:, :-1], labels=ids[:, 1:])), model)
+    losses[0].backward()
     model.zero_grad(set_to_none=True)
-    return sum(seen.values())
+    return saved
 
 
 def _worker(rank: int, port: int, args: argparse.Namespace, out: Path) -> None:

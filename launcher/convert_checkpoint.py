@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.training.checkpoint import CheckpointError
+from hybrid_pretrain.training.safe_load import add_trust_flag
 from hybrid_pretrain.training.weights import load_run, save_consolidated
 
 HF_DIR = Path(__file__).resolve().parents[1] / "models" / "hf"
@@ -96,9 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tag", help="checkpoint tag, e.g. step00000150 (default: newest intact one)")
     parser.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
                         help="hf also writes the transformers configuration/modeling files (default: safetensors)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle anything the checkpoint files hold (they can run code): only for a folder you "
-                        "or someone you trust wrote; by default only tensors and DeepSpeed's own types are read")
+    add_trust_flag(parser)
     return parser.parse_args(argv)
 
 

@@ -16,6 +16,7 @@ import sys
 import hybrid_pretrain.evaluation.lm_eval_adapter as adapter
 from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.training.checkpoint import CheckpointError
+from hybrid_pretrain.training.safe_load import add_trust_flag
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,9 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--seed", type=int, default=1234, help="few-shot sampling and generation seed")
     parser.add_argument("--output", help="also write the harness's full results JSON here")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle anything the checkpoint files hold (they can run code): only for a folder you "
-                        "or someone you trust wrote; by default only tensors and DeepSpeed's own types are read")
+    add_trust_flag(parser)
     return parser.parse_args(argv)
 
 

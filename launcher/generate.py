@@ -16,6 +16,7 @@ import torch
 from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.generation import Sampling, generate
 from hybrid_pretrain.training.checkpoint import CheckpointError
+from hybrid_pretrain.training.safe_load import add_trust_flag
 from hybrid_pretrain.training.weights import build_model, load_run
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -40,9 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle anything the checkpoint files hold (they can run code): only for a folder you "
-                        "or someone you trust wrote; by default only tensors and DeepSpeed's own types are read")
+    add_trust_flag(parser)
     return parser.parse_args(argv)
 
 

@@ -25,6 +25,7 @@ from hybrid_pretrain.data_pipeline.errors import DataError
 from hybrid_pretrain.data_pipeline.sources import parse_sources, resolve_sources
 from hybrid_pretrain.models.roles import IGNORE_INDEX
 from hybrid_pretrain.training.checkpoint import CheckpointError
+from hybrid_pretrain.training.safe_load import add_trust_flag
 from hybrid_pretrain.training.weights import build_model, load_weights
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -118,9 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle anything the checkpoint files hold (they can run code): only for a folder you "
-                        "or someone you trust wrote; by default only tensors and DeepSpeed's own types are read")
+    add_trust_flag(parser)
     return parser.parse_args(argv)
 
 

@@ -38,6 +38,7 @@ from hybrid_pretrain.training.init_from import init_from as load_initial_weights
 from hybrid_pretrain.training.init_from import prepare_config
 from hybrid_pretrain.training.memory import estimate_memory, expert_parameters, format_bytes
 from hybrid_pretrain.training.optimizer import param_groups, warmup_cosine
+from hybrid_pretrain.training.safe_load import add_trust_flag
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, PassageError, RetrievalIndexError, AccessTokenError)
 
@@ -55,9 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--init-from", metavar="CKPT", help="start from the weights of a convert_checkpoint.py folder "
                         "(fresh optimizer and schedule, step 0) at this run's layout; uses its tokenizer unless "
                         "data.tokenizer is set")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="with --resume: unpickle anything the checkpoint files hold (they can run code); by "
-                        "default only tensors and DeepSpeed's own types are read")
+    add_trust_flag(parser, help_prefix="with --resume: ")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in a run dir that already has checkpoints (they are deleted)")
     parser.add_argument("--dry-run", action="store_true",

@@ -12,6 +12,7 @@ Anything else is refused in one line, unless the user vouches for the folder wit
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import re
@@ -25,6 +26,8 @@ import torch
 from hybrid_pretrain.training.errors import CheckpointError
 
 TRUST_FLAG = "--trust-checkpoint"
+TRUST_HELP = ("unpickle anything the checkpoint files hold (they can run code): only for a folder you or someone you "
+              "trust wrote; by default only tensors and DeepSpeed's own types are read")
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 # Besides tensors and containers, DeepSpeed's ZeRO optimizer files pickle these (found by scanning the
 # checkpoints of every ZeRO stage, bf16, MoE, tensor- and pipeline-parallel run the tests write).
@@ -46,6 +49,11 @@ class UntrustedCheckpointError(CheckpointError):
         what = f"'{self.global_name}'" if found else "an object that is not a tensor"
         super().__init__(f"{where}: refusing to unpickle {what} (checkpoint files may only hold tensors and "
                          f"DeepSpeed's own types); if you trust whoever wrote this folder, rerun with {TRUST_FLAG}")
+
+
+def add_trust_flag(parser: argparse.ArgumentParser, help_prefix: str = "") -> None:
+    """The one ``--trust-checkpoint`` switch every command that reads a checkpoint offers, with one help text."""
+    parser.add_argument(TRUST_FLAG, action="store_true", help=help_prefix + TRUST_HELP)
 
 
 def deepspeed_types() -> list[type]:
