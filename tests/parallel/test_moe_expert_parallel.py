@@ -46,8 +46,9 @@ def _assert_equivalent(ep2: dict, ep1: dict) -> None:
     for zero in (0, 1):
         torch.testing.assert_close(torch.tensor(ep2[f"losses_zero{zero}"]), torch.tensor(ep1[f"losses_zero{zero}"]),
                                    rtol=1e-5, atol=1e-6)
-    # ZeRO-1 clips by the global norm: experts on other ranks count.
-    torch.testing.assert_close(torch.tensor(ep2["norms_zero1"]), torch.tensor(ep1["norms_zero1"]), rtol=1e-5, atol=0)
+    # ZeRO-1 clips by the global norm: experts on other ranks count. Step 4's norm follows three updates whose
+    # rounding depends on the reduction order (1.8e-5 relative seen on a fresh clone), hence 1e-4.
+    torch.testing.assert_close(torch.tensor(ep2["norms_zero1"]), torch.tensor(ep1["norms_zero1"]), rtol=1e-4, atol=0)
     # Rank 0's routing statistics after 4 steps: aux and z losses, imbalance or drops, tokens per expert.
     assert ep2["metrics_zero1"].keys() == ep1["metrics_zero1"].keys()
     for key, value in ep1["metrics_zero1"].items():
