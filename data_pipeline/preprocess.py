@@ -33,6 +33,7 @@ from tqdm import tqdm
 from hybrid_pretrain.base.hashing import file_sha256
 from hybrid_pretrain.data_pipeline.documents import Source
 from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.pieces import cut_long
 from hybrid_pretrain.data_pipeline.sources import DEFAULT_MAX_LINE_BYTES, parse_sources
 from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
 
@@ -151,9 +152,8 @@ def _chunks(text: str, max_chars: int) -> Iterator[str]:
                 if buf:
                     yield "".join(buf)
                     buf, size = [], 0
-                cut = (len(piece) - 1) // max_chars * max_chars  # leaves the last 1..max_chars characters
-                yield from (piece[i : i + max_chars] for i in range(0, cut, max_chars))
-                piece = piece[cut:]
+                head, piece = cut_long(piece, max_chars)
+                yield from head
             if size + len(piece) > max_chars and buf:
                 yield "".join(buf)
                 buf, size = [], 0

@@ -29,6 +29,7 @@ from hybrid_pretrain.data_pipeline.documents import Document, SkipCounter, Sourc
 from hybrid_pretrain.data_pipeline.embedded import DEFAULT_MAX_BYTES, build_embedded_corpus, embedded_corpus_name
 from hybrid_pretrain.data_pipeline.errors import DataError
 from hybrid_pretrain.data_pipeline.hf import HFSource
+from hybrid_pretrain.data_pipeline.pieces import join_lines
 
 SPLITS = ("train", "validation", "test")
 JSONL_SUFFIXES = (".jsonl.zst", ".jsonl")
@@ -205,16 +206,7 @@ def _utf8_problem(path: Path) -> str | None:
 
 def _text_pieces(fh: io.TextIOBase) -> Iterator[str]:
     """A text file in pieces of about _TEXT_PIECE_CHARS characters ending at line ends (longer lines cut hard)."""
-    buf: list[str] = []
-    size = 0
-    while line := fh.readline(_TEXT_PIECE_CHARS):
-        buf.append(line)
-        size += len(line)
-        if size >= _TEXT_PIECE_CHARS:
-            yield "".join(buf)
-            buf, size = [], 0
-    if buf:
-        yield "".join(buf)
+    return join_lines(iter(lambda: fh.readline(_TEXT_PIECE_CHARS), ""), _TEXT_PIECE_CHARS)
 
 
 def _without_gutenberg(pieces: Iterator[str]) -> Iterator[str]:

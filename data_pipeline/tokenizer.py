@@ -17,6 +17,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from hybrid_pretrain.data_pipeline.errors import DataError
+from hybrid_pretrain.data_pipeline.pieces import join_lines
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MARKERS = ("<retrieved>", "</retrieved>", "<query>", "<passage>")  # retrieval-augmented models splice text with these
@@ -28,20 +29,7 @@ MAX_ENCODE_THREADS = 16
 
 def _chunks(doc: str) -> Iterator[str]:
     """Split a document at line ends into pieces of about CHUNK_CHARS, newlines kept so they are learned."""
-    buf: list[str] = []
-    size = 0
-    for line in doc.splitlines(keepends=True):
-        if len(line) > CHUNK_CHARS:  # minified code or a book without line breaks: cut by offsets (linear)
-            cut = (len(line) - 1) // CHUNK_CHARS * CHUNK_CHARS  # leaves the last 1..CHUNK_CHARS characters
-            yield from (line[i : i + CHUNK_CHARS] for i in range(0, cut, CHUNK_CHARS))
-            line = line[cut:]
-        buf.append(line)
-        size += len(line)
-        if size >= CHUNK_CHARS:
-            yield "".join(buf)
-            buf, size = [], 0
-    if buf:
-        yield "".join(buf)
+    return join_lines(doc.splitlines(keepends=True), CHUNK_CHARS)
 
 
 def tokenizer_sample(documents: Iterable[str], sample_bytes: int) -> list[str]:

@@ -58,25 +58,34 @@ def test_client_and_in_process_index_agree(served):
     assert client.health() == {"status": "ok", "version": 1, "ntotal": N, "dim": D}
 
 
-def test_concurrent_clients_are_batched(served):
-    server, client, x, ids, _ = served
-    q = clustered(64, D, seed=4)
-    truth = exact_topk(x, ids, q, 3)[1]
+def run_concurrently(worker, n: int) -> None:
+    """Run worker(0..n-1) on n threads; every thread ends within 60 s and none raised."""
     errors: list = []
 
-    def worker(w: int) -> None:
+    def guarded(w: int) -> None:
         try:
-            for j in range(w, 64, 8):
-                np.testing.assert_array_equal(client.search(q[j : j + 1], 3)[1], truth[j : j + 1])
+            worker(w)
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    threads = [threading.Thread(target=guarded, args=(w,)) for w in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
     assert not errors and not any(t.is_alive() for t in threads)
+
+
+def test_concurrent_clients_are_batched(served):
+    server, client, x, ids, _ = served
+    q = clustered(64, D, seed=4)
+    truth = exact_topk(x, ids, q, 3)[1]
+
+    def worker(w: int) -> None:
+        for j in range(w, 64, 8):
+            np.testing.assert_array_equal(client.search(q[j : j + 1], 3)[1], truth[j : j + 1])
+
+    run_concurrently(worker, 8)
     stats = client.stats()
     assert stats["requests"] == 64 and stats["queries"] == 64
     assert stats["batches"] < 64  # concurrent requests were merged into shared FAISS searches
@@ -159,21 +168,12 @@ def test_several_search_threads_answer_exactly(tmp_path):
     _publish(tmp_path, 1, x, ids)
     q = clustered(48, D, seed=8)
     truth = exact_topk(x, ids, q, 5)[1]
-    errors: list = []
     with IndexServer(LiveIndex(tmp_path, use_gpu=False), search_threads=2) as server:
         assert len(server.httpd.batcher._threads) == 2
 
         def worker(w: int) -> None:
             client = IndexClient(server.url)
-            try:
-                for j in range(w, 48, 6):
-                    np.testing.assert_array_equal(client.search(q[j : j + 2], 5)[1], truth[j : j + 2])
-            except Exception as e:  # noqa: BLE001
-                errors.append(e)
+            for j in range(w, 48, 6):
+                np.testing.assert_array_equal(client.search(q[j : j + 2], 5)[1], truth[j : j + 2])
 
-        threads = [threading.Thread(target=worker, args=(w,)) for w in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-    assert not errors and not any(t.is_alive() for t in threads)
+        run_concurrently(worker, 6)
