@@ -22,6 +22,35 @@ from hybrid_pretrain.parallel import pipeline, sequence, tensor
 from hybrid_pretrain.retrieval.config import RetrievalConfig, drop_legacy_token
 
 
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+@dataclass
+class OffloadConfig:
+    """Where ZeRO keeps what does not fit the accelerator: DeepSpeed's ``offload_optimizer`` / ``offload_param``.
+
+    ``optimizer`` moves fp32 master weights and Adam states (and the optimizer step) to host RAM or to
+    files under ``nvme_path``; ``params`` does the same for the (bf16) weights between uses (ZeRO-3 only).
+    """
+
+    optimizer: str = "none"  # none | cpu | nvme
+    params: str = "none"  # none | cpu | nvme
+    nvme_path: str = ""  # folder for the swap files when either is 'nvme'
+
+    def validate(self) -> None:
+        for name in ("optimizer", "params"):
+            if getattr(self, name) not in OFFLOAD_DEVICES:
+                raise ConfigError(f"train.offload.{name} must be one of {', '.join(OFFLOAD_DEVICES)}, "
+                                  f"got '{getattr(self, name)}'")
+        if "nvme" in (self.optimizer, self.params) and not self.nvme_path:
+            raise ConfigError("train.offload: 'nvme' needs train.offload.nvme_path (a writable folder on a fast "
+                              "disk)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.optimizer != "none" or self.params != "none"
+
+
 @dataclass
 class TrainConfig:
     steps: int = 200  # optimizer steps in the whole run
@@ -40,6 +69,7 @@ class TrainConfig:
     eval_batches: int = 4  # micro-batches per rank per evaluation
     save_every: int = 100  # 0: only at the end
     keep_checkpoints: int = 3  # newest N kept on disk
+    offload: OffloadConfig = field(default_factory=OffloadConfig)  # ZeRO-Offload / ZeRO-Infinity
 
     def validate(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "log_every"):
@@ -58,6 +88,7 @@ class TrainConfig:
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be 'auto', 'fp32' or 'bf16', got '{self.precision}'")
+        self.offload.validate()
 
 
 @dataclass
