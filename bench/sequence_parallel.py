@@ -26,17 +26,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hybrid_pretrain.base.net import free_port
 from hybrid_pretrain.training.memory_probe import saved_bytes
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
@@ -116,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         done = Path(tmp) / "done"
-        mp.spawn(_worker, args=(_free_port(), args, done), nprocs=2, join=True)
+        mp.spawn(_worker, args=(free_port(), args, done), nprocs=2, join=True)
         return 0 if done.exists() else 1
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ from hybrid_pretrain.retrieval.build import build_from_vectors
 from hybrid_pretrain.retrieval.client import IndexClient
 from hybrid_pretrain.retrieval.index import IndexSpec
 from hybrid_pretrain.retrieval.live import LiveIndex
+from hybrid_pretrain.retrieval.service_process import ServiceProcess
 
 K = 10
 TOKEN = "bench-token"
@@ -115,17 +115,11 @@ def run_clients(search, phase: Phase, clients: int, requests: int, queries: np.n
     phase.seconds = time.perf_counter() - t0
 
 
-def start_service(index_dir: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    """The service in its own process, token from the environment; returns (process, url)."""
+def start_service(index_dir: str, args: argparse.Namespace) -> ServiceProcess:
+    """The service in its own process, token from the environment (enter it to start)."""
     env = dict(os.environ, **{TOKEN_ENV: TOKEN}, OMP_NUM_THREADS=str(args.service_threads))
-    proc = subprocess.Popen([sys.executable, "-m", "hybrid_pretrain.retrieval.service", "--index-dir", index_dir,
-                             "--port", "0", "--watch", "0", "--cpu", "--max-wait-ms", str(args.max_wait_ms),
-                             "--search-threads", str(args.search_threads)], env=env, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if " at http://" not in line:
-        proc.kill()
-        raise RuntimeError(f"the service did not start: {line!r}")
-    return proc, line.rsplit(" at ", 1)[1].strip()
+    return ServiceProcess(index_dir, env=env, extra_args=["--max-wait-ms", str(args.max_wait_ms),
+                                                           "--search-threads", str(args.search_threads)])
 
 
 @contextmanager
@@ -147,19 +141,16 @@ def rebuilding(index_dir: str, args: argparse.Namespace, url: str) -> Iterator[m
 
 
 def service_phase(index_dir: str, args: argparse.Namespace, queries: np.ndarray) -> tuple[Phase, int]:
-    service, url = start_service(index_dir, args)
     phase = Phase()
 
-    def search(q: np.ndarray, state: threading.local) -> tuple[np.ndarray, np.ndarray]:
-        state.client = getattr(state, "client", None) or IndexClient(url, token=TOKEN)
-        return state.client.search(q, K)
+    with start_service(index_dir, args) as service:
 
-    try:
-        with rebuilding(index_dir, args, url) as published:
+        def search(q: np.ndarray, state: threading.local) -> tuple[np.ndarray, np.ndarray]:
+            state.client = getattr(state, "client", None) or IndexClient(service.url, token=TOKEN)
+            return state.client.search(q, K)
+
+        with rebuilding(index_dir, args, service.url) as published:
             run_clients(search, phase, args.clients, args.requests, queries, lambda state: state.client.last_version)
-    finally:
-        service.terminate()
-        service.wait(timeout=30)
     return phase, published.value
 
 

@@ -7,7 +7,6 @@ later parallel layers (its ColumnParallelLinear etc.) and our own code agree on 
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hybrid_pretrain.base.net import free_port
 from hybrid_pretrain.parallel import roles, sequence
 
 _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
@@ -42,17 +42,11 @@ def launched_rank() -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _single_process_env() -> None:
     """Plain `python launcher/pretrain.py` runs as a world of one, without a launcher or MPI."""
     if "RANK" in os.environ or any(v in os.environ for v in _MPI_RANK_VARS):
         return
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def initialize(parallel) -> ParallelContext:

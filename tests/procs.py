@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hybrid_pretrain.base.net import free_port as _free_port  # the name tests import
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
 DEBUG_CONFIG = str(REPO / "configs" / "debug_hybrid.yaml")
@@ -35,12 +37,6 @@ def run_python(args: list[str], timeout: int = 300) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_script(name: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

@@ -21,7 +21,6 @@ from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.parallel import pipeline, sequence, tensor
 from hybrid_pretrain.retrieval.config import RetrievalConfig, drop_legacy_token
 
-
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 
