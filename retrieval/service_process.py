@@ -23,9 +23,11 @@ TAIL_LINES = 200  # child output kept for error messages
 
 
 class ServiceProcess:
-    """Context manager: the service serving `index_dir` on loopback; `url` once entered.
+    """Context manager: the service serving `index_dir` on loopback.
 
-    `port` 0 lets the service bind a free port itself; `extra_args` go to the service's command line
+    `port` 0 (the default) lets the service bind a free port itself, and `url` is known once entered; a
+    caller that must hand the URL out before the service starts (its index is not built yet) passes a
+    port, e.g. ``base.net.free_port()``. `extra_args` go to the service's command line
     (e.g. ``["--max-wait-ms", "2"]``); `env` replaces the child's environment (e.g. to pass the token).
     """
 
@@ -35,10 +37,17 @@ class ServiceProcess:
         self.startup_timeout = startup_timeout
         self.extra_args, self.env = list(extra_args), dict(env) if env is not None else None
         self.proc: subprocess.Popen | None = None
-        self.url = ""
+        self._url = f"http://127.0.0.1:{port}" if port else ""
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._listening = threading.Event()
         self._reader: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        if not self._url:
+            raise RuntimeError("the service's URL is known once it has started (enter the context first), or "
+                               "pass port= to fix it in advance")
+        return self._url
 
     def _read_output(self) -> None:
         """Drain the child's output for its whole life; the 'serving ... at URL' line gives the URL."""
@@ -46,7 +55,7 @@ class ServiceProcess:
         for line in self.proc.stdout:
             self._tail.append(line.rstrip("\n"))
             if not self._listening.is_set() and line.startswith("serving ") and " at http://" in line:
-                self.url = line.rsplit(" at ", 1)[1].strip()
+                self._url = line.rsplit(" at ", 1)[1].strip()
                 self._listening.set()
 
     def _died(self) -> RuntimeError:

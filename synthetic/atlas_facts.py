@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.base.net import free_port
 from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer, train_tokenizer
 from hybrid_pretrain.models.atlas.losses import RETRIEVER_LOSSES
 from hybrid_pretrain.models.atlas.model import IGNORE_INDEX, Atlas
@@ -308,7 +309,8 @@ def train_setting(run: FactsRun, prep: Prepared, setting: str, through_service: 
     if setting in (FIXED, RANDOM):
         retrieval_cfg.refresh_every = 0  # a frozen retriever's index never goes stale
     index_dir = run.out_path / setting / "index"
-    server = ServiceProcess(index_dir) if through_service else nullcontext()
+    # The URL goes into the config before the first index exists, so the service gets its port in advance.
+    server = ServiceProcess(index_dir, port=free_port()) if through_service else nullcontext()
     retrieval_cfg.service = server.url if through_service else ""
     # Builds the first index with the initial passage tower; with a service, only its client is made here.
     retrieval = TrainingRetrieval(retrieval_cfg, index_dir, prep.store, model, prep.tokenizer, rank=0, world_size=1,

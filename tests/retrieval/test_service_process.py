@@ -23,7 +23,10 @@ def test_child_service_answers_like_in_process_search(tmp_path):
     queries = x[:7] + 0.01
     expected_scores, expected_ids = LiveIndex(tmp_path / "index", use_gpu=False).search(queries, 5)
     env = dict(os.environ, **{TOKEN_ENV: "s3cret"})
-    with ServiceProcess(tmp_path / "index", env=env, extra_args=["--max-wait-ms", "1"]) as service:
+    service = ServiceProcess(tmp_path / "index", env=env, extra_args=["--max-wait-ms", "1"])
+    with pytest.raises(RuntimeError, match="known once it has started"):
+        _ = service.url  # port 0: the service picks it
+    with service:
         assert service.url.startswith("http://127.0.0.1:") and not service.url.endswith(":0")
         client = IndexClient(service.url, token="s3cret")
         try:
