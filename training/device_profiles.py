@@ -8,14 +8,16 @@ with ``flops_per_token`` from ``training.flops`` (forward and backward, model FL
 data-parallel replica trains per optimizer step split over its TP x PP ranks, and the 1F1B pipeline
 bubble (Narayanan et al. 2021) as the last factor. The utilisation is an assumption, stated in the output:
 40% model FLOPs utilisation is what well-tuned dense LLM training reaches on A100/H100 (PaLM reported
-46% on TPU v4, Megatron-LM 40-52% on A100s); an H3 model's FFT convolutions and a MoE's dispatch reach
+46% on TPU v4, Megatron-LM up to 52% on A100s); an H3 model's FFT convolutions and a MoE's dispatch reach
 less, so read it as optimistic for those.
 
 GPU peaks come from ``training.gpu_peaks`` (datasheets, dense). The ``cpu`` profile is this machine:
-its peak is measured (a best-of-5 square matmul in the run's precision, all threads torch uses) and its
-memory is the host RAM; its utilisation (15%) was measured as debug_hybrid's achieved model FLOP/s
-over that matmul peak in fp32 on the 2-core VM (bench/RESULTS.md, issue 18), small shapes being far from
-matmul-bound.
+its peak is measured (a best-of-5 2048 x 2048 matmul in the run's precision, on the threads torch uses)
+and its memory is the host RAM. Its utilisation, 30%, is an assumption from the shared 2-core VM:
+debug_hybrid's fastest fp32 steps reached 39-60% of that matmul peak in model FLOPs, its median steps far
+less while other jobs ran (bench/RESULTS.md, issue 18); small shapes are far from matmul-bound. In bf16
+the measured peak is the CPU's bf16 matmul units (AMX here, ~6x fp32) while bf16 training ran slower than
+fp32 on the same VM (bench/bf16_curve.py): read a cpu bf16 estimate as a lower bound on the time.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _gpu(name: str, datasheet_name: str, memory_gb: float) -> DeviceProfile:
                          utilisation=0.40, default_precision="bf16")
 
 
-CPU_UTILISATION = 0.15
+CPU_UTILISATION = 0.30
 
 
 def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
