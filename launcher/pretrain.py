@@ -113,7 +113,8 @@ def print_step_time(cfg: RunConfig, model_cfg, n_params: int, dp: int, profile: 
     bubble = f", 1F1B bubble x{1 + (p.pipeline - 1) / t.grad_accum:.2f}" if p.pipeline > 1 else ""
     print(f"device profile {profile.name}: {profile.description}; peak {profile.peak(precision) / 1e12:.1f} TFLOP/s "
           f"{precision}, assumed utilisation {profile.utilisation:.0%}, memory {format_bytes(profile.memory_bytes)}")
-    print(f"  estimated step time {seconds:.3g} s per rank: {flops / 1e6:,.1f} MFLOP per token x {tokens:,} tokens "
+    per_token = f"{flops / 1e9:.2f} GFLOP" if flops >= 1e9 else f"{flops / 1e6:.1f} MFLOP"
+    print(f"  estimated step time {seconds:.3g} s per rank (compute only): {per_token} per token x {tokens:,} tokens "
           f"per replica / {p.tensor * p.pipeline} model-parallel rank(s){bubble}; {tokens * dp / seconds:,.0f} "
           f"tokens/s over {dp} replicas")
     fits = "fits" if total_bytes <= profile.memory_bytes else "does NOT fit"

@@ -6,10 +6,11 @@ The estimated step time of one rank is
 
 with ``flops_per_token`` from ``training.flops`` (forward and backward, model FLOPs), the tokens one
 data-parallel replica trains per optimizer step split over its TP x PP ranks, and the 1F1B pipeline
-bubble (Narayanan et al. 2021) as the last factor. The utilisation is an assumption, stated in the output:
-40% model FLOPs utilisation is what well-tuned dense LLM training reaches on A100/H100 (PaLM reported
-46% on TPU v4, Megatron-LM up to 52% on A100s); an H3 model's FFT convolutions and a MoE's dispatch reach
-less, so read it as optimistic for those.
+bubble (Narayanan et al. 2021) as the last factor. Compute only: gradient all-reduces, ZeRO gathers,
+expert all-to-alls and offload transfers are assumed to overlap with it or are left out. The utilisation
+is an assumption, stated in the output: 40% model FLOPs utilisation is what well-tuned dense LLM
+training reaches on A100/H100 (PaLM reported 46% on TPU v4, Megatron-LM up to 52% on A100s); an H3
+model's FFT convolutions and a MoE's dispatch reach less, so read it as optimistic for those.
 
 GPU peaks come from ``training.gpu_peaks`` (datasheets, dense). The ``cpu`` profile is this machine:
 its peak is measured (a best-of-5 2048 x 2048 matmul in the run's precision, on the threads torch uses)
