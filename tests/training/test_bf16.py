@@ -73,3 +73,17 @@ def test_bf16_refused_on_a_cpu_without_bf16(monkeypatch: pytest.MonkeyPatch, cap
 
 def test_this_cpu_bf16_detection_answers() -> None:
     assert isinstance(ds_engine.cpu_supports_bf16(), bool)
+
+
+@pytest.mark.slow
+def test_debug_hybrid_bf16_loss_tracks_fp32_over_30_steps(tmp_path) -> None:  # noqa: ANN001
+    """The short form of bench/bf16_curve.py (150 steps, 2% bound; bench/RESULTS.md): 30 steps of a quarter of
+    the tokens (micro-batch 4 x 64) on the small corpus, 3% bound."""
+    from hybrid_pretrain.bench.bf16_curve import compare, train
+    from hybrid_pretrain.tests.procs import SMALL_DATA
+
+    small = [*SMALL_DATA, "train.micro_batch_size=4", "data.seq_len=64"]
+    runs = {p: train(p, 30, tmp_path / p, threads=2, extra=small) for p in ("fp32", "bf16")}
+    result = compare(runs["fp32"], runs["bf16"])
+    assert runs["fp32"][-1]["train_loss"] < runs["fp32"][0]["train_loss"] - 1.0  # it learns
+    assert result["last10_gap"] < 0.03 and result["val_gap"] < 0.03, result
