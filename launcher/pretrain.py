@@ -111,8 +111,10 @@ def print_step_time(cfg: RunConfig, model_cfg, n_params: int, dp: int, profile: 
     tokens = t.micro_batch_size * t.grad_accum * cfg.data.seq_len  # per data-parallel replica
     seconds = step_seconds(flops, tokens, profile, precision, p.tensor * p.pipeline, p.pipeline, t.grad_accum)
     bubble = f", 1F1B bubble x{1 + (p.pipeline - 1) / t.grad_accum:.2f}" if p.pipeline > 1 else ""
-    print(f"device profile {profile.name}: {profile.description}; peak {profile.peak(precision) / 1e12:.1f} TFLOP/s "
-          f"{precision}, assumed utilisation {profile.utilisation:.0%}, memory {format_bytes(profile.memory_bytes)}")
+    peak = profile.peak(precision)
+    peak_text = f"{peak / 1e12:.1f} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:.0f} GFLOP/s"
+    print(f"device profile {profile.name}: {profile.description}; peak {peak_text} {precision}, "
+          f"assumed utilisation {profile.utilisation:.0%}, memory {format_bytes(profile.memory_bytes)}")
     per_token = f"{flops / 1e9:.2f} GFLOP" if flops >= 1e9 else f"{flops / 1e6:.1f} MFLOP"
     print(f"  estimated step time {seconds:.3g} s per rank (compute only): {per_token} per token x {tokens:,} tokens "
           f"per replica / {p.tensor * p.pipeline} model-parallel rank(s){bubble}; {tokens * dp / seconds:,.0f} "

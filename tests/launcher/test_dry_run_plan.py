@@ -26,7 +26,7 @@ def test_dry_run_prints_step_time_and_memory_fit(capsys: pytest.CaptureFixture) 
 def test_cpu_profile_is_this_machine_in_fp32(capsys: pytest.CaptureFixture) -> None:
     assert pretrain.main(["--config", DEBUG_CONFIG, "--dry-run", "--device-profile", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "device profile cpu: this machine's CPU" in out and "TFLOP/s fp32" in out and "fits in" in out
+    assert "device profile cpu: this machine's CPU" in out and "FLOP/s fp32" in out and "fits in" in out
 
 
 def test_a_plan_that_does_not_fit_says_so(capsys: pytest.CaptureFixture) -> None:
