@@ -15,7 +15,7 @@ model's FFT convolutions and a MoE's dispatch reach less, so read it as optimist
 GPU peaks come from ``training.gpu_peaks`` (datasheets, dense). The ``cpu`` profile is this machine:
 its peak is measured (a best-of-5 2048 x 2048 matmul in the run's precision, on the threads torch uses)
 and its memory is the host RAM. Its utilisation, 30%, is an assumption from the shared 2-core VM:
-debug_hybrid's fastest fp32 steps reached 39-60% of that matmul peak in model FLOPs, its median steps far
+debug_hybrid's fastest fp32 steps reached 35-60% of that matmul peak in model FLOPs, its median steps far
 less while other jobs ran (bench/RESULTS.md, issue 18); small shapes are far from matmul-bound. In bf16
 the measured peak is the CPU's bf16 matmul units (AMX here, ~6x fp32) while bf16 training ran slower than
 fp32 on the same VM (bench/bf16_curve.py): read a cpu bf16 estimate as a lower bound on the time.
