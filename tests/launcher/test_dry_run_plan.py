@@ -54,3 +54,14 @@ def test_bad_profile_name_refused(capsys: pytest.CaptureFixture) -> None:
     assert "invalid choice: 'tpu' (choose from 'a100', 'cpu', 'h100')" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--device-profile must be one of h100, a100, cpu, got 'tpu'"):
         device_profile("tpu")
+
+
+@pytest.mark.parametrize("world_size", [64, 512])
+def test_glam_plans_fit_h100_with_expert_parallelism(world_size: int, capsys: pytest.CaptureFixture) -> None:
+    """The recorded plans (bench/RESULTS.md): GLaM 1.7B/64E at EP 16 on 64 and 512 H100s."""
+    argv = ["--config", str(REPO / "configs" / "glam_1.7b_64e.yaml"), "--dry-run", "--world-size", str(world_size),
+            "--device-profile", "h100"]
+    assert pretrain.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"DP={world_size}, TP=1, PP=1, EP=16, ZeRO-1, bf16" in out and "per rank fits in 74.5 GiB" in out
+    assert f"tokens/s over {world_size} replicas" in out
