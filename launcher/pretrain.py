@@ -32,6 +32,7 @@ from hybrid_pretrain.retrieval.for_training import TrainingRetrieval, build_stor
 from hybrid_pretrain.training import checkpoint, loop
 from hybrid_pretrain.training.checkpoint import CheckpointError, has_checkpoints
 from hybrid_pretrain.training.config import RunConfig, load_config, save_resolved
+from hybrid_pretrain.training.device_profiles import PROFILES, DeviceProfile, device_profile, step_seconds
 from hybrid_pretrain.training.flops import training_flops_per_token
 from hybrid_pretrain.training.gpu_peaks import current_device_peak
 from hybrid_pretrain.training.init_from import init_from as load_initial_weights
@@ -63,19 +64,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="print parameter count and per-rank memory estimate, allocate nothing, exit")
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --dry-run: ranks to estimate for (default: WORLD_SIZE or 1)")
+    parser.add_argument("--device-profile", choices=sorted(PROFILES), default=None,
+                        help="with --dry-run: estimate the step time and check the memory for this device "
+                        "(h100, a100: datasheet peaks; cpu: this machine, measured)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.steps=10")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after flags
 
 
-def dry_run(cfg: RunConfig, world_size: int) -> None:
-    """Shapes only: build the model on the meta device and account memory per rank."""
+def dry_run(cfg: RunConfig, world_size: int, profile_name: str | None = None) -> None:
+    """Shapes only: build the model on the meta device and account memory (and, for a device, time) per rank."""
 
     dp = cfg.parallel.check_world(world_size)
     vocab = cfg.model.vocab_size or cfg.data.vocab_size
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
     n = count_parameters(model_cfg)
-    precision = resolve_precision(cfg.train.precision)
+    profile = device_profile(profile_name) if profile_name else None
+    precision = resolve_precision(cfg.train.precision, profile.default_precision if profile else None)
     ep = cfg.parallel.expert
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     mem = estimate_memory(n, model_cfg, cfg.train, cfg.data.seq_len, vocab, dp, precision, ep, tp_size=tp, pp_size=pp,
@@ -94,6 +99,29 @@ def dry_run(cfg: RunConfig, world_size: int) -> None:
           f"{', activation checkpointing' if cfg.parallel.activation_checkpointing else ''}):")
     for key, value in mem.items():
         print(f"  {key:<18}{format_bytes(value):>12}")
+    if profile:
+        print_step_time(cfg, model_cfg, n, dp, profile, precision, mem["total"])
+
+
+def print_step_time(cfg: RunConfig, model_cfg, n_params: int, dp: int, profile: DeviceProfile, precision: str,
+                    total_bytes: float) -> None:
+    """The estimated step time of one rank on ``profile`` and whether the rank's memory fits it."""
+    t, p = cfg.train, cfg.parallel
+    flops = training_flops_per_token(model_cfg, cfg.data.seq_len, n_params).total
+    tokens = t.micro_batch_size * t.grad_accum * cfg.data.seq_len  # per data-parallel replica
+    seconds = step_seconds(flops, tokens, profile, precision, p.tensor * p.pipeline, p.pipeline, t.grad_accum)
+    bubble = f", 1F1B bubble x{1 + (p.pipeline - 1) / t.grad_accum:.2f}" if p.pipeline > 1 else ""
+    peak = profile.peak(precision)
+    peak_text = f"{peak / 1e12:.1f} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:.0f} GFLOP/s"
+    print(f"device profile {profile.name}: {profile.description}; peak {peak_text} {precision}, "
+          f"assumed utilisation {profile.utilisation:.0%}, memory {format_bytes(profile.memory_bytes)}")
+    per_token = f"{flops / 1e9:.2f} GFLOP" if flops >= 1e9 else f"{flops / 1e6:.1f} MFLOP"
+    print(f"  estimated step time {seconds:.3g} s per rank (compute only): {per_token} per token x {tokens:,} tokens "
+          f"per replica / {p.tensor * p.pipeline} model-parallel rank(s){bubble}; {tokens * dp / seconds:,.0f} "
+          f"tokens/s over {dp} replicas")
+    fits = "fits" if total_bytes <= profile.memory_bytes else "does NOT fit"
+    print(f"  memory: {format_bytes(total_bytes)} per rank {fits} in {format_bytes(profile.memory_bytes)} "
+          f"({total_bytes / profile.memory_bytes:.0%})")
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
@@ -200,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         if args.dry_run:
             if launched_rank() == 0:
-                dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", 1)))
+                dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", 1)), args.device_profile)
             return 0
+        ds_engine.check_precision_supported(resolve_precision(cfg.train.precision))
         unreachable = preflight.master_problems()  # before the group forms, where only this rank can tell
         if unreachable:
             print(f"error: {preflight.PreflightError(unreachable)}", file=sys.stderr, flush=True)

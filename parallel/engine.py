@@ -9,15 +9,37 @@ from typing import Any
 
 import torch
 
+from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.parallel import one_f_one_b
 from hybrid_pretrain.parallel.pipeline import one_norm_all_reduce
 
 
-def resolve_precision(precision: str) -> str:
-    """'auto' means bf16 where the GPU supports it and fp32 elsewhere (CPU bf16 is slower than fp32)."""
+def resolve_precision(precision: str, auto: str | None = None) -> str:
+    """'auto' means ``auto`` when given (a named device's default), else bf16 where the GPU supports it and fp32
+    elsewhere (CPU bf16 is slower than fp32)."""
     if precision != "auto":
         return precision
+    if auto:
+        return auto
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX on x86, BF16 on Arm), as oneDNN detects them."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_precision_supported(precision: str) -> None:
+    """Refuse bf16 on a device without bf16 math, where it would be emulated (slow) or fail inside DeepSpeed."""
+    if precision != "bf16":
+        return
+    if torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"train.precision=bf16: {torch.cuda.get_device_name()} has no bf16 support; "
+                              "use train.precision=fp32 (or auto)")
+    elif not cpu_supports_bf16():
+        raise ConfigError("train.precision=bf16: this CPU has no bf16 support (no AVX512-BF16 or AMX, as oneDNN "
+                          "reports); use train.precision=fp32 (or auto)")
 
 
 def deepspeed_config(train: Any, dp_size: int) -> dict:

@@ -4,6 +4,8 @@ Public op: ``causal_conv(u, k, D)``. A W-tap filter costs O(L W) per channel, no
 keeps nothing complex for backward. In half precision on GPU it is one grouped ``conv1d`` (cuDNN);
 otherwise block-Toeplitz matmuls (``toeplitz.py``), because oneDNN's depthwise convolution with 64 taps
 is slow on CPU. ``reference.py`` has the definition; the math is in this folder's README.md.
+Precision: the dense path computes in fp32; conv1d and block-Toeplitz in u's dtype (bf16 products, fp32
+accumulation inside oneDNN/cuDNN), within 2x of bf16's own rounding (kernels/README.md).
 """
 
 from __future__ import annotations

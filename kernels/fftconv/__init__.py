@@ -3,6 +3,8 @@
 Public ops: ``fftconv`` (a causal convolution with a given kernel) and ``ssm_conv`` (a diagonal SSM
 given by its discretised parameters, which is what lets sequences beyond one fused kernel be cut
 into chunks with the SSM state passed between them). The math is in this folder's README.md.
+Every backend computes in fp32 (fp64 for fp64 inputs) whatever u's dtype and returns u's dtype: the
+fp32 island of a bf16 model (kernels/README.md, "Precision under bf16").
 """
 
 from __future__ import annotations

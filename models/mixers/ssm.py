@@ -11,6 +11,11 @@ independently per channel. Training evaluates them as a causal convolution with 
   state is an exponentially decaying, oscillating summary of the whole past (the "memory"). Its kernel
   and its state after a prompt are Vandermonde products (``kernels.vandermonde``), its convolution an
   FFT one (``kernels.fftconv.ssm_conv``).
+
+Under bf16 (DeepSpeed casts the parameters too) the SSM keeps fp32 islands: ``discretize`` upcasts the
+parameters, the kernel (Vandermonde) and the FFT convolution run in fp32 and only the output returns to
+bf16; the shift SSM's short filter runs in bf16 like a linear layer. Rounding ``log_dt`` and ``A_imag``
+themselves to bf16 moves the layer's output most (kernels/README.md, "Precision under bf16").
 """
 
 from __future__ import annotations

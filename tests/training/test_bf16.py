@@ -1,0 +1,89 @@
+"""bf16 as DeepSpeed does it (bf16 weights, fp32 master weights and Adam states), the SSM's fp32 islands,
+and bf16 refused on a CPU without bf16 math."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hybrid_pretrain.launcher import pretrain
+from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.mixers.h3 import H3
+from hybrid_pretrain.parallel import engine as ds_engine
+from hybrid_pretrain.tests.procs import DEBUG_CONFIG, REPO
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_bf16_step_keeps_fp32_master_weights_and_adam_states(stage: int) -> None:
+    out = subprocess.run([sys.executable, "-m", "hybrid_pretrain.tests.training.bf16_worker", str(stage)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["weights"] == ["torch.bfloat16"]
+    assert report["master"] == ["torch.float32"] and report["master_numel"] == report["params_numel"]
+    assert report["master_finer_than_bf16"]  # updates accumulate below bf16's resolution
+    assert report["adam_states"] == ["torch.float32"] and report["adam_numel"] == 2 * report["params_numel"]
+    assert report["loss"] == "torch.float32"
+
+
+def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("head_dim, length", [(1, 1024), (4, 256)])
+def test_h3_in_bf16_stays_close_to_full_precision(head_dim: int, length: int) -> None:
+    """bf16 weights and activations, fp32 SSM kernel and FFT convolution: within a few bf16 roundings of fp64.
+
+    The reference runs the same (bf16-valued) weights in fp64, as DeepSpeed's bf16 model computes with its
+    bf16 weights; the fp32 master copy only feeds the optimizer.
+    """
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, d_model=128, n_heads=2, layers="H", h3_d_state=64, h3_head_dim=head_dim)
+    layer = H3(cfg, 0).bfloat16()
+    x = torch.randn(2, length, cfg.d_model).bfloat16()
+    ref = copy.deepcopy(layer).double()(x.double())
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    rounding = _relative_error(ref.bfloat16(), ref)  # storing the exact output in bf16
+    assert _relative_error(y, ref) < 5 * rounding, (_relative_error(y, ref), rounding)
+
+
+def test_ssm_kernel_and_long_convolution_run_in_fp32_under_bf16() -> None:
+    cfg = ModelConfig(vocab_size=16, d_model=64, n_heads=2, layers="H", h3_d_state=64)
+    ssm = H3(cfg, 0).bfloat16().diag_ssm
+    assert ssm.kernel(512).dtype == torch.float32
+    u = torch.randn(2, ssm.channels, 512).bfloat16()
+    ref = copy.deepcopy(ssm).double()(u.double())
+    assert _relative_error(ssm(u), ref) < 2 * _relative_error(ref.bfloat16(), ref)  # only the output's rounding
+
+
+def test_bf16_refused_on_a_cpu_without_bf16(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ds_engine, "cpu_supports_bf16", lambda: False)
+    assert pretrain.main(["--config", DEBUG_CONFIG, "train.precision=bf16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no bf16 support" in err and "train.precision=fp32" in err
+    ds_engine.check_precision_supported("fp32")  # fp32 and auto (fp32 on CPU) pass
+    ds_engine.check_precision_supported(ds_engine.resolve_precision("auto"))
+
+
+def test_this_cpu_bf16_detection_answers() -> None:
+    assert isinstance(ds_engine.cpu_supports_bf16(), bool)
+
+
+@pytest.mark.slow
+def test_debug_hybrid_bf16_loss_tracks_fp32_over_30_steps(tmp_path) -> None:  # noqa: ANN001
+    """The short form of bench/bf16_curve.py (150 steps, 2% bound; bench/RESULTS.md): 30 steps of a quarter of
+    the tokens (micro-batch 4 x 64) on the small corpus, 3% bound."""
+    from hybrid_pretrain.bench.bf16_curve import compare, train
+    from hybrid_pretrain.tests.procs import SMALL_DATA
+
+    small = [*SMALL_DATA, "train.micro_batch_size=4", "data.seq_len=64"]
+    runs = {p: train(p, 30, tmp_path / p, threads=2, extra=small) for p in ("fp32", "bf16")}
+    result = compare(runs["fp32"], runs["bf16"])
+    assert runs["fp32"][-1]["train_loss"] < runs["fp32"][0]["train_loss"] - 1.0  # it learns
+    assert result["last10_gap"] < 0.03 and result["val_gap"] < 0.03, result
