@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hybrid_pretrain.retrieval.auto import FLAT_BELOW, choose_spec
 from hybrid_pretrain.retrieval.build import build_from_vectors, embed_rows
 from hybrid_pretrain.retrieval.client import IndexClient
 from hybrid_pretrain.retrieval.index import IndexSpec, ShardedIndex, build_shard, load_index
@@ -59,10 +60,11 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def build_auto(x: np.ndarray, target: float, folder: Path) -> tuple[ShardedIndex, dict]:
+def build_auto(x: np.ndarray, target: float, folder: Path, flat_below: int = FLAT_BELOW) -> tuple[ShardedIndex, dict]:
     """Publish the auto index of `x` into `folder` (as the launcher does) and load it back."""
-    build_from_vectors(folder, IndexSpec("auto", target_recall=target), x, np.arange(len(x), dtype=np.int64),
-                       progress=True)
+    spec = choose_spec(len(x), x.shape[1], target, flat_below) if flat_below != FLAT_BELOW else IndexSpec(
+        "auto", target_recall=target)
+    build_from_vectors(folder, spec, x, np.arange(len(x), dtype=np.int64), progress=True)
     return load_index(folder, use_gpu=False)
 
 
@@ -71,15 +73,16 @@ def bench_indexes(label: str, x: np.ndarray, q: np.ndarray, kinds: list[str], ta
     """One table block for data set `x` with queries `q`; returns the auto index (if built) and its summary."""
     n, d = x.shape
     ids = np.arange(n, dtype=np.int64)
-    rows, truth, auto, summary = [], None, None, None
+    rows, truth, auto, auto_cpu, summary = [], None, None, 0.0, None
     for name in kinds:
-        t0 = time.perf_counter()
-        if name == "auto":
-            index, manifest = build_auto(x, target, workdir / f"{label}_auto")
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        if name in ("auto", "auto-ivf"):  # auto-ivf: the auto IVF choice even below FLAT_BELOW (small real sets)
+            flat_below = 0 if name == "auto-ivf" else FLAT_BELOW
+            index, manifest = build_auto(x, target, workdir / f"{label}_{name}", flat_below)
         else:
             spec = specs(d)[name]
             index, manifest = ShardedIndex(spec, [build_shard(spec, x, ids)], use_gpu=False), None
-        build = time.perf_counter() - t0
+        build, build_cpu = time.perf_counter() - t0, time.process_time() - cpu0
         index.search(q[:10], K)  # warm-up
         t0 = time.perf_counter()
         _, found = index.search(q, K)
@@ -94,18 +97,18 @@ def bench_indexes(label: str, x: np.ndarray, q: np.ndarray, kinds: list[str], ta
             tuned = manifest.get("tuning", {})
             what = (f"   [{manifest['choice']['factory']}{', rerank from disk' if index.spec.reranks else ''}; "
                     f"tuned {tuned.get('params')} for {tuned.get('target')}: {tuned.get('recall')} on held-out "
-                    f"passages; peak RSS {peak_rss_gib():.2f} GiB]")
+                    f"passages; build CPU {build_cpu:.1f} s; peak RSS {peak_rss_gib():.2f} GiB]")
         print(f"  {label:>12} {name:<13} build {build:8.2f} s   recall@10 {recall:.3f}   {qps:10,.0f} q/s   "
               f"{mem / 2**20:8.1f} MiB{what}", flush=True)
         if name == "auto":
-            auto = index
+            auto, auto_cpu = index, build_cpu
     base_build, base_qps, base_mem = rows[0][1], rows[0][3], rows[0][4]
     for name, build, recall, qps, mem in rows[1:]:
         print(f"  {label:>12} {name:<13} vs flat: build x{build / base_build:.1f}, q/s x{qps / base_qps:.1f}, "
               f"memory 1/{base_mem / mem:.1f}, recall {recall:.3f}")
         if name == "auto":
             summary = {"label": label, "recall": recall, "speedup": qps / base_qps, "memory": mem / base_mem,
-                       "build": build}
+                       "build": build, "build_cpu": auto_cpu}
     return auto, summary
 
 
@@ -157,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="100000,1000000", help="comma-separated clustered vector counts (0: none)")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--kinds", default="flat,auto", help="flat first; then any of auto,ivfpq,ivfpq+refine,hnsw")
+    p.add_argument("--kinds", default="flat,auto",
+                   help="flat first; then any of auto,auto-ivf (auto's IVF choice at any size),ivfpq,ivfpq+refine,hnsw")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the auto index is tuned for")
     p.add_argument("--corpus", default="", help="data.path spec(s) of passages to embed with MiniLM (real vectors)")
     p.add_argument("--real-n", type=int, default=20000, help="passages embedded from --corpus (queries included)")
@@ -195,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     if summary:
         print(f"auto index at {summary['label']} clustered vectors: recall@10 {summary['recall']:.3f}, "
               f"x{summary['speedup']:.1f} flat's queries/s, memory {summary['memory']:.3f} of flat "
-              f"(1/{1 / summary['memory']:.1f}), build {summary['build']:.1f} s, peak RSS {peak_rss_gib():.2f} GiB")
+              f"(1/{1 / summary['memory']:.1f}), build {summary['build']:.1f} s ({summary['build_cpu']:.1f} s CPU), "
+              f"peak RSS {peak_rss_gib():.2f} GiB")
     return 0
 
 
