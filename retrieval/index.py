@@ -1,5 +1,10 @@
 """FAISS passage indexes: flat, IVF-PQ (optionally with exact re-ranking) and HNSW, sharded and versioned.
 
+Which index and which search parameters: `kind: auto` is chosen from the corpus size (retrieval.auto),
+nprobe / efSearch / k_factor are tuned to a recall target at build time (retrieval.tuning), and IVF-PQ
+can re-rank from full vectors on disk (retrieval.full_vectors); the spec stored in the manifest carries
+the tuned parameters, so every reader (in-process, LiveIndex, the service) searches with them.
+
 Every index is built with `faiss.index_factory` and keeps the passage store's ids (IVF natively,
 the others through `IndexIDMap2`), so search results are passage ids, never row numbers. A
 `ShardedIndex` is one FAISS index per shard (per rank at build time); searches run through
