@@ -1,27 +1,40 @@
-"""Retrieval benchmark: FAISS flat vs IVF-PQ (+ exact re-rank) vs HNSW, and the HTTP service vs in-process search.
+"""Retrieval benchmark: flat vs the auto-chosen, auto-tuned index (and fixed IVF-PQ / HNSW), and the service.
 
-    python bench/retrieval.py                       # 100k and 1M clustered 128-d vectors
-    python bench/retrieval.py --sizes 100000 --dim 384
+    python bench/retrieval.py --threads 1                       # 100k and 1M clustered 128-d vectors
+    python bench/retrieval.py --sizes 100000 --kinds flat,auto,ivfpq,ivfpq+refine,hnsw
+    python bench/retrieval.py --sizes 0 --corpus ../shared/data/pg19_sample --real-n 20000 --cache /tmp/real
+                                                                # MiniLM embeddings of real passages
 
-Data is a Gaussian mixture, unit-normalised (i.i.d. random vectors make every ANN index look useless).
-Prints build time, recall@10 against exact search and queries/s per index, with ratios to flat, then
-service latency p50/p99 at batch 1 and 32 next to the same searches in-process.
+Clustered data is a Gaussian mixture, unit-normalised (i.i.d. random vectors make every ANN index look
+useless); real data is all-MiniLM-L6-v2 embeddings of corpus passages, queries drawn from held-out
+passages (not indexed). `auto` is what `launcher/build_index.py` builds by default: the index chosen
+from n and d (retrieval.auto), its search parameters tuned at build time to --target-recall on passages
+of the set (retrieval.tuning), published and loaded back (full vectors memory-mapped). Prints build time,
+recall@10 against exact search, queries/s (best of 3 passes over the queries), index memory, with
+ratios to flat; then the service's latency next to in-process search on the auto index, and whether
+both return the same ids. The last line sums up the auto index on the largest clustered set.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
+from hybrid_pretrain.retrieval.auto import FLAT_BELOW, choose_spec
+from hybrid_pretrain.retrieval.build import build_from_vectors, embed_rows
 from hybrid_pretrain.retrieval.client import IndexClient
-from hybrid_pretrain.retrieval.index import IndexSpec, ShardedIndex, build_shard
+from hybrid_pretrain.retrieval.index import IndexSpec, ShardedIndex, build_shard, load_index
 from hybrid_pretrain.retrieval.live import LiveIndex
 from hybrid_pretrain.retrieval.service import IndexServer
 
 K = 10
+REPEATS = 3
 
 
 def clustered(n: int, d: int, seed: int, clusters: int = 1000, spread: float = 0.5) -> np.ndarray:
@@ -44,30 +57,78 @@ def specs(d: int) -> dict[str, IndexSpec]:
     }
 
 
-def bench_indexes(n: int, d: int, n_queries: int, kinds: list[str]) -> ShardedIndex:
-    x, q = clustered(n, d, seed=0), clustered(n_queries, d, seed=1)
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def build_auto(x: np.ndarray, target: float, folder: Path, flat_below: int = FLAT_BELOW) -> tuple[ShardedIndex, dict]:
+    """Publish the auto index of `x` into `folder` (as the launcher does) and load it back."""
+    spec = choose_spec(len(x), x.shape[1], target, flat_below) if flat_below != FLAT_BELOW else IndexSpec(
+        "auto", target_recall=target)
+    build_from_vectors(folder, spec, x, np.arange(len(x), dtype=np.int64), progress=True)
+    return load_index(folder, use_gpu=False)
+
+
+def bench_indexes(label: str, x: np.ndarray, q: np.ndarray, kinds: list[str], target: float,
+                  workdir: Path) -> tuple[ShardedIndex | None, dict | None]:
+    """One table block for data set `x` with queries `q`; returns the auto index (if built) and its summary."""
+    n, d = x.shape
     ids = np.arange(n, dtype=np.int64)
-    rows, flat = [], None
-    truth = None
+    rows, truth, auto, auto_cpu, summary = [], None, None, 0.0, None
     for name in kinds:
-        spec = specs(d)[name]
-        t0 = time.perf_counter()
-        index = ShardedIndex(spec, [build_shard(spec, x, ids)], use_gpu=False)
-        build = time.perf_counter() - t0
-        index.search(q[:10], K)  # warm-up
-        t0 = time.perf_counter()
-        _, found = index.search(q, K)
-        qps = n_queries / (time.perf_counter() - t0)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        if name in ("auto", "auto-ivf"):  # auto-ivf: the auto IVF choice even below FLAT_BELOW (small real sets)
+            flat_below = 0 if name == "auto-ivf" else FLAT_BELOW
+            index, manifest = build_auto(x, target, workdir / f"{label}_{name}", flat_below)
+        else:
+            spec = specs(d)[name]
+            index, manifest = ShardedIndex(spec, [build_shard(spec, x, ids)], use_gpu=False), None
+        build, build_cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        qps, found = 0.0, None
+        for _ in range(REPEATS):  # best of a few passes: the first one also pages in memory-mapped vectors
+            t0 = time.perf_counter()
+            _, found = index.search(q, K)
+            qps = max(qps, len(q) / (time.perf_counter() - t0))
         if truth is None:  # the first kind is flat: exact ground truth
-            truth, flat = found, index
+            truth = found
         recall = float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth)]))
-        rows.append((name, build, recall, qps))
-        print(f"  {n:>9,} {name:<13} build {build:8.2f} s   recall@10 {recall:.3f}   {qps:10,.0f} q/s", flush=True)
-    base_build, base_qps = rows[0][1], rows[0][3]
-    for name, build, recall, qps in rows[1:]:
-        print(f"  {n:>9,} {name:<13} vs flat: build x{build / base_build:.1f}, q/s x{qps / base_qps:.1f}, "
-              f"recall {recall:.3f}")
-    return flat
+        mem = index.memory_bytes()
+        rows.append((name, build, recall, qps, mem))
+        what = ""
+        if manifest is not None:
+            tuned = manifest.get("tuning", {})
+            what = (f"   [{manifest['choice']['factory']}{', rerank from disk' if index.spec.reranks else ''}; "
+                    f"tuned {tuned.get('params')} for {tuned.get('target')}: {tuned.get('recall')} on held-out "
+                    f"passages; build CPU {build_cpu:.1f} s; peak RSS {peak_rss_gib():.2f} GiB]")
+        print(f"  {label:>12} {name:<13} build {build:8.2f} s   recall@10 {recall:.3f}   {qps:10,.0f} q/s   "
+              f"{mem / 2**20:8.1f} MiB{what}", flush=True)
+        if name == "auto":
+            auto, auto_cpu = index, build_cpu
+    base_build, base_qps, base_mem = rows[0][1], rows[0][3], rows[0][4]
+    for name, build, recall, qps, mem in rows[1:]:
+        print(f"  {label:>12} {name:<13} vs flat: build x{build / base_build:.1f}, q/s x{qps / base_qps:.1f}, "
+              f"memory 1/{base_mem / mem:.1f}, recall {recall:.3f}")
+        if name == "auto":
+            summary = {"label": label, "recall": recall, "speedup": qps / base_qps, "memory": mem / base_mem,
+                       "build": build, "build_cpu": auto_cpu}
+    return auto, summary
+
+
+def real_vectors(corpus: str, n: int, cache: Path) -> np.ndarray:
+    """MiniLM embeddings of `n` random passages of `corpus` (cached in `cache`: encoding is the slow part)."""
+    from hybrid_pretrain.retrieval.passages import PassageStore, build_passage_store
+    from hybrid_pretrain.retrieval.pretrained import MiniLMEmbedder
+
+    out = cache / f"minilm_{n}.npy"
+    if out.is_file():
+        return np.load(out)
+    if not (cache / "passages").is_dir():
+        build_passage_store(corpus, cache / "passages", "train", cache / "corpus_cache")
+    store = PassageStore(cache / "passages")
+    rows = np.random.default_rng(0).permutation(len(store))[:n]
+    x = embed_rows(store, MiniLMEmbedder(), rows, desc="MiniLM")
+    np.save(out, x)
+    return x
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -78,6 +139,9 @@ def bench_service(index: ShardedIndex, d: int, reps: int) -> None:
     live = LiveIndex(index=index)
     with IndexServer(live, max_wait_ms=0.0) as server:
         client = IndexClient(server.url)
+        q = clustered(256, d, seed=3)
+        same = np.array_equal(client.search(q, K)[1], index.search(q, K)[1])
+        print(f"  service returns the same ids as in-process search for 256 queries: {same}")
         for batch in (1, 32):
             q = clustered(batch * reps, d, seed=2)
             client.search(q[:batch], K)
@@ -95,10 +159,15 @@ def bench_service(index: ShardedIndex, d: int, reps: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="100000,1000000", help="comma-separated vector counts")
+    p.add_argument("--sizes", default="100000,1000000", help="comma-separated clustered vector counts (0: none)")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--kinds", default="flat,ivfpq,ivfpq+refine,hnsw", help="flat must come first")
+    p.add_argument("--kinds", default="flat,auto",
+                   help="flat first; then any of auto,auto-ivf (auto's IVF choice at any size),ivfpq,ivfpq+refine,hnsw")
+    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the auto index is tuned for")
+    p.add_argument("--corpus", default="", help="data.path spec(s) of passages to embed with MiniLM (real vectors)")
+    p.add_argument("--real-n", type=int, default=20000, help="passages embedded from --corpus (queries included)")
+    p.add_argument("--cache", default="", help="folder for the real passages and their embeddings (reused)")
     p.add_argument("--service-reps", type=int, default=200, help="requests per batch size in the latency test")
     p.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads (0: FAISS's default)")
     args = p.parse_args(argv)
@@ -110,13 +179,30 @@ def main(argv: list[str] | None = None) -> int:
     if kinds[0] != "flat":
         print("error: --kinds must start with flat (it is the recall ground truth)", file=sys.stderr)
         return 2
-    print(f"FAISS indexes, clustered {args.dim}-d vectors, {args.queries} queries, k={K}")
-    first = None
-    for n in (int(s) for s in args.sizes.split(",")):
-        flat = bench_indexes(n, args.dim, args.queries, kinds)
-        first = first or flat
-    print(f"index service (HTTP, loopback, binary payload) vs in-process, flat index of {first.ntotal:,}")
-    bench_service(first, args.dim, args.service_reps)
+    if args.corpus and not args.cache:
+        print("error: --corpus needs --cache DIR (embedding is slow; the vectors are kept there)", file=sys.stderr)
+        return 2
+    summary, service_index = None, None
+    with tempfile.TemporaryDirectory(prefix="bench_retrieval_") as tmp:
+        print(f"indexes on clustered {args.dim}-d vectors, {args.queries} fresh queries, k={K}")
+        for n in (int(s) for s in args.sizes.split(",") if int(s)):
+            auto, summary = bench_indexes(f"{n:,}", clustered(n, args.dim, seed=0), clustered(args.queries,
+                                          args.dim, seed=1), kinds, args.target_recall, Path(tmp))
+            service_index = auto or service_index
+        if args.corpus:
+            x = real_vectors(args.corpus, args.real_n, Path(args.cache))
+            held = min(args.queries, len(x) // 10)  # held-out passages: queries, never indexed
+            print(f"indexes on MiniLM embeddings of {len(x) - held:,} passages, {held} held-out passages as queries")
+            bench_indexes(f"real {len(x) - held:,}", x[held:], x[:held], kinds, args.target_recall, Path(tmp))
+        if service_index is not None:
+            print(f"index service (HTTP, loopback, binary payload) vs in-process, auto index of "
+                  f"{service_index.ntotal:,}")
+            bench_service(service_index, args.dim, args.service_reps)
+    if summary:
+        print(f"auto index at {summary['label']} clustered vectors: recall@10 {summary['recall']:.3f}, "
+              f"x{summary['speedup']:.1f} flat's queries/s, memory {summary['memory']:.3f} of flat "
+              f"(1/{1 / summary['memory']:.1f}), build {summary['build']:.1f} s ({summary['build_cpu']:.1f} s CPU), "
+              f"peak RSS {peak_rss_gib():.2f} GiB")
     return 0
 
 

