@@ -258,6 +258,7 @@ def _pipeline_class() -> type[nn.Module]:
             with torch.device("meta"):
                 super()._build()
             self._materialize(self)
+            self._materialize = None  # it holds the meta-device single-rank model, needed no more
 
         def _partition_layers(self, method: str = "uniform") -> None:
             stage_id = self._topo.get_coord(self.global_rank).pipe
