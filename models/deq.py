@@ -32,7 +32,7 @@ from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.block import Block
 from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.ffn import build_ffn
-from hybrid_pretrain.models.init import gpt2_init
+from hybrid_pretrain.models.init import GPT2Init, draw_init_seed
 from hybrid_pretrain.models.mixers import build_mixer
 from hybrid_pretrain.models.options import layer_options
 from hybrid_pretrain.models.pattern import parse_pattern
@@ -123,6 +123,7 @@ class DEQLanguageModel(nn.Module):
         if cfg.dropout:
             raise ConfigError("model.dropout must be 0 for model.arch 'deq': a fresh dropout mask at every solver "
                               f"iteration makes f change under the solver, got {cfg.dropout}")
+        init_seed = draw_init_seed()  # before any submodule draws from the global generator
         self.cfg = cfg
         self.opts = layer_options(cfg, "deq", DEQOptions)
         layer = plan.layers[0]
@@ -132,11 +133,12 @@ class DEQLanguageModel(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.forward_info: SolverInfo | None = None  # of the last forward solve
         self.backward_info: SolverInfo | None = None  # of the last adjoint solve
+        self.weight_init = GPT2Init(init_seed, cfg.init_std, residual_layers=1)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-2 init as LanguageModel's; residual outputs scaled as for a 1-layer stack."""
-        gpt2_init(self, self.cfg.init_std, residual_layers=1)
+        self.weight_init(self)
 
     def f(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The layer map: z, x (B, L, D) -> (B, L, D); x plus the block's branches at z + x."""

@@ -17,7 +17,7 @@ from hybrid_pretrain.models.block import Block
 from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.ffn import build_ffn
 from hybrid_pretrain.models.ffn.moe import MoE
-from hybrid_pretrain.models.init import gpt2_init
+from hybrid_pretrain.models.init import GPT2Init, draw_init_seed
 from hybrid_pretrain.models.mixers import build_mixer
 from hybrid_pretrain.models.pattern import parse_pattern
 from hybrid_pretrain.models.roles import column_linear
@@ -55,6 +55,7 @@ class LanguageModel(nn.Module):
                 f"model.vocab_size must be set (> 0) to build a LanguageModel, got {cfg.vocab_size}; "
                 "take it from the tokenizer before building"
             )
+        init_seed = draw_init_seed()  # before any submodule draws from the global generator
         self.cfg = cfg
         self.plan = parse_pattern(cfg.layers, cfg.ffn)
         self.embedding = roles.vocab_embedding(cfg.vocab_size, cfg.d_model)
@@ -64,15 +65,17 @@ class LanguageModel(nn.Module):
         self.norm = roles.layer_norm(cfg.d_model, cfg.norm_eps)
         # Tied: the head reuses the embedding matrix (saves V x D parameters, GPT-2 practice).
         self.lm_head = None if cfg.tie_embeddings else column_linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.weight_init = GPT2Init(init_seed, cfg.init_std, residual_layers=len(self.blocks))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-2 init: projections and embedding ~ N(0, init_std), biases 0, residual outputs / sqrt(2 n_layers).
 
         Also the way to materialise a model built on the meta device: ``to_empty(device=...)`` then this.
-        Submodules (norms, SSMs) first apply their own init; projections are then overwritten.
+        Submodules (norms, SSMs) first apply their own init; projections are then overwritten. Each module
+        draws from its own seeded generator (models.init), so ``parallel.build`` can make one rank's share alone.
         """
-        gpt2_init(self, self.cfg.init_std, residual_layers=len(self.blocks))
+        self.weight_init(self)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> logits (..., V), or this rank's (..., V / TP) under tensor parallelism."""

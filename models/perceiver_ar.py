@@ -22,7 +22,7 @@ from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.block import Block
 from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.ffn import build_ffn
-from hybrid_pretrain.models.init import gpt2_init
+from hybrid_pretrain.models.init import GPT2Init, draw_init_seed
 from hybrid_pretrain.models.mixers import build_mixer
 from hybrid_pretrain.models.mixers.attention import apply_rotary
 from hybrid_pretrain.models.options import layer_options
@@ -76,6 +76,7 @@ class PerceiverAR(nn.Module):
         cfg.validate()
         if cfg.vocab_size <= 0:
             raise ConfigError(f"model.vocab_size must be set (> 0) to build PerceiverAR, got {cfg.vocab_size}")
+        init_seed = draw_init_seed()  # before any submodule draws from the global generator
         self.cfg = cfg
         self.opts = layer_options(cfg, "perceiver_ar", PerceiverAROptions)
         plan = parse_pattern(cfg.layers, cfg.ffn)
@@ -98,11 +99,12 @@ class PerceiverAR(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else column_linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.weight_init = GPT2Init(init_seed, cfg.init_std, residual_layers=len(self.blocks) + 1)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-2 init as LanguageModel's; the cross-attention layer counts as one more residual layer."""
-        gpt2_init(self, self.cfg.init_std, residual_layers=len(self.blocks) + 1)
+        self.weight_init(self)
 
     def num_latents(self, length: int) -> int:
         """Latents used for a sequence of `length` tokens."""

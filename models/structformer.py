@@ -34,7 +34,7 @@ from torch import nn
 from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.ffn import build_ffn
-from hybrid_pretrain.models.init import gpt2_init
+from hybrid_pretrain.models.init import GPT2Init, draw_init_seed
 from hybrid_pretrain.models.options import layer_options
 from hybrid_pretrain.models.pattern import parse_pattern
 from hybrid_pretrain.models.roles import IGNORE_INDEX, column_linear, row_linear
@@ -161,6 +161,7 @@ class StructFormer(nn.Module):
         if any(layer.mixer != "attention" for layer in plan.layers):
             raise ConfigError(f"model.layers for model.arch 'structformer' must be all 'A' (dependency-constrained "
                               f"attention), got '{cfg.layers}'")
+        init_seed = draw_init_seed()  # before any submodule draws from the global generator
         self.cfg = cfg
         opts = layer_options(cfg, "structformer", StructFormerOptions)
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -172,11 +173,12 @@ class StructFormer(nn.Module):
         self.ffns = nn.ModuleList(build_ffn(layer.ffn, cfg, i) for i, layer in enumerate(plan.layers))
         self.drop = nn.Dropout(cfg.dropout)
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.weight_init = GPT2Init(init_seed, cfg.init_std, residual_layers=len(self.attns))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-2 init as LanguageModel's (projections N(0, init_std), residual outputs / sqrt(2 n_layers))."""
-        gpt2_init(self, self.cfg.init_std, residual_layers=len(self.attns))
+        self.weight_init(self)
         with torch.no_grad():
             self.log_scales.zero_()
 

@@ -130,14 +130,20 @@ class _UnusedGate(nn.Module):
 
 
 def build_expert_parallel(layer: MoE, ep_size: int, ep_rank: int) -> nn.Module:
-    """A container holding experts ``[ep_rank * E/EP, (ep_rank + 1) * E/EP)`` of ``layer``, copied by value."""
+    """A container holding experts ``[ep_rank * E/EP, (ep_rank + 1) * E/EP)`` of ``layer``, copied by value.
+
+    A layer on the meta device gives a container on the meta device (``parallel.materialize`` fills it).
+    """
     n_local = layer.num_experts // ep_size
     template = layer.experts.mlps[0]
     # DeepSpeed deep-copies the template per local expert and marks each parameter allreduce=False.
     container = _container_class()(hidden_size=template.w_out.shape[0], expert=template,
                                       num_experts=layer.num_experts, ep_size=ep_size, k=layer.top_k)
     container.deepspeed_moe.gate = _UnusedGate()
-    container.group = expert_parallel_group(ep_size)
+    # Without process groups (a rank's model built for inspection, e.g. bench/startup_memory.py) there is no group.
+    container.group = expert_parallel_group(ep_size) if dist.is_initialized() else None
+    if template.w_in.is_meta:
+        return container
     with torch.no_grad():
         for i, expert in enumerate(container.deepspeed_moe.experts.deepspeed_experts):
             source = layer.experts.mlps[ep_rank * n_local + i]
@@ -226,17 +232,19 @@ class _RowExchange:
         return _AllToAllV.apply(out.index_select(0, self.by_source), self.group, self.send_splits, self.recv_splits)
 
 
-def parallelize_experts(model: nn.Module, ep_size: int) -> nn.Module:
+def parallelize_experts(model: nn.Module, ep_size: int, ep_rank: int | None = None) -> nn.Module:
     """Swap every MoE layer's local experts for this rank's expert-parallel slice, in place; returns ``model``.
 
-    Call on every rank after building the model from the same seed, or after loading the single-rank
-    weights into a tensor slice / pipeline stage (so the slices come from identical full weights), and
-    before making optimizer groups. Layers already swapped and models without MoE layers are left as they are.
+    Call on every rank before making optimizer groups: on a model built from the same seed on every rank
+    (the slices are copied from identical full weights), or on one built on the meta device, which
+    ``parallel.materialize`` then fills with this rank's experts only. ``ep_rank``: this process's rank in
+    its expert-parallel group when None. Layers already swapped and models without MoE layers are left as
+    they are.
     """
     layers = [m for m in model.modules() if isinstance(m, MoE) and isinstance(m.experts, LocalExperts)]
     if not layers:
         return model
-    ep_rank = expert_parallel_rank(ep_size)
+    ep_rank = expert_parallel_rank(ep_size) if ep_rank is None else ep_rank
     for layer in layers:
         if layer.num_experts % ep_size:
             raise ValueError(f"num_experts ({layer.num_experts}) must be divisible by parallel.expert ({ep_size})")

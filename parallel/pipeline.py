@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import re
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -228,11 +229,13 @@ def _pipeline_class() -> type[nn.Module]:
     class LanguageModelPipe(PipelineModule):
         """PipelineModule whose stage boundaries are ours (``block_bounds``), not DeepSpeed's partitioners."""
 
-        def __init__(self, cfg: ModelConfig, topology, bounds: list[int], checkpoint_activations: bool) -> None:
+        def __init__(self, cfg: ModelConfig, topology, bounds: list[int], checkpoint_activations: bool,
+                     materialize: Callable[[nn.Module], object]) -> None:
             # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
             from deepspeed.pipe import TiedLayerSpec
 
             self.cfg, self.n_blocks = cfg, len(bounds) and bounds[-1]
+            self._materialize = materialize
             self._block_bounds = bounds
             moe = has_moe(cfg)
             layers = [TiedLayerSpec("embed", EmbeddingStage, cfg, forward_fn=embed_with_aux if moe else None,
@@ -248,6 +251,14 @@ def _pipeline_class() -> type[nn.Module]:
                              loss_fn=cross_entropy_with_aux if moe else vocab.cross_entropy,
                              activation_checkpoint_interval=1 if checkpoint_activations else 0,
                              checkpointable_layers=["Block", "AuxBlock"])
+
+        def _build(self) -> None:
+            """This stage's layers on the meta device, then ``materialize`` gives them their weights: before
+            DeepSpeed moves the stage to its device and copies the tied embedding between the end stages."""
+            with torch.device("meta"):
+                super()._build()
+            self._materialize(self)
+            self._materialize = None  # it holds the meta-device single-rank model, needed no more
 
         def _partition_layers(self, method: str = "uniform") -> None:
             stage_id = self._topo.get_coord(self.global_rank).pipe
@@ -269,8 +280,13 @@ def _pipeline_class() -> type[nn.Module]:
     return LanguageModelPipe
 
 
-def build_pipeline(model_cfg: ModelConfig, pp: int, tp: int, dp: int, checkpoint_activations: bool = False):
-    """This rank's stage of the LanguageModel as a DeepSpeed PipelineModule (weights: see ``load_full_state``)."""
+def build_pipeline(model_cfg: ModelConfig, pp: int, tp: int, dp: int, checkpoint_activations: bool,
+                   materialize: Callable[[nn.Module], object]):
+    """This rank's stage of the LanguageModel as a DeepSpeed PipelineModule.
+
+    The stage's layers are built on the meta device and ``materialize(stage)`` gives them their weights
+    (``parallel.build``: the single-rank model's, experts cut to this rank first).
+    """
     # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -278,4 +294,4 @@ def build_pipeline(model_cfg: ModelConfig, pp: int, tp: int, dp: int, checkpoint
     # gradients are right (tests/parallel/test_tensor_pipeline.py), the once-per-step warning is noise.
     warnings.filterwarnings("ignore", message="c10d::broadcast_: an autograd kernel was not registered")
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
-    return _pipeline_class()(model_cfg, topology, block_bounds(model_cfg, pp), checkpoint_activations)
+    return _pipeline_class()(model_cfg, topology, block_bounds(model_cfg, pp), checkpoint_activations, materialize)

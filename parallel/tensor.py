@@ -151,21 +151,6 @@ def check_model(model_cfg, tp: int) -> None:
                           "the same tokens, and router jitter draws random noise per rank; expected model.jitter=0")
 
 
-def load_full_state(module: nn.Module, full: dict[str, torch.Tensor], rename=None) -> None:
-    """Copy the single-rank state dict ``full`` into (possibly sharded) ``module``, slicing sharded tensors.
-
-    ``rename`` maps this module's parameter names to ``full``'s keys (the pipeline's layer names);
-    every parameter and buffer must be found.
-    """
-    rename = rename or (lambda name: name)
-    with torch.no_grad():
-        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            key = rename(name)
-            if key not in full:
-                raise KeyError(f"no '{key}' (for '{name}') in the single-rank state dict")
-            tensor.copy_(shard(full[key], tensor))
-
-
 def full_state(module: nn.Module, rename=None, grads: bool = False) -> dict[str, torch.Tensor]:
     """Single-rank names -> gathered tensors (or gradients) of ``module``; collective over the TP group."""
     rename = rename or (lambda name: name)

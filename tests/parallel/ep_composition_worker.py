@@ -75,6 +75,7 @@ def reference(top_k: int, n_groups: int, dropless: bool) -> dict:
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in param_groups(model, t.lr,
                             t.weight_decay)], lr=t.lr, betas=tuple(t.betas), eps=1e-8)
     out: dict = {"losses": [], "norms": [], "grads": [], "weights_after": [], "group_metrics": []}
+    out["initial"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     for step in range(STEPS):
         losses, metrics = [], []
         for chunk in global_batch(step).chunk(n_groups, dim=0):
@@ -99,17 +100,18 @@ def build_engine(name: str, dp: int):
     t = train_config(zero, micro, dp)
     cfg = model_config(top_k, dropless)
     model = build_model(cfg, par, SEED, dp)  # this rank's tensor slice, stage and experts
-    mpu = ds_engine.MegatronMPU() if tp > 1 and pp == 1 else None
-    ds_config = {**ds_engine.deepspeed_config(t, dp), **pipeline.deepspeed_config(cfg)}
-    engine = ds_engine.initialize(model, param_groups(model, t.lr, t.weight_decay), ds_config, lambda step: 1.0,
-                                  mpu=mpu)
     pipe_name = getattr(model, "lm_name", lambda n: n)
     ep_rank, n_local = expert_parallel_rank(ep), NUM_EXPERTS // ep
 
     def rename(n: str) -> str:
         return single_rank_expert_name(pipe_name(n), ep_rank, n_local)
 
-    return engine, rename
+    initial = _assemble(full_state(model, rename))  # every rank's slice, stage and experts before training
+    mpu = ds_engine.MegatronMPU() if tp > 1 and pp == 1 else None
+    ds_config = {**ds_engine.deepspeed_config(t, dp), **pipeline.deepspeed_config(cfg)}
+    engine = ds_engine.initialize(model, param_groups(model, t.lr, t.weight_decay), ds_config, lambda step: 1.0,
+                                  mpu=mpu)
+    return engine, rename, initial
 
 
 def _dp_mean(values: dict[str, float]) -> dict[str, float]:
@@ -134,9 +136,9 @@ def run_layout(name: str, ckpt: Path | None) -> dict:
     tp, pp, ep, zero, micro, top_k, dropless = LAYOUTS[name]
     ctx = groups.initialize(ParallelConfig(tensor=tp, pipeline=pp, expert=ep))
     dp = ctx.dp_size
-    engine, rename = build_engine(name, dp)
+    engine, rename, initial = build_engine(name, dp)
     grads = capture_step_grads(engine, rename)
-    out: dict = {"losses": [], "norms": [], "metrics": []}
+    out: dict = {"losses": [], "norms": [], "metrics": [], "initial": initial}
     for step in range(STEPS):
         loss, norm = _step(engine, step, dp, ctx.dp_rank, micro, pp)
         out["losses"].append(loss)
@@ -148,7 +150,7 @@ def run_layout(name: str, ckpt: Path | None) -> dict:
     out["grads"] = grads
     out["weights"] = _assemble(full_state(engine.module, rename))
     if ckpt is not None:  # a fresh engine resumed from the step-2 checkpoint repeats step 3
-        engine2, _ = build_engine(name, dp)
+        engine2, _, _ = build_engine(name, dp)
         checkpoint.load(engine2, ckpt)
         out["resumed_loss"], _ = _step(engine2, STEPS - 1, dp, ctx.dp_rank, micro, pp)
         out["resumed_weights"] = _assemble(full_state(engine2.module, rename))

@@ -85,10 +85,11 @@ def reference(tied: bool) -> dict:
 
     torch.manual_seed(SEED)
     model = LanguageModel(model_config(tied))
+    out: dict = {"losses": [], "norms": [], "grads": []}
+    out["initial"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     t = train_config(0, 1, 1)
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in param_groups(model, t.lr,
                             t.weight_decay)], lr=t.lr, betas=tuple(t.betas), eps=1e-8)
-    out: dict = {"losses": [], "norms": [], "grads": []}
     for step in range(STEPS):
         b = global_batch(step)
         loss = model(b[:, :-1], labels=b[:, 1:])
@@ -153,13 +154,15 @@ def _replicated_spread(module) -> float:
 
 
 def build_engine(par: ParallelConfig, t: TrainConfig, dp: int, tied: bool, dropout: float = 0.0):
+    """(engine, this rank's names -> single-rank names, the full initial weights as every rank built them)."""
     model = build_model(model_config(tied, dropout), par, SEED, dp)
+    rename = getattr(model, "lm_name", lambda n: n)
+    initial = _assemble(full_state(model, rename))
     mpu = ds_engine.MegatronMPU() if par.tensor > 1 and par.pipeline == 1 else None
     ds_config = {**ds_engine.deepspeed_config(t, dp), **pipeline.deepspeed_config(model_config(tied))}
     engine = ds_engine.initialize(model, param_groups(model, t.lr, t.weight_decay), ds_config, lambda step: 1.0,
                                   mpu=mpu)
-    rename = getattr(model, "lm_name", lambda n: n)
-    return engine, rename
+    return engine, rename, initial
 
 
 def run_layout(name: str, ckpt: Path | None) -> dict:
@@ -171,9 +174,9 @@ def run_layout(name: str, ckpt: Path | None) -> dict:
     dp = ctx.dp_size
     t = train_config(zero, micro, dp)
     dropout = DROPOUT if name in DROPOUT_LAYOUTS else 0.0
-    engine, rename = build_engine(par, t, dp, tied, dropout)
+    engine, rename, initial = build_engine(par, t, dp, tied, dropout)
     grads = capture_step_grads(engine, rename)
-    out: dict = {"losses": [], "norms": []}
+    out: dict = {"losses": [], "norms": [], "initial": initial}
     for step in range(STEPS):
         micro_batches = global_batch(step).chunk(dp, dim=0)[ctx.dp_rank].chunk(micro, dim=0)
         loss, norm = train_step(engine, iter(micro_batches), micro)
@@ -188,7 +191,7 @@ def run_layout(name: str, ckpt: Path | None) -> dict:
     out["weights"] = _assemble(full_state(engine.module, rename))
     out["replicated_spread"] = _replicated_spread(engine.module)
     if ckpt is not None:  # a fresh engine resumed from the step-2 checkpoint repeats step 3
-        engine2, _ = build_engine(par, t, dp, tied, dropout)
+        engine2, _, _ = build_engine(par, t, dp, tied, dropout)
         checkpoint.load(engine2, ckpt)
         micro_batches = global_batch(STEPS - 1).chunk(dp, dim=0)[ctx.dp_rank].chunk(micro, dim=0)
         loss, _ = train_step(engine2, iter(micro_batches), micro)
