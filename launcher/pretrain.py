@@ -94,6 +94,11 @@ def dry_run(cfg: RunConfig, world_size: int) -> None:
           f"{', activation checkpointing' if cfg.parallel.activation_checkpointing else ''}):")
     for key, value in mem.items():
         print(f"  {key:<18}{format_bytes(value):>12}")
+    offload = cfg.train.offload
+    if offload.enabled:  # 'total' is the device's share; the offloaded bytes sit in host RAM or the NVMe files
+        where = f" under {offload.nvme_path}" if offload.uses_nvme else ""
+        print(f"offload: optimizer {offload.optimizer}, params {offload.params}{where}; on a CPU-only machine device "
+              f"and host are one memory: peak RSS about {format_bytes(mem['total'] + mem['offloaded_host'])} per rank")
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
