@@ -4,8 +4,8 @@ Each shape is a real one-rank ``deepspeed launcher/pretrain.py`` run (ZeRO-3, bf
 micro-batch 1) with ``train.offload`` set; the run logs its peak RSS (``peak_mem_mib`` in
 metrics.jsonl) and this script prints it beside the ``--dry-run`` estimate. On a CPU-only machine the
 "device" and the host are one memory, so the estimate of the RSS is the device total plus the bytes
-offloaded to host RAM; NVMe bytes are not counted (they are files), and are printed beside the size of
-the swap folder after the run.
+offloaded to host RAM plus the runtime (training.memory.cpu_rss); NVMe bytes are not counted (they
+are files), and are printed beside the size of the swap folder after the run.
 
 Shapes: ``355m-cpu`` / ``355m-nvme`` (h3_hybrid_355m, 358M parameters, the slow test's shape) and
 ``2.7b-nvme`` (h3_hybrid_2.7b with optimizer and parameters on NVMe: ~20 GiB RAM and ~38 GB of swap
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from hybrid_pretrain.launcher.preflight import per_rank_plan
 from hybrid_pretrain.training.config import load_config
-from hybrid_pretrain.training.memory import format_bytes
+from hybrid_pretrain.training.memory import CPU_RUNTIME, cpu_rss, format_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["data.max_corpus_bytes=1500000", "data.vocab_size=1024", "data.tokenizer_sample_bytes=1500000",
@@ -74,14 +74,15 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown shape(s) {', '.join(unknown)}; expected some of {', '.join(SHAPES)}")
     work = Path(args.work or tempfile.mkdtemp(prefix="offload_memory_"))
-    print("peak RSS (one rank, CPU) vs the --dry-run plan: device total + offloaded to host; NVMe apart")
+    print(f"peak RSS (one rank, CPU) vs the --dry-run plan: device total + offloaded to host + runtime "
+          f"{format_bytes(CPU_RUNTIME)}; NVMe apart")
     print(f"{'shape':<10}{'device':>11}{'host':>11}{'estimate':>11}{'measured':>11}{'ratio':>7}"
           f"{'nvme plan':>11}{'swap files':>11}{'wall s':>8}  losses")
     try:
         for shape in shapes:
             r = measure(shape, args.steps, work)
             plan = r["plan"]
-            estimate = plan["total"] + plan["offloaded_host"]
+            estimate = cpu_rss(plan)
             losses = " ".join(f"{x:.2f}" for x in r["losses"])
             print(f"{shape:<10}{format_bytes(plan['total']):>11}{format_bytes(plan['offloaded_host']):>11}"
                   f"{format_bytes(estimate):>11}{format_bytes(r['rss']):>11}{r['rss'] / estimate:>7.2f}"

@@ -36,7 +36,7 @@ from hybrid_pretrain.training.flops import training_flops_per_token
 from hybrid_pretrain.training.gpu_peaks import current_device_peak
 from hybrid_pretrain.training.init_from import init_from as load_initial_weights
 from hybrid_pretrain.training.init_from import prepare_config
-from hybrid_pretrain.training.memory import estimate_memory, expert_parameters, format_bytes
+from hybrid_pretrain.training.memory import cpu_rss, estimate_memory, expert_parameters, format_bytes
 from hybrid_pretrain.training.optimizer import param_groups, warmup_cosine
 from hybrid_pretrain.training.safe_load import add_trust_flag
 
@@ -98,7 +98,7 @@ def dry_run(cfg: RunConfig, world_size: int) -> None:
     if offload.enabled:  # 'total' is the device's share; the offloaded bytes sit in host RAM or the NVMe files
         where = f" under {offload.nvme_path}" if offload.uses_nvme else ""
         print(f"offload: optimizer {offload.optimizer}, params {offload.params}{where}; on a CPU-only machine device "
-              f"and host are one memory: peak RSS about {format_bytes(mem['total'] + mem['offloaded_host'])} per rank")
+              f"and host are one memory: peak RSS about {format_bytes(cpu_rss(mem))} per rank")
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:

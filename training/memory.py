@@ -97,6 +97,9 @@ def activation_bytes(model_cfg, micro_batch: int, seq_len: int, vocab_size: int,
     return kept + final_norm + logits + max(layer_peak, 2 * logits)  # the loss's backward holds two more
 
 
+# Resident memory of a training process beyond its tensors on a CPU-only machine: Python, torch, DeepSpeed,
+# the tokenizer and data pipeline, allocator slack (measured 0.3 GiB after imports, ~1 GiB at a 358M run's peak).
+CPU_RUNTIME = 0.75 * 2**30
 # DeepSpeed ZeRO defaults the offload accounting follows (deepspeed.runtime.zero.config / offload_config).
 REDUCE_BUCKET = 500_000_000  # reduce_bucket_size: gradient elements gathered on the device before each reduction
 OPTIMIZER_SWAP_BUFFERS = 5  # offload_optimizer.buffer_count (4) host buffers of one sub-group, plus its gradient's
@@ -150,20 +153,23 @@ def offload_plan(device: dict[str, float], offload, model_cfg, local_params: flo
     """Move ZeRO-Offload's categories out of ``device`` (in place): (host RAM bytes, NVMe bytes).
 
     Optimizer offload moves the fp32 master weights and Adam states, and the gradient partition the host
-    optimizer steps on; the device keeps one reduction bucket of gradients. On NVMe the host still holds
-    the gradient partition and the pinned swap buffers, one optimizer sub-group per buffer. Parameter
-    offload moves the weight partition; the device keeps the layers being computed (the largest one
-    gathered, and the next prefetched), NVMe adds the host's parameter swap buffers.
+    optimizer steps on (in the model's dtype, plus the fp32 copy CPU Adam reads); the device keeps one
+    reduction bucket of gradients and, under bf16, its fp32 copy for the reduction (DeepSpeed communicates
+    bf16 gradients in fp32). On NVMe the host holds the gradient partition and the pinned swap buffers,
+    one optimizer sub-group per buffer, instead of the fp32 copies. Parameter offload moves the weight
+    partition; the device keeps the layers being computed (the largest one gathered, the next
+    prefetched), NVMe adds the host's parameter swap buffers. Measured on CPU for the 358M shape
+    (bench/offload_memory.py): the live tensors are exactly these; the peak RSS adds the runtime.
     """
     host = nvme = 0.0
     if offload.optimizer != "none":
         states = device["master_weights"] + device["optimizer_states"]
         partition = device["gradients"]
-        device["gradients"] = min(REDUCE_BUCKET, local_params) * elem
+        device["gradients"] = min(REDUCE_BUCKET, local_params) * (elem + (4 if elem < 4 else 0))
         device["master_weights"] = device["optimizer_states"] = 0.0
         host += partition
         if offload.optimizer == "cpu":
-            host += states
+            host += states + (partition / elem * 4 if elem < 4 else 0)  # fp32 gradients for CPU Adam
         else:
             nvme += states
             host += OPTIMIZER_SWAP_BUFFERS * min(local_params, NVME_SUB_GROUP) * 4
@@ -177,6 +183,11 @@ def offload_plan(device: dict[str, float], offload, model_cfg, local_params: flo
             nvme += partition
             host += min(local_params, PARAM_SWAP_ELEMENTS) * elem
     return host, nvme
+
+
+def cpu_rss(plan: dict[str, float]) -> float:
+    """A rank's peak RSS on a CPU-only machine, where the "device" and the host are one memory (NVMe: files)."""
+    return plan["total"] + plan.get("offloaded_host", 0.0) + CPU_RUNTIME
 
 
 def format_bytes(n: float) -> str:

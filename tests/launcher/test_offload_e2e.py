@@ -2,27 +2,30 @@
 
 The h3_hybrid_355m shape (vocabulary 50257, so the parameter count is the real one) at a few tokens per
 step, bf16, one rank through the DeepSpeed launcher, optimizer states on CPU (DeepSpeed's CPU Adam):
-an uninterrupted 4-step run; a 2-step run resumed to step 4, whose steps 3 and 4 repeat the first run's
-bit for bit (constant learning rate, so the shorter run's schedule is the same); the final checkpoint
-consolidated to safetensors. The peak RSS each run logs is held to the --dry-run estimate (device +
-offloaded host bytes) within 15%.
+a 4-step run with checkpoints at steps 2 and 4; the same run cut back to step 2 and resumed, whose
+steps 3 and 4 repeat the first run's bit for bit; the final checkpoint consolidated to safetensors.
+The peak RSS the run logs is held to the --dry-run estimate (device + offloaded host bytes + runtime)
+within 15%.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 
 import pytest
 
 from hybrid_pretrain.launcher.preflight import per_rank_plan
 from hybrid_pretrain.tests.procs import REPO, SMALL_DATA, launch
 from hybrid_pretrain.training.config import load_config
+from hybrid_pretrain.training.memory import cpu_rss
 
 CONFIG = str(REPO / "configs" / "h3_hybrid_355m.yaml")
 SHAPE = ["--config", CONFIG, *SMALL_DATA, "data.seq_len=32", "train.micro_batch_size=1", "train.precision=bf16",
          "train.zero_stage=3", "train.offload.optimizer=cpu", "train.warmup_steps=0", "train.min_lr_ratio=1.0",
-         "train.lr=1e-3", "train.eval_every=0", "train.log_every=1", "train.keep_checkpoints=1"]
+         "train.lr=1e-3", "train.eval_every=0", "train.log_every=1", "train.keep_checkpoints=2"]
 
 
 def _ok(proc) -> None:
@@ -37,31 +40,36 @@ def _metrics(run_dir) -> list[dict]:
 def runs(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("offload")
     full, resumed = tmp / "full", tmp / "resumed"
-    _ok(launch([*SHAPE, f"run_dir={full}", "train.steps=4", "train.save_every=0"], ranks=1, timeout=900))
-    _ok(launch([*SHAPE, f"run_dir={resumed}", "train.steps=2", "train.save_every=0"], ranks=1, timeout=900))
-    again = launch([*SHAPE, f"run_dir={resumed}", "train.steps=4", "train.save_every=0", "--resume"], ranks=1,
-                   timeout=900)
+    _ok(launch([*SHAPE, f"run_dir={full}", "train.steps=4", "train.save_every=2"], ranks=1, timeout=1200))
+    # The same run stopped after its step-2 checkpoint (hard links: nothing is copied), then resumed to step 4.
+    shutil.copytree(full, resumed, copy_function=os.link)
+    shutil.rmtree(resumed / "checkpoints" / "step00000004")
+    (resumed / "checkpoints" / "latest").write_text("step00000002")
+    again = launch([*SHAPE, f"run_dir={resumed}", "train.steps=4", "train.save_every=2", "--resume"], ranks=1,
+                   timeout=1200)
     _ok(again)
     return {"full": full, "resumed": resumed, "tmp": tmp, "resume_log": again.stdout}
 
 
 @pytest.mark.slow
 def test_offloaded_run_trains_and_resumes_exactly(runs) -> None:
-    losses = [m["train_loss"] for m in _metrics(runs["full"])]
+    full = _metrics(runs["full"])
+    losses = [m["train_loss"] for m in full]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
-    assert losses[-1] < losses[0] - 0.5, losses  # from ln(50257) = 10.8 towards the 1024-token corpus
+    # From ln(50257) = 10.8 towards the 1024-token corpus; single 32-token batches are noisy, so two steps' mean.
+    assert losses[-1] < losses[0] and (losses[-1] + losses[-2]) / 2 < losses[0] - 0.5, losses
     assert "resumed from step 2" in runs["resume_log"]
     resumed = _metrics(runs["resumed"])
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
-    assert [m["train_loss"] for m in resumed] == losses  # bit for bit: the offloaded Adam states were restored
-    assert [m["grad_norm"] for m in resumed[2:]] == [m["grad_norm"] for m in _metrics(runs["full"])[2:]]
+    # Bit for bit: the offloaded Adam states and fp32 master weights came back from the checkpoint.
+    assert [(m["train_loss"], m["grad_norm"]) for m in resumed] == [(m["train_loss"], m["grad_norm"]) for m in full]
 
 
 @pytest.mark.slow
 def test_peak_rss_is_within_15_percent_of_the_offload_plan(runs) -> None:
     cfg = load_config(str(runs["full"] / "config.yaml"))
     plan = per_rank_plan(cfg, 1)
-    estimate = plan["total"] + plan["offloaded_host"]  # on CPU the device and the host are one memory
+    estimate = cpu_rss(plan)  # on CPU the device and the host are one memory
     measured = max(m["peak_mem_mib"] for m in _metrics(runs["full"])) * 2**20
     assert abs(measured / estimate - 1) < 0.15, (measured / 2**30, estimate / 2**30)
 
