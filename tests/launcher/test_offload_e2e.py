@@ -41,9 +41,11 @@ def runs(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("offload")
     full, resumed = tmp / "full", tmp / "resumed"
     _ok(launch([*SHAPE, f"run_dir={full}", "train.steps=4", "train.save_every=2"], ranks=1, timeout=1200))
-    # The same run stopped after its step-2 checkpoint (hard links: nothing is copied), then resumed to step 4.
-    shutil.copytree(full, resumed, copy_function=os.link)
-    shutil.rmtree(resumed / "checkpoints" / "step00000004")
+    # The same run stopped after its step-2 checkpoint, then resumed to step 4. The step-2 files are hard links
+    # (the resumed run only reads them); everything it writes to (logs, `latest`) is a copy.
+    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("step0*"))
+    shutil.copytree(full / "checkpoints" / "step00000002", resumed / "checkpoints" / "step00000002",
+                    copy_function=os.link)
     (resumed / "checkpoints" / "latest").write_text("step00000002")
     again = launch([*SHAPE, f"run_dir={resumed}", "train.steps=4", "train.save_every=2", "--resume"], ranks=1,
                    timeout=1200)
