@@ -89,3 +89,16 @@ def test_offloaded_checkpoint_converts_to_safetensors_of_the_right_size(runs) ->
     assert numel > 300_000_000
     header = 1_000_000  # safetensors' JSON header and alignment
     assert numel * 4 <= (out / "model.safetensors").stat().st_size <= numel * 4 + header  # fp32 master weights
+
+
+def test_dry_run_prints_device_host_and_nvme_bytes_per_rank(capsys, tmp_path) -> None:
+    from hybrid_pretrain.launcher.pretrain import main
+
+    assert main(["--config", str(REPO / "configs" / "h3_hybrid_2.7b.yaml"), "--dry-run", "train.precision=bf16",
+                 "train.zero_stage=3", "train.offload.optimizer=nvme", "train.offload.params=cpu",
+                 f"train.offload.nvme_path={tmp_path}", "data.seq_len=64", "train.micro_batch_size=1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  ")}
+    assert rows["optimizer_states"] == ["0.0", "B"] and rows["offloaded_nvme"][1] == "GiB"
+    assert float(rows["offloaded_nvme"][0]) == pytest.approx(2_660_787_200 * 12 / 2**30, abs=0.1)
+    assert f"offload: optimizer nvme, params cpu under {tmp_path}" in out and "peak RSS about" in out

@@ -159,3 +159,11 @@ def test_cli_refuses_an_offload_plan_that_does_not_fit(tmp_path, capsys):
                            "train.zero_stage=3", "train.offload.optimizer=nvme",
                            f"train.offload.nvme_path={tmp_path / 'nowhere'}"]) == 2
     assert f"train.offload.nvme_path {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+def test_nvme_offload_without_libaio_says_what_to_install(monkeypatch):
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
+    problem = preflight.async_io_problem()
+    assert "needs libaio: run `make setup` as root" in problem and "libaio-dev (Debian/Ubuntu)" in problem
