@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -51,8 +52,10 @@ def measure(shape: str, steps: int, work: Path) -> dict:
     plan = per_rank_plan(load_config(str(REPO / config), overrides), 1)
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", str(REPO / "launcher" / "pretrain.py"),
            "--config", str(REPO / config), "--overwrite", *overrides]
+    # DeepSpeed's ops as `make setup` built them (cpu_adam, async_io), not a fresh JIT build elsewhere.
+    env = {"TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions"), **os.environ}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"{shape}: the run failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
