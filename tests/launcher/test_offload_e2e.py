@@ -16,9 +16,11 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from hybrid_pretrain.launcher.preflight import per_rank_plan
 from hybrid_pretrain.tests.procs import REPO, SMALL_DATA, launch
+from hybrid_pretrain.training import weights
 from hybrid_pretrain.training.config import load_config
 from hybrid_pretrain.training.memory import cpu_rss
 
@@ -89,6 +91,13 @@ def test_offloaded_checkpoint_converts_to_safetensors_of_the_right_size(runs) ->
     assert numel > 300_000_000
     header = 1_000_000  # safetensors' JSON header and alignment
     assert numel * 4 <= (out / "model.safetensors").stat().st_size <= numel * 4 + header  # fp32 master weights
+    half = runs["tmp"] / "converted_bf16"
+    assert main([str(runs["full"]), "--out", str(half), "--dtype", "bf16"]) == 0
+    assert numel * 2 <= (half / "model.safetensors").stat().st_size <= numel * 2 + header
+    loaded = weights.load_consolidated(half)
+    want = weights.load_consolidated(out).state_dict
+    assert all(loaded.state_dict[k].dtype == torch.bfloat16 and torch.equal(loaded.state_dict[k],
+               want[k].to(torch.bfloat16)) for k in want if want[k].is_floating_point())
 
 
 def test_dry_run_prints_device_host_and_nvme_bytes_per_rank(capsys, tmp_path) -> None:
@@ -100,5 +109,5 @@ def test_dry_run_prints_device_host_and_nvme_bytes_per_rank(capsys, tmp_path) ->
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  ")}
     assert rows["optimizer_states"] == ["0.0", "B"] and rows["offloaded_nvme"][1] == "GiB"
-    assert float(rows["offloaded_nvme"][0]) == pytest.approx(2_660_787_200 * 12 / 2**30, abs=0.1)
+    assert float(rows["offloaded_nvme"][0]) == pytest.approx(2_660_787_200 * 16 / 2**30, abs=0.1)
     assert f"offload: optimizer nvme, params cpu under {tmp_path}" in out and "peak RSS about" in out
