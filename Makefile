@@ -18,7 +18,21 @@ LOCK_VENV ?= .venv-latest
 
 .PHONY: setup pretrain test test-fast test-latest lint lock dry-run clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(TORCH_EXTENSIONS_DIR)/.cpu_adam $(TORCH_EXTENSIONS_DIR)/.async_io
+
+# train.offload's host-side ops, JIT-built once into the venv so runs and tests reuse them: DeepSpeed's CPU Adam,
+# and its async I/O for NVMe offload, which needs libaio's headers: installed here when we are root with apt;
+# elsewhere the stamp stays missing (retried next time) and a run with train.offload nvme says what to install.
+$(TORCH_EXTENSIONS_DIR)/.cpu_adam: $(VENV)/.installed
+	$(BIN)/python -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()"
+	touch $@
+
+$(TORCH_EXTENSIONS_DIR)/.async_io: $(VENV)/.installed
+	-@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s libaio-dev >/dev/null 2>&1; then \
+	  apt-get install -y -q libaio-dev || { apt-get update -q && apt-get install -y -q libaio-dev; }; fi
+	$(BIN)/python -c "from deepspeed.ops.op_builder import AsyncIOBuilder as A; A().is_compatible() or \
+	  exit('async_io skipped: no libaio (apt-get install libaio-dev); train.offload nvme is refused'); A().load()" \
+	  && touch $@ || true
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

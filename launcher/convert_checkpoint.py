@@ -97,15 +97,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tag", help="checkpoint tag, e.g. step00000150 (default: newest intact one)")
     parser.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
                         help="hf also writes the transformers configuration/modeling files (default: safetensors)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="weights as stored: fp32 (the master weights, exact) or bf16 (half the size, what a "
+                             "bf16 run computes with)")
     add_trust_flag(parser)
     return parser.parse_args(argv)
 
 
 def convert(run_dir: str | Path, out: str | Path, tag: str | None = None, fmt: str = "safetensors",
-            trust: bool = False) -> Path:
+            trust: bool = False, dtype: str = "fp32") -> Path:
     """Write the consolidated checkpoint of `run_dir` into `out`; returns `out`."""
 
     weights = load_run(run_dir, tag, trust)
+    if dtype == "bf16":
+        sd = weights.state_dict
+        for name, t in sd.items():
+            sd[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
     out = save_consolidated(weights, out, HF_CONFIG if fmt == "hf" else None)
     if fmt == "hf":
         for name in HF_FILES:
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     try:
-        out = convert(args.run_dir, args.out, args.tag, args.format, args.trust_checkpoint)
+        out = convert(args.run_dir, args.out, args.tag, args.format, args.trust_checkpoint, args.dtype)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

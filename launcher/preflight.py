@@ -20,9 +20,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -168,7 +171,12 @@ def parallel_problems(parallel, world_size: int, num_experts: int | None = None)
 
 
 def per_rank_estimate(cfg, world_size: int) -> float:
-    """Bytes per rank from training.memory (weights, gradients, optimizer states, activations)."""
+    """Device bytes per rank from training.memory (weights, gradients, optimizer states, activations)."""
+    return per_rank_plan(cfg, world_size)["total"]
+
+
+def per_rank_plan(cfg, world_size: int) -> dict[str, float]:
+    """training.memory's per-rank plan: device bytes ('total') and, with offload, host RAM and NVMe bytes."""
 
     vocab = cfg.model.vocab_size or cfg.data.vocab_size
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
@@ -178,38 +186,116 @@ def per_rank_estimate(cfg, world_size: int) -> float:
     return estimate_memory(full_parameter_count(model_cfg), model_cfg, cfg.train, cfg.data.seq_len, vocab, dp,
                            precision, cfg.parallel.expert, tp_size=tp, pp_size=pp,
                            sequence_parallel=cfg.parallel.sequence_parallel,
-                           checkpointing=cfg.parallel.activation_checkpointing)["total"]
+                           checkpointing=cfg.parallel.activation_checkpointing)
 
 
-def free_memory() -> dict:
-    """This process's view of free memory: its GPU's (torch.cuda.mem_get_info) or the host's available RAM."""
+def free_memory(nvme_path: str = "") -> dict:
+    """This process's view of free memory: its GPU's (torch.cuda.mem_get_info) and the host's available RAM.
 
-    facts = {"host": socket.gethostname(), "rank": dist.get_rank() if dist.is_initialized() else 0}
+    With an NVMe offload folder, also whether it can be written and its free bytes (``offload_dir_facts``).
+    """
+
+    facts = {"host": socket.gethostname(), "rank": dist.get_rank() if dist.is_initialized() else 0,
+             "host_free": float(psutil.virtual_memory().available)}
     if torch.cuda.is_available():
         facts.update(kind="gpu", free=float(torch.cuda.mem_get_info()[0]), device=torch.cuda.current_device())
     else:
-        facts.update(kind="cpu", free=float(psutil.virtual_memory().available))
+        facts.update(kind="cpu", free=facts["host_free"])
+    if nvme_path:
+        facts.update(offload_dir_facts(nvme_path))
     return facts
 
 
-def memory_problems(facts: list[dict], need_per_rank: float) -> list[str]:
-    """GPU: each rank's device against the estimate. CPU: each host's available RAM against its ranks' sum."""
+def memory_problems(facts: list[dict], need_per_rank: float, host_per_rank: float = 0.0) -> list[str]:
+    """GPU: each rank's device against the estimate, each host's RAM against its ranks' offloaded bytes.
+
+    CPU: device and host are one memory, so each host's available RAM against its ranks' sum of both.
+    """
 
     problems = []
     by_host: dict[str, list[dict]] = {}
     for f in facts:
         by_host.setdefault(f["host"], []).append(f)
+    parts = f" (device {format_bytes(need_per_rank)} + offloaded {format_bytes(host_per_rank)})"
+    offload = parts if host_per_rank else ""
     for host, ranks in by_host.items():
         if ranks[0]["kind"] == "gpu":
             for f in ranks:
                 if f["free"] < need_per_rank:
                     problems.append(f"rank {f['rank']} on {host} (GPU {f['device']}): {format_bytes(f['free'])} "
                                     f"free, estimate needs {format_bytes(need_per_rank)} per rank")
+            available, each = ranks[0].get("host_free", math.inf), host_per_rank
+            if host_per_rank and available < each * len(ranks):
+                problems.append(f"host {host}: {format_bytes(available)} RAM available, the offload plan puts "
+                                f"{format_bytes(each * len(ranks))} there ({format_bytes(each)} per rank x "
+                                f"{len(ranks)}); offload more to nvme or use more nodes")
         else:
-            need = need_per_rank * len(ranks)
-            if ranks[0]["free"] < need:
+            each = need_per_rank + host_per_rank
+            if ranks[0]["free"] < each * len(ranks):
                 problems.append(f"host {host}: {format_bytes(ranks[0]['free'])} RAM available, {len(ranks)} rank(s) "
-                                f"need about {format_bytes(need)} ({format_bytes(need_per_rank)} each)")
+                                f"need about {format_bytes(each * len(ranks))} ({format_bytes(each)} each{offload})")
+    return problems
+
+
+def offload_dir_facts(nvme_path: str) -> dict:
+    """Whether this process can write its NVMe swap files under ``nvme_path``, and the free bytes there."""
+
+    path = Path(nvme_path)
+    if not path.is_dir():
+        return {"nvme_problem": f"train.offload.nvme_path {path} does not exist; create it on a fast local disk "
+                                f"(mkdir -p {path})"}
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return {"nvme_problem": f"train.offload.nvme_path {path} is not writable ({e.strerror}); expected a folder "
+                                "this user can write"}
+    return {"nvme_free": float(shutil.disk_usage(path).free)}
+
+
+def async_io_problem() -> str | None:
+    """NVMe offload needs DeepSpeed's async_io op, which builds only where libaio's headers are installed."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder  # optional: DeepSpeed only on engine paths
+
+    if AsyncIOBuilder().is_compatible(verbose=False):
+        return None
+    return ("train.offload 'nvme' needs DeepSpeed's async_io op, which needs libaio: run `make setup` as root (it "
+            "installs Debian's libaio-dev), or install libaio-dev (Debian/Ubuntu) or libaio-devel (RHEL/Fedora)")
+
+
+def offload_problems(facts: list[dict], nvme_per_rank: float) -> list[str]:
+    """Each host's NVMe folder: present, writable, and with room for its ranks' swap files."""
+
+    problems = []
+    by_host: dict[str, list[dict]] = {}
+    for f in facts:
+        by_host.setdefault(f["host"], []).append(f)
+    for host, ranks in by_host.items():
+        first = ranks[0]
+        if "nvme_problem" in first:
+            problems.append(f"host {host}: {first['nvme_problem']}")
+        elif first["nvme_free"] < nvme_per_rank * len(ranks):
+            problems.append(f"host {host}: train.offload.nvme_path has {format_bytes(first['nvme_free'])} free, the "
+                            f"offload plan writes {format_bytes(nvme_per_rank * len(ranks))} "
+                            f"({format_bytes(nvme_per_rank)} per rank x {len(ranks)}); free space or choose another "
+                            "folder")
+    return problems
+
+
+def plan_problems(cfg, facts: list[dict], world_size: int) -> list[str]:
+    """Memory (device, host RAM) and NVMe against the per-rank plan; the estimate knows the pattern-stack LM only."""
+
+    problems = []
+    offload = cfg.train.offload
+    if offload.uses_nvme:
+        aio = async_io_problem()
+        problems += [aio] if aio else []
+    if cfg.model.arch != "lm":
+        return problems
+    plan = per_rank_plan(cfg, world_size)
+    problems += memory_problems(facts, plan["total"], plan.get("offloaded_host", 0.0))
+    if offload.uses_nvme:
+        problems += offload_problems(facts, plan["offloaded_nvme"])
     return problems
 
 
@@ -241,14 +327,13 @@ def check_run(cfg, world_size: int) -> None:
     """
 
     facts: list = [None] * world_size
-    dist.all_gather_object(facts, free_memory())
+    nvme_path = cfg.train.offload.nvme_path if cfg.train.offload.uses_nvme else ""
+    dist.all_gather_object(facts, free_memory(nvme_path))
 
     def verdict() -> list[str]:
         num_experts = cfg.model.num_experts if "E" in cfg.model.ffn else None
         problems = parallel_problems(cfg.parallel, world_size, num_experts)
-        if not problems and cfg.model.arch == "lm":  # the estimate knows the pattern-stack LM only
-            problems = memory_problems(facts, per_rank_estimate(cfg, world_size))
-        return problems
+        return problems or plan_problems(cfg, facts, world_size)
 
     problems = groups.run_on_main(verdict)
     if problems:
@@ -275,10 +360,10 @@ def prelaunch_problems(hostfile: str, cfg, launcher: str, master_addr: str | Non
     local = [h for h in hosts if is_local(h)]
     memory = "not checked here (this machine is not in the hostfile; the run checks every rank)"
     if not sizes and cfg.model.arch == "lm" and local:  # the estimate knows the pattern-stack LM only
-        facts = [{**free_memory(), "rank": r} for r in range(hosts[local[0]])]
-        need = per_rank_estimate(cfg, world)
-        problems += memory_problems(facts if facts[0]["kind"] == "cpu" else facts[:1], need)
-        memory = f"estimate {format_bytes(need)} per rank"
+        nvme_path = cfg.train.offload.nvme_path if cfg.train.offload.uses_nvme else ""
+        facts = [{**free_memory(nvme_path), "rank": r} for r in range(hosts[local[0]])]
+        problems += plan_problems(cfg, facts, world)
+        memory = f"estimate {format_bytes(per_rank_estimate(cfg, world))} per rank"
     model_parallel = cfg.parallel.tensor * cfg.parallel.pipeline
     summary = (f"{len(hosts)} host(s), {world} ranks: TP={cfg.parallel.tensor} x PP={cfg.parallel.pipeline} x "
                f"DP={world // model_parallel if not world % model_parallel else '?'} (EP={cfg.parallel.expert}); "

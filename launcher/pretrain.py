@@ -37,7 +37,7 @@ from hybrid_pretrain.training.flops import training_flops_per_token
 from hybrid_pretrain.training.gpu_peaks import current_device_peak
 from hybrid_pretrain.training.init_from import init_from as load_initial_weights
 from hybrid_pretrain.training.init_from import prepare_config
-from hybrid_pretrain.training.memory import estimate_memory, expert_parameters, format_bytes
+from hybrid_pretrain.training.memory import cpu_rss, estimate_memory, expert_parameters, format_bytes
 from hybrid_pretrain.training.optimizer import param_groups, warmup_cosine
 from hybrid_pretrain.training.safe_load import add_trust_flag
 
@@ -99,8 +99,14 @@ def dry_run(cfg: RunConfig, world_size: int, profile_name: str | None = None) ->
           f"{', activation checkpointing' if cfg.parallel.activation_checkpointing else ''}):")
     for key, value in mem.items():
         print(f"  {key:<18}{format_bytes(value):>12}")
-    if profile:
-        print_step_time(cfg, model_cfg, n, dp, profile, precision, mem["total"])
+    offload = cfg.train.offload
+    if offload.enabled:  # 'total' is the device's share; the offloaded bytes sit in host RAM or the NVMe files
+        where = f" under {offload.nvme_path}" if offload.uses_nvme else ""
+        print(f"offload: optimizer {offload.optimizer}, params {offload.params}{where}; on a CPU-only machine device "
+              f"and host are one memory: peak RSS about {format_bytes(cpu_rss(mem))} per rank")
+    if profile:  # on a CPU the "device" memory is host RAM: compare the whole RSS with it
+        print_step_time(cfg, model_cfg, n, dp, profile, precision,
+                        cpu_rss(mem) if profile.name == "cpu" else mem["total"])
 
 
 def print_step_time(cfg: RunConfig, model_cfg, n_params: int, dp: int, profile: DeviceProfile, precision: str,

@@ -49,6 +49,27 @@ class OffloadConfig:
     def enabled(self) -> bool:
         return self.optimizer != "none" or self.params != "none"
 
+    @property
+    def uses_nvme(self) -> bool:
+        return "nvme" in (self.optimizer, self.params)
+
+    def check_stage(self, zero_stage: int) -> None:
+        """DeepSpeed offloads what ZeRO partitions: parameters and NVMe need stage 3, CPU optimizer stage 2."""
+        if self.params != "none" and zero_stage != 3:
+            raise ConfigError(f"train.offload.params={self.params} needs train.zero_stage=3 (only ZeRO-3 partitions "
+                              f"the weights), got {zero_stage}")
+        if self.optimizer == "nvme" and zero_stage != 3:
+            raise ConfigError(f"train.offload.optimizer=nvme needs train.zero_stage=3 (ZeRO-Infinity), "
+                              f"got {zero_stage}")
+        if self.optimizer == "cpu" and zero_stage < 2:
+            raise ConfigError(f"train.offload.optimizer=cpu needs train.zero_stage 2 or 3, got {zero_stage}")
+
+    def check_pipeline(self, pipeline: int) -> None:
+        if self.enabled and pipeline > 1:
+            raise ConfigError(f"train.offload (optimizer={self.optimizer}, params={self.params}) with "
+                              f"parallel.pipeline={pipeline}: offload runs under ZeRO-2/3 without a pipeline; expected "
+                              "parallel.pipeline=1 or train.offload.*=none")
+
 
 @dataclass
 class TrainConfig:
@@ -88,6 +109,7 @@ class TrainConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be 'auto', 'fp32' or 'bf16', got '{self.precision}'")
         self.offload.validate()
+        self.offload.check_stage(self.zero_stage)
 
 
 @dataclass
@@ -150,6 +172,7 @@ class RunConfig:
         validate_model(self.model)
         self.train.validate()
         self.parallel.validate()
+        self.train.offload.check_pipeline(self.parallel.pipeline)
         self._validate_model_parallel()
         if "E" in self.model.ffn:
             self.parallel.check_experts(self.model.num_experts)

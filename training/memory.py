@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 
 from hybrid_pretrain.models.pattern import parse_pattern
+from hybrid_pretrain.parallel.engine import NVME_SUB_GROUP
 
 
 def expert_parameters(model_cfg) -> tuple[int, int]:
@@ -96,14 +97,27 @@ def activation_bytes(model_cfg, micro_batch: int, seq_len: int, vocab_size: int,
     return kept + final_norm + logits + max(layer_peak, 2 * logits)  # the loss's backward holds two more
 
 
+# Resident memory of a training process beyond its tensors on a CPU-only machine: Python, torch, DeepSpeed,
+# the tokenizer and data pipeline, allocator slack (measured 0.3 GiB after imports, ~1 GiB at a 358M run's peak).
+CPU_RUNTIME = 0.75 * 2**30
+# DeepSpeed ZeRO defaults the offload accounting follows (deepspeed.runtime.zero.config / offload_config).
+REDUCE_BUCKET = 500_000_000  # reduce_bucket_size: gradient elements gathered on the device before each reduction
+OPTIMIZER_SWAP_BUFFERS = 5  # offload_optimizer.buffer_count (4) host buffers of one sub-group, plus its gradient's
+PARAM_SWAP_ELEMENTS = 5 * 100_000_000  # offload_param.buffer_count x buffer_size elements in host RAM
+PARAM_MAX_IN_CPU = 1_000_000_000  # offload_param.max_in_cpu: weight elements NVMe offload keeps in host RAM
+
+
 def estimate_memory(n_params: int, model_cfg, train_cfg, seq_len: int, vocab_size: int,
                     dp_size: int, precision: str, ep_size: int = 1, tp_size: int = 1,
                     pp_size: int = 1, sequence_parallel: bool = False,
-                    checkpointing: bool = False) -> dict[str, float]:
-    """Bytes per rank by category, plus 'total'.
+                    checkpointing: bool = False, offload=None) -> dict[str, float]:
+    """Bytes per rank by category; 'total' is what stays in device memory.
 
     Tensor and pipeline parallelism divide the weights by TP x PP (norms are replicated, a small
-    overcount); activations follow ``activation_bytes``.
+    overcount); activations follow ``activation_bytes``. ``offload`` (default: ``train_cfg.offload``, a
+    training.config.OffloadConfig) moves categories off the device as DeepSpeed's ZeRO-Offload does;
+    'offloaded_host' and 'offloaded_nvme' count what then sits in host RAM and in the NVMe swap files
+    (see ``offload_plan``).
     """
     half = precision == "bf16"
     stage = train_cfg.zero_stage
@@ -125,8 +139,58 @@ def estimate_memory(n_params: int, model_cfg, train_cfg, seq_len: int, vocab_siz
                             sequence_parallel, checkpointing)
     out = {"weights": weights, "master_weights": master, "gradients": grads, "optimizer_states": adam,
            "activations": acts}
+    offload = offload if offload is not None else getattr(train_cfg, "offload", None)
+    if offload is None or not offload.enabled:
+        out["total"] = sum(out.values())
+        return out
+    local = sharded(1, stage >= 3)  # parameters this rank's partition holds
+    host, nvme = offload_plan(out, offload, model_cfg, local, 2 if half else 4)
     out["total"] = sum(out.values())
+    out["offloaded_host"], out["offloaded_nvme"] = host, nvme
     return out
+
+
+def offload_plan(device: dict[str, float], offload, model_cfg, local_params: float, elem: int) -> tuple[float, float]:
+    """Move ZeRO-Offload's categories out of ``device`` (in place): (host RAM bytes, NVMe bytes).
+
+    Optimizer offload moves the fp32 master weights and Adam states, and the gradient partition the host
+    optimizer steps on (in the model's dtype, plus the fp32 copy CPU Adam reads); the device keeps one
+    reduction bucket of gradients and, under bf16, its fp32 copy for the reduction (DeepSpeed communicates
+    bf16 gradients in fp32). On NVMe the host holds the gradient partition and the pinned swap buffers,
+    one optimizer sub-group per buffer, and the fp32 gradients go to the swap files with the states.
+    Parameter offload moves the weight partition; the device keeps the layers being computed (the
+    largest one gathered, the next prefetched), NVMe adds the host's parameter swap buffers and the
+    weights DeepSpeed keeps in host RAM anyway (``max_in_cpu``). Measured on CPU for the 358M shape
+    (bench/offload_memory.py, and a gc inventory of live tensors): these are the live tensors; the
+    peak RSS adds the runtime.
+    """
+    host = nvme = 0.0
+    if offload.optimizer != "none":
+        states = device["master_weights"] + device["optimizer_states"]
+        partition = device["gradients"]
+        device["gradients"] = min(REDUCE_BUCKET, local_params) * (elem + (4 if elem < 4 else 0))
+        device["master_weights"] = device["optimizer_states"] = 0.0
+        host += partition
+        if offload.optimizer == "cpu":
+            host += states + (partition / elem * 4 if elem < 4 else 0)  # fp32 gradients for CPU Adam
+        else:  # the fp32 gradients are swapped out with the states (measured: 18 B/param of files with bf16 weights)
+            nvme += states + local_params * 4
+            host += OPTIMIZER_SWAP_BUFFERS * min(local_params, NVME_SUB_GROUP) * 4
+    if offload.params != "none":
+        partition = device["weights"]
+        largest = model_cfg.d_model * max(model_cfg.vocab_size, model_cfg.ffn_dim, 3 * model_cfg.d_model)
+        device["weights"] = min(partition, 2 * largest * elem)  # one matrix gathered, the next prefetched
+        if offload.params == "cpu":
+            host += partition
+        else:
+            nvme += partition
+            host += (PARAM_SWAP_ELEMENTS + min(local_params, PARAM_MAX_IN_CPU)) * elem
+    return host, nvme
+
+
+def cpu_rss(plan: dict[str, float]) -> float:
+    """A rank's peak RSS on a CPU-only machine, where the "device" and the host are one memory (NVMe: files)."""
+    return plan["total"] + plan.get("offloaded_host", 0.0) + CPU_RUNTIME
 
 
 def format_bytes(n: float) -> str:

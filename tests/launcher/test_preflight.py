@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import socket
 
+import psutil
 import pytest
 
 from hybrid_pretrain.launcher import preflight
-from hybrid_pretrain.tests.procs import DEBUG_CONFIG, SMALL_DATA, _free_port, run_python
+from hybrid_pretrain.tests.procs import DEBUG_CONFIG, REPO, SMALL_DATA, _free_port, run_python
 from hybrid_pretrain.training.config import ParallelConfig
 
 
@@ -119,3 +120,50 @@ def test_pretrain_runs_the_preflight_before_building_anything(tmp_path):
     assert "RAM available, 1 rank(s) need about" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (run_dir / "data").exists()  # stopped before data preparation and the model
+
+
+def test_offload_plan_against_host_ram_and_the_nvme_folder(tmp_path):
+    gib = 2**30
+    gpus = [{"host": "a", "rank": r, "kind": "gpu", "free": 40 * gib, "device": r, "host_free": 30 * gib}
+            for r in range(2)]
+    assert preflight.memory_problems(gpus, 20 * gib, host_per_rank=10 * gib) == []
+    problems = preflight.memory_problems(gpus, 20 * gib, host_per_rank=20 * gib)
+    assert problems == ["host a: 30.0 GiB RAM available, the offload plan puts 40.0 GiB there (20.0 GiB per rank x "
+                        "2); offload more to nvme or use more nodes"]
+    cpus = [{"host": "b", "rank": 0, "kind": "cpu", "free": 30 * gib, "host_free": 30 * gib}]
+    assert "need about 40.0 GiB (40.0 GiB each (device 20.0 GiB + offloaded 20.0 GiB))" in \
+        preflight.memory_problems(cpus, 20 * gib, host_per_rank=20 * gib)[0]
+
+    missing = preflight.offload_dir_facts(str(tmp_path / "swap"))
+    assert missing["nvme_problem"].startswith(f"train.offload.nvme_path {tmp_path / 'swap'} does not exist")
+    facts = [{"host": "b", "rank": r, **preflight.offload_dir_facts(str(tmp_path))} for r in range(2)]
+    assert preflight.offload_problems(facts, 1e6) == []
+    full = preflight.offload_problems(facts, facts[0]["nvme_free"])  # two ranks' files on one disk
+    assert len(full) == 1 and "train.offload.nvme_path has" in full[0] and "per rank x 2); free space" in full[0]
+
+
+def test_cli_refuses_an_offload_plan_that_does_not_fit(tmp_path, capsys):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=1\n")
+    port = str(_free_port())
+    big = ["--config", str(REPO / "configs" / "h3_hybrid_2.7b.yaml"), *SMALL_DATA, "data.seq_len=32",
+           "train.micro_batch_size=1", "train.zero_stage=3", "train.precision=bf16"]
+    # 2.7 billion parameters: fp32 master weights and Adam states alone (32 GB) need more RAM than this host has.
+    if psutil.virtual_memory().available > 38e9:
+        pytest.skip("this host has room for a 2.7B model's optimizer states in RAM")
+    assert preflight.main(["--hostfile", str(hosts), "--master-port", port, *big, "train.offload.optimizer=cpu",
+                           "train.offload.params=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "(device " in err and " + offloaded " in err and "RAM available" in err
+    assert preflight.main(["--hostfile", str(hosts), "--master-port", port, "--config", DEBUG_CONFIG, *SMALL_DATA,
+                           "train.zero_stage=3", "train.offload.optimizer=nvme",
+                           f"train.offload.nvme_path={tmp_path / 'nowhere'}"]) == 2
+    assert f"train.offload.nvme_path {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+def test_nvme_offload_without_libaio_says_what_to_install(monkeypatch):
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
+    problem = preflight.async_io_problem()
+    assert "needs libaio: run `make setup` as root" in problem and "libaio-dev (Debian/Ubuntu)" in problem
