@@ -39,6 +39,7 @@ from hybrid_pretrain.training.checkpoint import (
 )
 from hybrid_pretrain.training.config import RunConfig, load_config, save_resolved
 from hybrid_pretrain.training.expert_checkpoint import is_moe_checkpoint, moe_model_parallel_state_dict, moe_state_dict
+from hybrid_pretrain.training.nvme_checkpoint import is_nvme_checkpoint, nvme_state_dict
 from hybrid_pretrain.training.safe_load import load_pt, restricted_unpickling
 from hybrid_pretrain.training.shards import join_tensor_ranks
 
@@ -75,12 +76,37 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str, trust: bool = False) -> di
     stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
     if stage == 0:  # no optimizer partitions: the module is whole (cast, as bf16 runs keep no fp32 copy here)
         return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    if is_nvme_checkpoint(tag_dir):  # the fp32 master weights are in DeepSpeed's swap files, not the .pt files
+        optim_files = sorted(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"), key=_zero_rank)
+        flat_groups = [[g.detach().float() for g in load_pt(f, trust)["optimizer_state_dict"]["fp32_flat_groups"]]
+                       for f in optim_files]
+        return nvme_state_dict(tag_dir, [load_pt(f, trust) for f in sorted(model_files, key=_zero_rank)],
+                               flat_groups, _parameter_order(ckpt_dir.parent))
     # optional: DeepSpeed only on engine paths (importing it probes accelerators and logs)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # DeepSpeed reports progress on stdout; keep it for results
     with contextlib.redirect_stdout(sys.stderr), restricted_unpickling(tag_dir, trust):
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
+
+
+def _zero_rank(path: Path) -> int:
+    """The data-parallel rank in a ``zero_pp_rank_R_...`` file name."""
+    return int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1))
+
+
+def _parameter_order(run_dir: Path) -> list[str]:
+    """The run's ``model.named_parameters()`` order (DeepSpeed's parameter ids), from its model built on meta."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise CheckpointError(f"{config} is missing; an NVMe-offloaded checkpoint needs its run's config.yaml to "
+                              "name the swapped weights")
+    model_cfg = load_config(str(config), [f"run_dir={run_dir}"]).model
+    if not model_cfg.vocab_size:  # resolved from the tokenizer at run time; names do not depend on it
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=64)
+    with torch.device("meta"):
+        model = build_arch(model_cfg)
+    return [name for name, _ in model.named_parameters()]
 
 
 _PIPE_FILE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
