@@ -21,7 +21,7 @@ import numpy as np
 from hybrid_pretrain.retrieval.index import ShardedIndex, check_target_recall
 
 TRUTH_CHUNK = 131_072  # database rows per exact-search step: bounds the temporaries of the ground truth
-K_FACTORS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+K_FACTORS = (1, 2, 3, 4, 6, 8, 12, 14, 16, 24, 32, 48, 64)
 EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024, 2048)
 SATURATED = 0.002  # a doubling of nprobe that gains less recall than this: more probes will not help
 MARGIN = 0.01  # asked of the held-out queries above the target: 500 queries measure recall to about +-0.01
