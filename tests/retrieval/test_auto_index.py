@@ -20,6 +20,7 @@ from hybrid_pretrain.retrieval.index import (
     RetrievalIndexError,
     ShardedIndex,
     build_shard,
+    configure,
     load_index,
     version_dir,
 )
@@ -187,3 +188,7 @@ def test_hnsw_coarse_quantizer_becomes_exact_centroid_search(tmp_path):
     _, expected = ivf.search_preassigned(q, K, lists, np.take_along_axis(coarse, lists, 1))
     np.testing.assert_array_equal(index.search(q, K)[1], expected)
     np.testing.assert_array_equal(built.search(q, K)[1], expected)  # in memory, before saving, the same
+    old = faiss.index_factory(D, "IVF64_HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)  # saved before the swap
+    old.train(x)
+    configure(old, IndexSpec("ivfpq", nlist=64, pq_m=8, coarse="hnsw", nprobe=20))
+    assert faiss.downcast_index(faiss.extract_index_ivf(old).quantizer).hnsw.efSearch == 20  # graph returns nprobe
