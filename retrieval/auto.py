@@ -6,6 +6,8 @@ The rules, and why:
   end keeps k-means training inside the build budget on a small CPU);
 - from HNSW_COARSE_FROM lists, an HNSW graph over the centroids as the coarse quantizer (and for k-means
   assignment), since flat assignment costs n * nlist * d at add time (1M x 4096 x 128: minutes on 2 cores);
+  once built, searches go through exact centroid search again (retrieval.index.flat_coarse): for a batch of
+  queries that is one matrix product, faster than the graph walk;
 - PQ with d / 4 sub-quantizers of 8 bits (32 bytes at 128-d, 96 at 384-d: 1/16 of fp32, plus 8-byte ids);
 - an OPQ rotation before PQ from 256 dimensions on: encoder embeddings spread variance unevenly over
   dimensions, which OPQ balances across sub-quantizers; at 128-d its training time is not repaid;

@@ -51,10 +51,14 @@ class FullVectors:
     def rerank(self, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact inner products of `queries` (n, d) with candidate `rows` (n, m; -1 = none) -> top-k (scores, ids)."""
         valid = rows >= 0
-        picked = self.vectors[np.where(valid, rows, 0).ravel()].reshape(*rows.shape, -1)  # reads only these rows
-        scores = np.einsum("nd,nmd->nm", queries, picked, dtype=np.float32)
+        safe = np.where(valid, rows, 0)
+        # one fancy index in the candidates' order: reading rows sorted (or de-duplicated) measured no faster at
+        # 1M (28 vs 30 ms for 160k rows), and putting them back in order cost more than it saved
+        picked = self.vectors[safe.ravel()].reshape(*rows.shape, -1)  # reads only these rows
+        scores = np.matmul(picked, queries[:, :, None], dtype=np.float32)[..., 0]
         scores[~valid] = -np.inf
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.indices(scores.shape)[1]
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
         best = np.take_along_axis(scores, top, 1)
-        ids = np.where(np.isfinite(best), self.ids[np.take_along_axis(np.where(valid, rows, 0), top, 1)], -1)
+        ids = np.where(np.isfinite(best), self.ids[np.take_along_axis(safe, top, 1)], -1)
         return best, ids

@@ -54,7 +54,8 @@ class IndexSpec:
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 128
-    coarse: str = "flat"  # IVF coarse quantizer: flat (exact) | hnsw (HNSW32 over the centroids, for many lists)
+    coarse: str = "flat"  # IVF coarse quantizer: flat (exact) | hnsw (HNSW32 over the centroids while building,
+    #                       for fast assignment of many vectors to many lists; flat again for search: flat_coarse)
     opq: bool = False  # IVF-PQ: learn an OPQ rotation before PQ
     rerank: bool = False  # IVF-PQ: re-rank candidates exactly from full vectors memory-mapped from disk
     target_recall: float = 0.0  # > 0: the builder tunes nprobe / efSearch / k_factor for it (retrieval.tuning)
@@ -116,8 +117,11 @@ def configure(index: faiss.Index, spec: IndexSpec) -> None:
     ps = faiss.ParameterSpace()
     if spec.kind == "ivfpq":
         ps.set_index_parameter(index, "nprobe", spec.nprobe)
-        if spec.coarse == "hnsw":  # the centroid graph must return nprobe lists; more slack measured 13% slower
-            ps.set_index_parameter(index, "quantizer_efSearch", max(spec.nprobe, 16))  # at 1M for 0.001 recall
+        if spec.coarse == "hnsw" and isinstance(faiss.downcast_index(faiss.extract_index_ivf(index).quantizer),
+                                                faiss.IndexHNSW):
+            # an index saved before flat_coarse: the centroid graph must return nprobe lists (more slack
+            # measured 13% slower at 1M for 0.001 recall)
+            ps.set_index_parameter(index, "quantizer_efSearch", max(spec.nprobe, 16))
         if spec.refine:
             ps.set_index_parameter(index, "k_factor_rf", spec.refine_k_factor)
     elif spec.kind == "hnsw":
@@ -156,6 +160,27 @@ def _new_index(spec: IndexSpec, d: int, n_total: int) -> faiss.Index:
     return index
 
 
+def flat_coarse(index: faiss.Index) -> None:
+    """Swap an IVF's HNSW coarse quantizer for exact search over the same centroids, in place.
+
+    The graph pays at build time (assigning n vectors to nlist lists); at query time a batch against 4096
+    centroids is one BLAS matrix product, which measured half the time of the graph walk at 1M (bench/RESULTS.md),
+    and it is exact, so no efSearch to tune. FAISS has no call for this; the IVF takes ownership of the flat
+    quantizer (freed with it) and Python of the graph (freed when `graph` goes).
+    """
+    ivf = faiss.extract_index_ivf(index)
+    graph = faiss.downcast_index(ivf.quantizer)
+    if not isinstance(graph, faiss.IndexHNSW):
+        return
+    flat = faiss.IndexFlat(ivf.d, graph.metric_type)
+    flat.add(graph.reconstruct_n(0, graph.ntotal))
+    ivf.quantizer = flat
+    flat.this.disown()
+    if ivf.own_fields:
+        graph.this.own(True)
+    ivf.own_fields = True
+
+
 def build_shard(spec: IndexSpec, x: np.ndarray, ids: np.ndarray, n_total: int | None = None,
                 progress: bool = False) -> faiss.Index:
     """One trained, filled shard of `x` (n, d) float32 with int64 `ids`; `n_total` sizes IVF across all shards.
@@ -175,6 +200,8 @@ def build_shard(spec: IndexSpec, x: np.ndarray, ids: np.ndarray, n_total: int | 
         for i in range(0, len(x), ADD_CHUNK):
             index.add_with_ids(np.ascontiguousarray(x[i : i + ADD_CHUNK], dtype=np.float32), stored[i : i + ADD_CHUNK])
             bar.update(min(ADD_CHUNK, len(x) - i))
+    if spec.kind == "ivfpq" and spec.coarse == "hnsw":
+        flat_coarse(index)
     configure(index, spec)
     return index
 

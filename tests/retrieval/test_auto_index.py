@@ -6,6 +6,7 @@ import json
 import shutil
 import threading
 
+import faiss
 import numpy as np
 import pytest
 
@@ -19,6 +20,7 @@ from hybrid_pretrain.retrieval.index import (
     RetrievalIndexError,
     ShardedIndex,
     build_shard,
+    configure,
     load_index,
     version_dir,
 )
@@ -168,3 +170,25 @@ def test_config_refuses_auto_with_rolling_refresh():
     with pytest.raises(ConfigError, match="rolling refresh cannot update in place"):
         RetrievalConfig(index_kind="auto", refresh_mode="rolling").validate()
     RetrievalConfig(index_kind="auto").validate()
+
+
+def test_hnsw_coarse_quantizer_becomes_exact_centroid_search(tmp_path):
+    """The centroid graph only speeds up the build; the saved index searches the centroids exactly."""
+    x, ids = clustered(6000, D, seed=7), ids_for(6000)
+    spec = IndexSpec("ivfpq", nlist=64, pq_m=8, coarse="hnsw", nprobe=4)
+    built = build_shard(spec, x, ids)
+    build_from_vectors(tmp_path, spec, x, ids)
+    index, _ = load_index(tmp_path, use_gpu=False)
+    ivf = faiss.extract_index_ivf(index.shards[0])
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    assert isinstance(quantizer, faiss.IndexFlat) and quantizer.ntotal == 64
+    q = clustered(50, D, seed=8)
+    coarse = q @ quantizer.reconstruct_n(0, 64).T
+    lists = np.argsort(-coarse, axis=1, kind="stable")[:, :4]  # the exact top-nprobe lists: the reference
+    _, expected = ivf.search_preassigned(q, K, lists, np.take_along_axis(coarse, lists, 1))
+    np.testing.assert_array_equal(index.search(q, K)[1], expected)
+    np.testing.assert_array_equal(built.search(q, K)[1], expected)  # in memory, before saving, the same
+    old = faiss.index_factory(D, "IVF64_HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)  # saved before the swap
+    old.train(x)
+    configure(old, IndexSpec("ivfpq", nlist=64, pq_m=8, coarse="hnsw", nprobe=20))
+    assert faiss.downcast_index(faiss.extract_index_ivf(old).quantizer).hnsw.efSearch == 20  # graph returns nprobe
