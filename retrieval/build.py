@@ -106,6 +106,8 @@ def build_full(
     outcome = _from_rank0(outcome, world_size)
     if isinstance(outcome, str):
         raise RetrievalIndexError(outcome)
+    # Nobody writes into the staging folder before rank 0 has cleared a crashed builder's leftovers there.
+    barrier()
     version = outcome if outcome is not None else (current_version(index_dir) or 0) + 1  # no process group
     try:
         return _build_version(store, embedder, index_dir, spec, int(version), rank, world_size, barrier, progress)

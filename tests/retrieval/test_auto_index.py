@@ -124,7 +124,7 @@ def test_sharded_build_merges_into_one_searchable_set(tmp_path):
     x = clustered(n, D, seed=6)
     store = write_store(tmp_path / "store", [("s", i, f"v{i}") for i in range(n)], progress=False)
     spec = IndexSpec("ivfpq", nlist=64, pq_m=8, rerank=True, target_recall=0.9)
-    barrier, out = threading.Barrier(2), {}
+    barrier, out = threading.Barrier(2, timeout=300), {}  # a failing rank breaks the barrier instead of hanging
 
     def rank(r: int) -> None:
         out[r] = build_full(store, VectorEmbedder(x), tmp_path / "ix", spec, r, 2, barrier.wait, progress=False)
@@ -133,7 +133,7 @@ def test_sharded_build_merges_into_one_searchable_set(tmp_path):
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=600)
     manifest = out[0]
     assert len(manifest["shards"]) == 2 and manifest["ntotal"] == n and manifest["tuning"]["shards"] == 2
     index, _ = load_index(tmp_path / "ix", use_gpu=False)
