@@ -72,7 +72,8 @@ def test_hf_greedy_generate_equals_the_project_generator(tmp_path, overrides: li
     model, hf = converted(tmp_path, overrides)
     rows = prompts(LENGTHS)
     expected = ours(model, rows, NEW)
-    assert len({tuple(t) for t in expected}) == len(rows) and len(set(expected[0])) > 3  # outputs vary
+    # Outputs vary (rows differ, several tokens in all), so equal outputs below are not a constant's.
+    assert len({tuple(t) for t in expected}) == len(rows) and len({t for row in expected for t in row}) > 3
     assert theirs(hf, rows[:1], NEW) == expected[:1]  # a single prompt, no padding
     assert theirs(hf, rows, NEW) == expected  # different lengths, left padding
     assert [theirs(hf, [r], NEW)[0] for r in rows] == expected  # each row alone: no row depends on the others
