@@ -28,7 +28,7 @@ from hybrid_pretrain.models.atlas import losses
 from hybrid_pretrain.models.atlas.reader import FiDReader
 from hybrid_pretrain.models.atlas.retriever import BiEncoder, EncoderConfig
 from hybrid_pretrain.models.config import ModelConfig
-from hybrid_pretrain.models.init import GPT2Init, draw_init_seed
+from hybrid_pretrain.models.init import gpt2_init_one_stream
 from hybrid_pretrain.models.options import layer_options
 
 IGNORE_INDEX = -100
@@ -96,7 +96,6 @@ class Atlas(nn.Module):
         cfg.validate()
         if cfg.vocab_size <= 0:
             raise ConfigError(f"model.vocab_size must be set (> 0) to build Atlas, got {cfg.vocab_size}")
-        init_seed = draw_init_seed()  # before any submodule draws from the global generator
         self.cfg, self.opts = cfg, layer_options(cfg, "atlas", AtlasOptions)
         o = self.opts
         if o.query_len + o.passage_len > cfg.max_seq_len:
@@ -114,7 +113,6 @@ class Atlas(nn.Module):
         # trained from scratch cannot read yet and would teach the retriever noise (see models.atlas.losses).
         self.learn_retriever = True
         self.last: dict[str, float] = {}
-        self.weight_init = GPT2Init(init_seed, cfg.init_std)
         self.reset_parameters()
 
     @property
@@ -123,7 +121,7 @@ class Atlas(nn.Module):
 
     def reset_parameters(self) -> None:
         """Projections and embeddings ~ N(0, init_std) as the LM; SSM layers keep their own init."""
-        self.weight_init(self)
+        gpt2_init_one_stream(self, self.cfg.init_std)
         with torch.no_grad():
             if self.frozen_passage_tower is not None:
                 self.frozen_passage_tower.load_state_dict(self.retriever.state_dict())
