@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hybrid_pretrain.launcher.preflight import async_io_problem
 from hybrid_pretrain.tests.procs import DEBUG_CONFIG, SMALL_DATA, launch
 from hybrid_pretrain.training import weights
 from hybrid_pretrain.training.checkpoint import CheckpointError
@@ -20,12 +21,6 @@ SHAPE = ["--config", DEBUG_CONFIG, *SMALL_DATA, "data.seq_len=32", "train.micro_
          "train.warmup_steps=0", "train.eval_every=0", "train.log_every=1"]
 
 
-def _async_io_usable() -> bool:
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    return bool(AsyncIOBuilder().is_compatible(verbose=False))
-
-
 def _run(args: list[str]) -> None:
     proc = launch(args, ranks=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -33,7 +28,7 @@ def _run(args: list[str]) -> None:
 
 @pytest.mark.slow
 def test_nvme_offloaded_checkpoint_consolidates_like_a_host_one_and_refuses_resume(tmp_path) -> None:
-    if not _async_io_usable():
+    if async_io_problem():  # the launcher's own check: libaio missing
         pytest.skip("DeepSpeed's async_io op needs libaio (apt-get install libaio-dev, or `make setup` as root)")
     (tmp_path / "swap").mkdir()
     nvme = [f"train.offload.nvme_path={tmp_path / 'swap'}", "train.offload.optimizer=nvme"]
