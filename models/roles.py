@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_pretrain.kernels.channel_major import linear_from_channel_major, linear_to_channel_major, swap_last_two
+
 IGNORE_INDEX = -100  # labels with this value add nothing to the loss
 
 
@@ -32,6 +34,16 @@ class SingleRank:
 
     def shared_input(self, x: torch.Tensor, projections: list[nn.Module]) -> list[torch.Tensor]:
         return [p(x) for p in projections]
+
+    def channel_major_inputs(self, x: torch.Tensor, projections: list[nn.Module]) -> list[torch.Tensor]:
+        if all(type(p) is nn.Linear for p in projections):  # computed transposed, no copy (kernels.channel_major)
+            return linear_to_channel_major(x, [p.weight for p in projections], [p.bias for p in projections])
+        return [swap_last_two(y) for y in self.shared_input(x, projections)]
+
+    def channel_major_output(self, y: torch.Tensor, projection: nn.Module) -> torch.Tensor:
+        if type(projection) is nn.Linear:
+            return linear_from_channel_major(y, projection.weight, projection.bias)
+        return projection(swap_last_two(y))
 
     def local_size(self, n: int, what: str) -> int:
         return n
@@ -86,6 +98,21 @@ def replicated_linear(in_features: int, out_features: int, bias: bool = True) ->
 def shared_input(x: torch.Tensor, projections: list[nn.Module]) -> list[torch.Tensor]:
     """``[p(x) for p in projections]`` for column projections that read the same x (H3's q, k and v)."""
     return _backend.shared_input(x, projections)
+
+
+def channel_major_inputs(x: torch.Tensor, projections: list[nn.Module]) -> list[torch.Tensor]:
+    """``shared_input`` with each output channel-major: x (B, L, D) -> [(B, D_i, L)], for convolution mixers.
+
+    Plain linear layers are computed transposed straight into (D_i, B, L) storage; any other projection
+    (tensor-parallel layers) runs as itself and its output is copied over (``kernels.channel_major``).
+    """
+    return _backend.channel_major_inputs(x, projections)
+
+
+def channel_major_output(y: torch.Tensor, projection: nn.Module) -> torch.Tensor:
+    """``projection(y.transpose(1, 2))`` for channel-major y (B, D, L) -> (B, L, D_out), without a layout copy
+    for a plain linear layer."""
+    return _backend.channel_major_output(y, projection)
 
 
 def local_size(n: int, what: str) -> int:

@@ -8,8 +8,10 @@ M = ceil((W - 1) / P) + 1 for W taps, so with the window X_b = u[(b - M + 1) P .
 one (B L / P, MP) x (MP, P) matmul per channel, batched over channels; T is built once per call and
 shared by the batch. It does MP / W times the multiply-adds of the direct sum, but as a GEMM: oneDNN's
 depthwise convolution with 64 taps ran 1.7-2.3x slower (``bench/h3_layer.py --ops`` on the 2-core VM).
-Backward is again two matmuls: dX = dY T^T (overlap-added back into du) and dT = X^T dY, whose sums
-along T's diagonals are dk; only u and k are saved, X and T are rebuilt.
+Backward is again two matmuls. du[bP + t] = sum_j k[j] dy[bP + t + j] is the same product looking ahead:
+dU_b = Y_b T' with the window Y_b = dy[bP .. (b + M) P) (zeros past the end) and T'[s, t] = k[s - t], so
+no overlap-add pass; dT = X^T dY, whose sums along T's diagonals are dk. Only u and k are saved, X and T
+are rebuilt.
 """
 
 from __future__ import annotations
@@ -33,10 +35,19 @@ def _toeplitz(k: torch.Tensor, P: int, M: int) -> torch.Tensor:
     return padded[:, _lags(P, M, k.device)]
 
 
-def _windows(u: torch.Tensor, P: int, M: int, blocks: int) -> torch.Tensor:
-    """u (B, H, L) -> X (H, B * blocks, MP): each block with the M-1 blocks before it (zeros before the start)."""
+def _toeplitz_ahead(k: torch.Tensor, P: int, M: int) -> torch.Tensor:
+    """k (H, W) -> T' (H, MP, P), T'[s, t] = k[s - t] or 0: the look-ahead product of backward."""
+    padded = F.pad(k, (P, (M + 1) * P - k.shape[-1]))  # k[j] at P + j
+    s = torch.arange(M * P, device=k.device).unsqueeze(1)
+    t = torch.arange(P, device=k.device).unsqueeze(0)
+    return padded[:, s - t + P]
+
+
+def _windows(u: torch.Tensor, P: int, M: int, blocks: int, ahead: bool = False) -> torch.Tensor:
+    """u (B, H, L) -> X (H, B * blocks, MP): each block with the M-1 blocks before it (zeros before the start),
+    or with `ahead`, with the M-1 blocks after it (zeros past the end)."""
     B, H, L = u.shape
-    padded = F.pad(u, ((M - 1) * P, blocks * P - L))
+    padded = F.pad(u, (0, (M - 1) * P + blocks * P - L) if ahead else ((M - 1) * P, blocks * P - L))
     # contiguous: the overlapping unfold view would send bmm down a per-matrix copying path
     return padded.unfold(-1, M * P, P).transpose(0, 1).reshape(H, B * blocks, M * P).contiguous()
 
@@ -72,17 +83,12 @@ class ToeplitzConv(torch.autograd.Function):
         P = block_size(B * L, L)
         M = -(-(k.shape[-1] - 1) // P) + 1
         blocks = -(-L // P)
-        dy_blocks = F.pad(dy, (0, blocks * P - L)).transpose(0, 1).reshape(H, B * blocks, P)  # (H, B * blocks, P)
         du = dk = None
-        if ctx.needs_input_grad[0]:
-            T_t = _toeplitz(k.to(u.dtype), P, M).transpose(1, 2).contiguous()  # (H, P, MP)
-            dX = torch.bmm(dy_blocks, T_t).view(H, B, blocks, M, P)
-            # Window b covers blocks b - M + 1 .. b: overlap-add them back.
-            du = dX[:, :, :, M - 1]
-            for m in range(1, min(M, blocks)):
-                du = du + F.pad(dX[:, :, m:, M - 1 - m], (0, 0, 0, m))
-            du = du.flatten(2)[..., :L].transpose(0, 1)  # (B, H, L)
+        if ctx.needs_input_grad[0]:  # du = dy's look-ahead windows times T'
+            du = torch.bmm(_windows(dy, P, M, blocks, ahead=True), _toeplitz_ahead(k.to(u.dtype), P, M))
+            du = du.view(H, B, blocks * P)[..., :L].transpose(0, 1)  # (B, H, L), a view
         if ctx.needs_input_grad[1]:
+            dy_blocks = F.pad(dy, (0, blocks * P - L)).transpose(0, 1).reshape(H, B * blocks, P)  # (H, B * blocks, P)
             dT = torch.bmm(_windows(u, P, M, blocks).transpose(1, 2), dy_blocks)  # (H, MP, P)
             dk = torch.zeros(H, (M + 1) * P, device=k.device, dtype=dT.dtype)
             dk.index_add_(1, _lags(P, M, k.device).flatten(), dT.flatten(1))  # sum along T's diagonals

@@ -19,7 +19,14 @@ from torch import nn
 
 from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.mixers.ssm import DiagonalSSM, ShiftSSM
-from hybrid_pretrain.models.roles import column_linear, local_size, mark_sharded, row_linear, shared_input
+from hybrid_pretrain.models.roles import (
+    channel_major_inputs,
+    channel_major_output,
+    column_linear,
+    local_size,
+    mark_sharded,
+    row_linear,
+)
 
 
 class H3(nn.Module):
@@ -52,13 +59,14 @@ class H3(nn.Module):
         return t.reshape(B, self.n_heads, self.head_dim, *rest).transpose(1, 2)  # (B, d, H, ...)
 
     def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, L, D) -> (y (B, L, D) before the output projection, k before the shift (B, D, L), kv).
+        """x (B, L, D) -> (y (B, D, L) before the output projection, k before the shift (B, D, L), kv).
 
         kv is what the diagonal SSM reads: (B, H, L) with one channel per head, (B, d_i, d_j, H, L) otherwise.
         """
         d, H = self.head_dim, self.n_heads
         projections = [self.q_proj, self.k_proj, self.v_proj]
-        q, k_in, v = (y.transpose(1, 2) for y in shared_input(x, projections))  # (B, D, L)
+        # channel-major, so every op below reads matching layouts (kernels/channel_major.py says why)
+        q, k_in, v = channel_major_inputs(x, projections)  # (B, D, L) each
         B, _, L = q.shape  # the projections' length: all positions, also when x holds a sequence-parallel slice
         k = self.shift_ssm(k_in)  # (B, D, L)
         if d == 1:  # one channel per head (the paper's models): binding and readout are elementwise
@@ -69,11 +77,11 @@ class H3(nn.Module):
             kv = k.unsqueeze(2) * v.unsqueeze(1)  # (B, d_i, d_j, H, L)
             y = self.diag_ssm(kv.view(B * d * d, H, L)).view(B, d, d, H, L)  # (B, d_i, d_j, H, L)
             y = (y * q.unsqueeze(2)).sum(1)  # sum_i q_i (kv memory)_ij: (B, d_j, H, L)
-        return y.reshape(B, self.d_model, L).transpose(1, 2), k_in, kv  # (B, L, D)
+        return y.reshape(B, self.d_model, L), k_in, kv  # (B, D, L)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, L, D) -> (B, L, D)."""
-        return self.out_proj(self._mix(x)[0])
+        return channel_major_output(self._mix(x)[0], self.out_proj)
 
     def allocate_state(
         self, batch_size: int, max_len: int, device: torch.device | None = None, dtype: torch.dtype | None = None
@@ -112,8 +120,8 @@ class H3(nn.Module):
         """
         B = x.shape[0]
         d, H, N = self.head_dim, self.n_heads, self.shift_ssm.d_state
-        y, k_in, kv = self._mix(x)
+        y, k_in, kv = self._mix(x)  # (B, D, L)
         shift = nn.functional.pad(k_in, (N, 0))[..., -N:].flip(-1)  # (B, D, N): k_{L-1}, k_{L-2}, ..., zeros
         state["shift"] = shift.to(state["shift"].dtype)
         state["diag"] = self.diag_ssm.state_after(kv).view(B, d, d, H, -1)  # (B, d_i, d_j, H, N/2)
-        return self.out_proj(y)
+        return channel_major_output(y, self.out_proj)
