@@ -5,7 +5,7 @@ With the optimizer swapped to NVMe, deepspeed 0.19.8's ``DeepSpeedEngine.load_ch
 it only copies the checkpoint's ``offloaded_tensors`` into the live swap folder and calls
 ``reset_swap_buffers``, which reads the fp32 master weights of the swapped sub-groups back and refreshes
 their bf16 weights from them. ``DeepSpeedZeroOptimizer_Stage3.load_state_dict`` never runs, so a resumed
-run lost (measured, tests/training/test_nvme_checkpoint.py):
+run lost (dumped after the load at the shape of tests/training/test_nvme_checkpoint.py):
 
 - the base optimizer's state: CPU Adam's ``step`` of every sub-group, and, for the swapped sub-groups,
   the registration of their ``exp_avg-*``/``exp_avg_sq-*`` swap files (the swapper only reads a state
