@@ -241,14 +241,6 @@ def main(argv: list[str] | None = None) -> int:
         if unreachable:
             print(f"error: {preflight.PreflightError(unreachable)}", file=sys.stderr, flush=True)
             return 2
-        if args.resume and cfg.train.offload.optimizer == "nvme":
-            # Measured with deepspeed 0.19.8 (tests/training/test_nvme_checkpoint.py): the steps after such a
-            # resume differ from the uninterrupted run's (loss 6.51 vs 6.52, then 6.79 vs 6.04); the weights in
-            # the checkpoint are exact, so they are not lost.
-            raise ConfigError("--resume with train.offload.optimizer=nvme: DeepSpeed 0.19.8 does not restore an "
-                              "NVMe-offloaded optimizer exactly; continue with --init-from on the run's "
-                              "convert_checkpoint.py output (fresh optimizer), or train with "
-                              "train.offload.optimizer=cpu where the states fit in RAM")
         if args.init_from:
             if args.resume:
                 raise ConfigError("--init-from starts a new run from a checkpoint's weights; expected it "

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from hybrid_pretrain.base.hashing import file_sha256
 from hybrid_pretrain.parallel.tensor import sharding_layout, tensor_parallel_size
 from hybrid_pretrain.training.errors import CheckpointError  # callers import it from here
+from hybrid_pretrain.training.nvme_resume import check_saved_ranks, restore_nvme_optimizer
 from hybrid_pretrain.training.safe_load import restricted_unpickling
 
 TAG_PREFIX = "step"
@@ -346,6 +347,11 @@ def _resume_from(ckpt_dir: Path) -> str:
     return tag
 
 
+def _optimizer_on_nvme(engine: Any) -> bool:
+    check = getattr(engine, "zero_nvme_offload_optimizer", None)  # a DeepSpeedEngine (tests pass simpler engines)
+    return bool(check and check())
+
+
 def load(engine: Any, ckpt_dir: Path, trust: bool = False) -> dict:
     """Load the newest intact checkpoint into the engine and this rank's RNG; returns our client state.
 
@@ -362,8 +368,13 @@ def load(engine: Any, ckpt_dir: Path, trust: bool = False) -> dict:
     if isinstance(chosen[0], CheckpointError):
         raise CheckpointError(str(chosen[0]))
     tag = chosen[0]
+    on_nvme = _optimizer_on_nvme(engine)
+    if on_nvme:
+        check_saved_ranks(ckpt_dir / tag)
     with restricted_unpickling(ckpt_dir / tag, trust):
         path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is not None and on_nvme:  # what DeepSpeed's load skips there (training.nvme_resume)
+            restore_nvme_optimizer(engine, str(ckpt_dir), tag)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}")
     rng_file = ckpt_dir / tag / f"rng_rank{_rank():05d}.pt"

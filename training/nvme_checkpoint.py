@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hybrid_pretrain.training.checkpoint import CheckpointError
+from hybrid_pretrain.training.errors import CheckpointError
 
 OFFLOADED = "offloaded_tensors"
 
