@@ -196,13 +196,6 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None =
         )
         batches = RankBatches(data.train, t.micro_batch_size, ctx.dp_rank, ctx.dp_size, cfg.seed)
         val = list(eval_batches(data.val, t.micro_batch_size, ctx.dp_rank, ctx.dp_size, t.eval_batches))
-        start_step = start_tokens = 0
-        if resume:
-            state = checkpoint.load(engine, run_dir / "checkpoints", trust_checkpoint)
-            start_step, start_tokens = state["step"], state["tokens"]
-            batches.load_state_dict(state["data"])
-            if ctx.is_main:
-                print(f"resumed from step {start_step} ({run_dir / 'checkpoints' / state['tag']})", flush=True)
         n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: partitioned
         # The pattern-stack LM is counted whole (unsharded, all experts); other architectures as built.
         flops = training_flops_per_token(model_cfg, cfg.data.seq_len, None if model_cfg.arch == "lm" else n)
@@ -217,6 +210,15 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None =
             flops_per_token=flops.total, world_size=ctx.world_size,
             peak_flops=current_device_peak(ds_engine.resolve_precision(t.precision)),
         )
+        start_step = start_tokens = 0
+        # Resume last, right before the loop: the RNG state it restores is where the saved run's next step
+        # began, so nothing may draw after it (counting parameters on the meta device draws an init seed).
+        if resume:
+            state = checkpoint.load(engine, run_dir / "checkpoints", trust_checkpoint)
+            start_step, start_tokens = state["step"], state["tokens"]
+            batches.load_state_dict(state["data"])
+            if ctx.is_main:
+                print(f"resumed from step {start_step} ({run_dir / 'checkpoints' / state['tag']})", flush=True)
         summary = loop.run(engine, batches, val, settings, run_dir, ctx.is_main, groups.data_parallel_group(),
                            start_step, start_tokens, after_step=retrieval.after_step if retrieval else None)
         if ctx.is_main and summary["first_loss"] is not None:

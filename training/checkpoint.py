@@ -251,7 +251,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict, keep: int) 
         if writes is not None:
             engine.checkpoint_engine = writes.inner
     error = writes.error if writes is not None else None
-    if error is None:
+    if error is None:  # the RNG state the next step starts from: nothing draws between here and that step
         rng_file = tmp_dir / f"rng_rank{_rank():05d}.pt"
         try:
             torch.save(rng_state(), rng_file)
@@ -354,6 +354,9 @@ def _optimizer_on_nvme(engine: Any) -> bool:
 
 def load(engine: Any, ckpt_dir: Path, trust: bool = False) -> dict:
     """Load the newest intact checkpoint into the engine and this rank's RNG; returns our client state.
+
+    Call it last before the first step: the RNG state it restores is the one the saved run's next step
+    started from, and any draw after it (building or counting a model) would shift every later dropout mask.
 
     DeepSpeed's files are unpickled weights-only (training.safe_load) unless `trust` (--trust-checkpoint).
     """
