@@ -71,6 +71,9 @@ class OffloadConfig:
                               "parallel.pipeline=1 or train.offload.*=none")
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "bf16_autocast")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 200  # optimizer steps in the whole run
@@ -83,7 +86,9 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     zero_stage: int = 1
-    precision: str = "auto"  # auto: bf16 on GPUs that support it, fp32 elsewhere
+    # auto: bf16 on GPUs that support it, fp32 elsewhere; bf16: DeepSpeed's bf16 (every weight rounded to bf16);
+    # bf16_autocast: fp32 weights, bf16 matmuls (SSM parameters unrounded; kernels/README.md, "Precision under bf16")
+    precision: str = "auto"
     log_every: int = 1
     eval_every: int = 100  # 0: never
     eval_batches: int = 4  # micro-batches per rank per evaluation
@@ -106,8 +111,8 @@ class TrainConfig:
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"train.precision must be 'auto', 'fp32' or 'bf16', got '{self.precision}'")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         self.offload.validate()
         self.offload.check_stage(self.zero_stage)
 
