@@ -178,6 +178,12 @@ class RunConfig:
         self.train.validate()
         self.parallel.validate()
         self.train.offload.check_pipeline(self.parallel.pipeline)
+        if self.train.precision == "bf16_autocast" and self.parallel.tensor > 1:
+            # megatron-core's parallel linear runs its backward under CUDA's autocast state only: on CPU it mixes
+            # bf16 and fp32 (measured, DeepSpeed 0.19.8, megatron-core 0.16.1)
+            raise ConfigError(f"train.precision=bf16_autocast with parallel.tensor={self.parallel.tensor}: "
+                              "megatron-core's tensor-parallel layers fail under CPU autocast (untested on GPU); "
+                              "expected parallel.tensor=1 or train.precision=bf16")
         self._validate_model_parallel()
         if "E" in self.model.ffn:
             self.parallel.check_experts(self.model.num_experts)

@@ -16,10 +16,9 @@ estimate within 20% of the measured CPU peak (debug_hybrid with and without chec
 H3 and attention layers at L 2K: all within 2% when written).
 
 Under ``bf16_autocast`` (fp32 weights, bf16 matmuls; kernels/README.md, "Precision under bf16") the
-weights and gradients are fp32, ZeRO-1/2 still keep a separate fp32 master partition (ZeRO-3 steps the
-weights in place), activations are bf16 except the fp32 residual stream (the norms' inputs), and every
-matmul saves for backward the bf16 copy autocast made of its weight: 2 bytes per weight this rank
-computes with, not sharded by ZeRO-3.
+weights and gradients are fp32, ZeRO-1/2/3 still keep a separate fp32 master partition, activations
+are bf16 except the fp32 residual stream (the norms' inputs), and every matmul saves for backward the
+bf16 copy autocast made of its weight: 2 bytes per weight this rank computes with, not sharded by ZeRO-3.
 
 Mixture-of-experts layers hold ``num_experts`` expert MLPs, of which each rank keeps 1/EP; their
 weights and optimizer states are sharded by ZeRO over the expert-data-parallel group (DP / EP
@@ -143,12 +142,11 @@ def estimate_memory(n_params: int, model_cfg, train_cfg, seq_len: int, vocab_siz
         return dense * bytes_per_param / dp_size + local_experts * bytes_per_param / expert_dp
 
     offload = offload if offload is not None else getattr(train_cfg, "offload", None)
-    offloads_optimizer = offload is not None and offload.optimizer != "none"
     weights = sharded(2 if half else 4, stage >= 3)
-    # ZeRO-1/2 clone an fp32 partition even of fp32 weights (stage_1_and_2.py); ZeRO-3 steps fp32 weights in
-    # place unless the optimizer is offloaded (stage3.py, _create_fp32_partitions)
-    autocast_master = autocast and (stage in (1, 2) or (stage == 3 and offloads_optimizer))
-    master = sharded(4, stage >= 1) if half or autocast_master else 0
+    # ZeRO-1/2/3 clone an fp32 partition even of fp32 weights (stage_1_and_2.py; stage3.py's
+    # _create_fp32_partitions means to alias them but compares a torch.device with a str: measured, a copy);
+    # at ZeRO-0 torch's AdamW steps autocast's fp32 weights themselves
+    master = sharded(4, stage >= 1) if half or (autocast and stage >= 1) else 0
     grads = sharded(2 if half else 4, stage >= 2)
     adam = sharded(8, stage >= 1)
     elem = 2 if half or autocast else 4

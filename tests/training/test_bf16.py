@@ -15,14 +15,18 @@ import torch
 
 from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.launcher import pretrain
+from hybrid_pretrain.models.architectures import build_arch
 from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.generation import generate
 from hybrid_pretrain.models.mixers.dss import DSS
 from hybrid_pretrain.models.mixers.h3 import H3
 from hybrid_pretrain.models.mixers.s4 import S4
 from hybrid_pretrain.models.mixers.s4d import S4D
+from hybrid_pretrain.models.precision import fp32_parameter_names
 from hybrid_pretrain.parallel import engine as ds_engine
 from hybrid_pretrain.tests.procs import DEBUG_CONFIG, REPO
-from hybrid_pretrain.training.config import TrainConfig
+from hybrid_pretrain.training.config import TrainConfig, load_config
+from hybrid_pretrain.training.weights import RunWeights, build_model, cast_weights
 
 
 @pytest.mark.parametrize("stage", [1, 3])
@@ -152,3 +156,28 @@ def test_debug_hybrid_bf16_loss_tracks_fp32_over_30_steps(tmp_path) -> None:  # 
     result = compare(runs["fp32"], runs["bf16"])
     assert runs["fp32"][-1]["train_loss"] < runs["fp32"][0]["train_loss"] - 1.0  # it learns
     assert result["last10_gap"] < 0.03 and result["val_gap"] < 0.03, result
+
+
+def test_bf16_export_and_bf16_model_keep_the_ssm_dynamics_fp32() -> None:
+    """convert_checkpoint --dtype bf16 and generate --dtype bf16 round every weight but dt and A (S4D/S4/DSS's
+    too): their logits stay closer to the fp32 model's than an all-bf16 copy's, and decoding runs."""
+    cfg = load_config(DEBUG_CONFIG, ["model.layers=HS4dA", "model.vocab_size=64", "data.vocab_size=64"])
+    torch.manual_seed(0)
+    model = build_arch(cfg.model).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    run = RunWeights(cfg, dict(state), None, "t")
+    cast_weights(run, torch.bfloat16)
+    kept = {k for k, t in run.state_dict.items() if t.dtype == torch.float32}
+    assert kept == fp32_parameter_names(model)
+    assert {k.rsplit(".", 1)[1] for k in kept} == {"log_dt", "log_A_real", "A_imag", "P", "B", "Lambda_re", "Lambda_im"}
+    assert all(torch.equal(run.state_dict[k], state[k]) for k in kept)
+    assert all(t.dtype == torch.bfloat16 for k, t in run.state_dict.items() if k not in kept and t.is_floating_point())
+
+    half = build_model(RunWeights(cfg, dict(state), None, "t"), dtype=torch.bfloat16)
+    assert {n for n, p in half.named_parameters() if p.dtype == torch.float32} == kept
+    ids = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.double()(ids)
+        mixed, rounded = half(ids), copy.deepcopy(model).bfloat16()(ids)
+        assert _relative_error(mixed, ref) < _relative_error(rounded, ref)
+        assert generate(half, ids[:, :8], 4).shape == (2, 12)
