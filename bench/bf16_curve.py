@@ -1,12 +1,12 @@
 """bf16 vs fp32 training of ``configs/debug_hybrid.yaml``, side by side: ``python bench/bf16_curve.py``.
 
 Runs ``launcher/pretrain.py`` twice on one CPU rank, identical but for ``train.precision`` (same seed,
-data and batches): fp32, then DeepSpeed bf16 (bf16 weights and activations, fp32 master weights and
-Adam states). Prints both loss curves at a few steps, the relative gap of the mean of the last 10 training
-losses and of the final validation loss (the issue's bound: 2% after 150 steps), and each run's median
-time per step. On a shared machine the two runs meet different loads, so the speed ratio comes from
-``--timing-steps`` steps of both engines interleaved in one process (fp32, bf16, fp32, ...): the median
-of the per-pair ratios.
+data and batches): fp32, then ``--precision``: DeepSpeed bf16 (bf16 weights and activations, fp32 master
+weights and Adam states) or bf16_autocast (fp32 weights and optimizer, bf16 matmuls under torch.autocast).
+Prints both loss curves at a few steps, the relative gap of the mean of the last 10 training losses and
+of the final validation loss (the issue's bound: 2% after 150 steps), and each run's median time per step.
+On a shared machine the two runs meet different loads, so the speed ratio comes from ``--timing-steps``
+steps of both engines interleaved in one process (fp32, bf16, fp32, ...): the median of the per-pair ratios.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def compare(fp32: list[dict], bf16: list[dict]) -> dict:
     }
 
 
-def interleaved_ratio(steps: int, threads: int) -> tuple[float, float, float]:
-    """(median fp32 step s, median bf16 step s, median per-pair bf16 / fp32) from alternating steps in one process."""
+def interleaved_ratio(steps: int, threads: int, other: str = "bf16") -> tuple[float, float, float]:
+    """(median fp32 step s, median `other` step s, median per-pair other / fp32) from alternating steps in one
+    process."""
     import time
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))  # JIT ops built once
@@ -74,7 +75,7 @@ def interleaved_ratio(steps: int, threads: int) -> tuple[float, float, float]:
     cfg.model.vocab_size = cfg.data.vocab_size
     ctx = groups.initialize(cfg.parallel)
     engines = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", other):
         torch.manual_seed(cfg.seed)
         model = LanguageModel(cfg.model)
         t = cfg.train
@@ -82,7 +83,7 @@ def interleaved_ratio(steps: int, threads: int) -> tuple[float, float, float]:
         engines[precision] = ds_engine.initialize(model, param_groups(model, t.lr, t.weight_decay),
                                                   ds_engine.deepspeed_config(t, ctx.dp_size), lambda step: 1.0)
     ids = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len))
-    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    times: dict[str, list[float]] = {"fp32": [], other: []}
     for step in range(steps + 2):  # two warm-up steps each
         for precision, engine in engines.items():
             start = time.perf_counter()
@@ -91,8 +92,8 @@ def interleaved_ratio(steps: int, threads: int) -> tuple[float, float, float]:
             if step >= 2:
                 times[precision].append(time.perf_counter() - start)
     groups.destroy()
-    ratios = [b / f for f, b in zip(times["fp32"], times["bf16"])]
-    return statistics.median(times["fp32"]), statistics.median(times["bf16"]), statistics.median(ratios)
+    ratios = [b / f for f, b in zip(times["fp32"], times[other])]
+    return statistics.median(times["fp32"]), statistics.median(times[other]), statistics.median(ratios)
 
 
 def main() -> None:
@@ -100,21 +101,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--timing-steps", type=int, default=20, help="interleaved steps for the speed ratio")
+    parser.add_argument("--precision", choices=("bf16", "bf16_autocast"), default="bf16",
+                        help="the train.precision compared with fp32")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: a temporary one)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for both runs, e.g. data.vocab_size=1024")
     args = parser.parse_args()
+    bf16 = args.precision  # printed as "bf16" below, whichever bf16 mode it is
+    print(f"compared with fp32: train.precision={bf16}")
     if args.steps == 0:  # the timing alone
-        fp32_s, bf16_s, ratio = interleaved_ratio(args.timing_steps, args.threads)
+        fp32_s, bf16_s, ratio = interleaved_ratio(args.timing_steps, args.threads, bf16)
         print(f"fp32 {fp32_s * 1e3:.0f} ms, bf16 {bf16_s * 1e3:.0f} ms per step; bf16 / fp32 {ratio:.2f}x")
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)
-        runs = {p: train(p, args.steps, root / p, args.threads, args.overrides) for p in ("fp32", "bf16")}
-    result = compare(runs["fp32"], runs["bf16"])
+        runs = {p: train(p, args.steps, root / p, args.threads, args.overrides) for p in ("fp32", bf16)}
+    result = compare(runs["fp32"], runs[bf16])
     shown = sorted({1, 10, 25, 50, 100, args.steps} & {r["step"] for r in runs["fp32"]})
     print(f"debug_hybrid, 1 CPU rank, {args.threads} threads, {args.steps} steps")
     print(f"{'step':>6} {'fp32 loss':>10} {'bf16 loss':>10} {'gap':>7}")
-    for f, b in zip(runs["fp32"], runs["bf16"]):
+    for f, b in zip(runs["fp32"], runs[bf16]):
         if f["step"] in shown:
             gap = (b["train_loss"] - f["train_loss"]) / f["train_loss"]
             print(f"{f['step']:>6} {f['train_loss']:>10.4f} {b['train_loss']:>10.4f} {gap:>+7.2%}")
@@ -125,7 +130,7 @@ def main() -> None:
     print(f"time per step (median): fp32 {result['step_s_fp32'] * 1e3:.0f} ms, "
           f"bf16 {result['step_s_bf16'] * 1e3:.0f} ms "
           f"(bf16 / fp32 {result['step_s_bf16'] / result['step_s_fp32']:.2f}x, separate runs)")
-    fp32_s, bf16_s, ratio = interleaved_ratio(args.timing_steps, args.threads)
+    fp32_s, bf16_s, ratio = interleaved_ratio(args.timing_steps, args.threads, bf16)
     print(f"interleaved in one process, {args.timing_steps} steps each: fp32 {fp32_s * 1e3:.0f} ms, "
           f"bf16 {bf16_s * 1e3:.0f} ms per step (bf16 / fp32 {ratio:.2f}x, median of per-pair ratios)")
 

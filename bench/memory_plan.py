@@ -26,6 +26,9 @@ CASES = {  # name: config overrides
     "fp32 ZeRO-0": ["train.precision=fp32", "train.zero_stage=0"],
     "fp32 ZeRO-1": ["train.precision=fp32", "train.zero_stage=1"],
     "bf16 ZeRO-1": ["train.precision=bf16", "train.zero_stage=1"],
+    "bf16_autocast ZeRO-1": ["train.precision=bf16_autocast", "train.zero_stage=1"],
+    "bf16 ZeRO-3": ["train.precision=bf16", "train.zero_stage=3"],
+    "bf16_autocast ZeRO-3": ["train.precision=bf16_autocast", "train.zero_stage=3"],
     "fp32 ZeRO-1 checkpointed": ["train.precision=fp32", "train.zero_stage=1",
                                  "parallel.activation_checkpointing=true"],
 }
@@ -52,7 +55,7 @@ def measure(overrides: list[str]) -> dict:
     ctx = groups.initialize(cfg.parallel)
     ids = torch.randint(0, model_cfg.vocab_size, (b, s))
     warm = LanguageModel(model_cfg)  # library caches (oneDNN, FFT plans) set up outside the measurement
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ds_engine.computes_in_bf16(precision)):
         warm(ids, labels=ids).backward()
     del warm
 

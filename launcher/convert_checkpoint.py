@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.training.checkpoint import CheckpointError
 from hybrid_pretrain.training.safe_load import add_trust_flag
-from hybrid_pretrain.training.weights import load_run, save_consolidated
+from hybrid_pretrain.training.weights import cast_weights, load_run, save_consolidated
 
 HF_DIR = Path(__file__).resolve().parents[1] / "models" / "hf"
 HF_FILES = ("configuration_hybrid_lm.py", "modeling_hybrid_lm.py")
@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="hf also writes the transformers configuration/modeling files (default: safetensors)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="weights as stored: fp32 (the master weights, exact) or bf16 (half the size, what a "
-                             "bf16 run computes with)")
+                             "bf16 run computes with; the SSM dynamics dt, A, ... stay fp32)")
     add_trust_flag(parser)
     return parser.parse_args(argv)
 
@@ -110,9 +110,7 @@ def convert(run_dir: str | Path, out: str | Path, tag: str | None = None, fmt: s
 
     weights = load_run(run_dir, tag, trust)
     if dtype == "bf16":
-        sd = weights.state_dict
-        for name, t in sd.items():
-            sd[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
+        cast_weights(weights, torch.bfloat16)  # the SSM dynamics (dt, A, ...) stay fp32
     out = save_consolidated(weights, out, HF_CONFIG if fmt == "hf" else None)
     if fmt == "hf":
         for name in HF_FILES:

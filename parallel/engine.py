@@ -29,17 +29,22 @@ def cpu_supports_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def computes_in_bf16(precision: str) -> bool:
+    """Whether a resolved train.precision runs its matmuls in bf16 (so bf16 peak FLOP/s and bf16 math apply)."""
+    return precision in ("bf16", "bf16_autocast")
+
+
 def check_precision_supported(precision: str) -> None:
     """Refuse bf16 on a device without bf16 math, where it would be emulated (slow) or fail inside DeepSpeed."""
-    if precision != "bf16":
+    if not computes_in_bf16(precision):
         return
     if torch.cuda.is_available():
         if not torch.cuda.is_bf16_supported():
-            raise ConfigError(f"train.precision=bf16: {torch.cuda.get_device_name()} has no bf16 support; "
+            raise ConfigError(f"train.precision={precision}: {torch.cuda.get_device_name()} has no bf16 support; "
                               "use train.precision=fp32 (or auto)")
     elif not cpu_supports_bf16():
-        raise ConfigError("train.precision=bf16: this CPU has no bf16 support (no AVX512-BF16 or AMX, as oneDNN "
-                          "reports); use train.precision=fp32 (or auto)")
+        raise ConfigError(f"train.precision={precision}: this CPU has no bf16 support (no AVX512-BF16 or AMX, as "
+                          "oneDNN reports); use train.precision=fp32 (or auto)")
 
 
 # ZeRO-Infinity's optimizer step works on sub-groups of this many elements, each read from NVMe with its
@@ -88,6 +93,11 @@ def deepspeed_config(train: Any, dp_size: int) -> dict:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16_autocast":
+        # fp32 weights and optimizer; torch.autocast runs matmuls in bf16 and DeepSpeed reduces the gradients of
+        # nn.Linear / Conv weights in bf16 (deepspeed/runtime/torch_autocast.py). DeepSpeed's "bf16" mode cannot
+        # keep a parameter in fp32 (engine._cast_module_mixed_precision casts them all), which rounds SSM log_dt/A.
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if offload.uses_nvme:
         config["aio"] = dict(AIO)
     return config

@@ -71,6 +71,9 @@ class OffloadConfig:
                               "parallel.pipeline=1 or train.offload.*=none")
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "bf16_autocast")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 200  # optimizer steps in the whole run
@@ -83,7 +86,9 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     zero_stage: int = 1
-    precision: str = "auto"  # auto: bf16 on GPUs that support it, fp32 elsewhere
+    # auto: bf16 on GPUs that support it, fp32 elsewhere; bf16: DeepSpeed's bf16 (every weight rounded to bf16);
+    # bf16_autocast: fp32 weights, bf16 matmuls (SSM parameters unrounded; kernels/README.md, "Precision under bf16")
+    precision: str = "auto"
     log_every: int = 1
     eval_every: int = 100  # 0: never
     eval_batches: int = 4  # micro-batches per rank per evaluation
@@ -106,8 +111,8 @@ class TrainConfig:
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"train.precision must be 'auto', 'fp32' or 'bf16', got '{self.precision}'")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         self.offload.validate()
         self.offload.check_stage(self.zero_stage)
 
@@ -173,6 +178,12 @@ class RunConfig:
         self.train.validate()
         self.parallel.validate()
         self.train.offload.check_pipeline(self.parallel.pipeline)
+        if self.train.precision == "bf16_autocast" and self.parallel.tensor > 1:
+            # megatron-core's parallel linear runs its backward under CUDA's autocast state only: on CPU it mixes
+            # bf16 and fp32 (measured, DeepSpeed 0.19.8, megatron-core 0.16.1)
+            raise ConfigError(f"train.precision=bf16_autocast with parallel.tensor={self.parallel.tensor}: "
+                              "megatron-core's tensor-parallel layers fail under CPU autocast (untested on GPU); "
+                              "expected parallel.tensor=1 or train.precision=bf16")
         self._validate_model_parallel()
         if "E" in self.model.ffn:
             self.parallel.check_experts(self.model.num_experts)

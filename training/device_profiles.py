@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.parallel.engine import computes_in_bf16
 from hybrid_pretrain.training.gpu_peaks import lookup
 
 GB = 1e9
@@ -46,7 +47,7 @@ class DeviceProfile:
     default_precision: str  # what train.precision=auto means on this device
 
     def peak(self, precision: str) -> float:
-        return self.bf16_flops if precision == "bf16" else self.fp32_flops
+        return self.bf16_flops if computes_in_bf16(precision) else self.fp32_flops
 
 
 def _gpu(name: str, datasheet_name: str, memory_gb: float) -> DeviceProfile:

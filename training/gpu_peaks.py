@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hybrid_pretrain.parallel.engine import computes_in_bf16
+
 TERA = 1e12
 
 
@@ -49,14 +51,15 @@ def lookup(device_name: str) -> GpuPeak | None:
 
 
 def peak_flops(device_name: str | None, precision: str) -> float:
-    """Dense peak FLOP/s of one device at ``precision`` ('bf16' or 'fp32'); NaN on CPU or an unknown GPU.
+    """Dense peak FLOP/s of one device at ``precision`` (a train.precision; both bf16 modes run bf16 matmuls);
+    NaN on CPU or an unknown GPU.
 
     NaN rather than a guess: an MFU computed against a made-up peak would look authoritative.
     """
     peak = lookup(device_name) if device_name else None
     if peak is None:
         return math.nan
-    return peak.bf16 if precision == "bf16" else peak.fp32
+    return peak.bf16 if computes_in_bf16(precision) else peak.fp32
 
 
 def current_device_peak(precision: str) -> float:

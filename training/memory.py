@@ -15,6 +15,11 @@ input instead and recomputes one block at a time. tests/training/test_memory_est
 estimate within 20% of the measured CPU peak (debug_hybrid with and without checkpointing, 125M-shape
 H3 and attention layers at L 2K: all within 2% when written).
 
+Under ``bf16_autocast`` (fp32 weights, bf16 matmuls; kernels/README.md, "Precision under bf16") the
+weights and gradients are fp32, ZeRO-1/2/3 still keep a separate fp32 master partition, activations
+are bf16 except the fp32 residual stream (the norms' inputs), and every matmul saves for backward the
+bf16 copy autocast made of its weight: 2 bytes per weight this rank computes with, not sharded by ZeRO-3.
+
 Mixture-of-experts layers hold ``num_experts`` expert MLPs, of which each rank keeps 1/EP; their
 weights and optimizer states are sharded by ZeRO over the expert-data-parallel group (DP / EP
 ranks). Their activations are the expert rows in and out (D wide) and the hidden states before and
@@ -54,15 +59,17 @@ def mixer_saved(model_cfg, mixer: str) -> float:
 
 
 def layer_activations(model_cfg, layer, tokens: int, seq_len: int, elem: int, tp_size: int = 1,
-                      sequence_parallel: bool = False) -> tuple[float, float]:
+                      sequence_parallel: bool = False, residual_elem: int | None = None) -> tuple[float, float]:
     """(bytes kept for backward, bytes of its backward's transient peak) of one block on `tokens` = b * s tokens.
 
     `elem` is the activation element size (2 bf16, 4 fp32); SSM kernels and their spectra are fp32.
+    `residual_elem` is the residual stream's (the norms' inputs; default `elem`, 4 under bf16_autocast).
     """
     h = model_cfg.d_model
-    outside = OUTSIDE_SAVED / (tp_size if sequence_parallel else 1)
-    inside = (mixer_saved(model_cfg, layer.mixer) + 2.0 * model_cfg.ffn_dim / h) / tp_size
-    saved = tokens * h * (outside + inside) * elem
+    residual_elem = residual_elem or elem
+    outside = OUTSIDE_SAVED / 2 * (elem + residual_elem) / (tp_size if sequence_parallel else 1)
+    inside = (mixer_saved(model_cfg, layer.mixer) + 2.0 * model_cfg.ffn_dim / h) / tp_size * elem
+    saved = tokens * h * (outside + inside)
     transient = tokens * h * LAYER_TRANSIENT / tp_size * elem
     transient += max(model_cfg.ffn_dim, 3 * h) * h / tp_size * elem  # its largest weight gradient, not yet accumulated
     if layer.mixer == "h3":
@@ -76,24 +83,26 @@ def layer_activations(model_cfg, layer, tokens: int, seq_len: int, elem: int, tp
 
 
 def activation_bytes(model_cfg, micro_batch: int, seq_len: int, vocab_size: int, elem: int, tp_size: int = 1,
-                     sequence_parallel: bool = False, checkpointing: bool = False) -> float:
+                     sequence_parallel: bool = False, checkpointing: bool = False,
+                     residual_elem: int | None = None) -> float:
     """Peak activation bytes of one micro-batch's forward and backward on one rank (see the module docstring).
 
     Under 1F1B the first pipeline stage holds PP micro-batches of its L/PP layers, i.e. every layer's
     worth, so the count covers all layers whatever the pipeline split.
     """
     tokens = micro_batch * seq_len
-    layers = [layer_activations(model_cfg, layer, tokens, seq_len, elem, tp_size, sequence_parallel)
+    residual_elem = residual_elem or elem
+    layers = [layer_activations(model_cfg, layer, tokens, seq_len, elem, tp_size, sequence_parallel, residual_elem)
               for layer in parse_pattern(model_cfg.layers, model_cfg.ffn).layers]
     h = model_cfg.d_model
     if checkpointing:  # each block keeps its input; backward recomputes one block at a time
-        kept = len(layers) * tokens * h * elem / (tp_size if sequence_parallel else 1)
+        kept = len(layers) * tokens * h * residual_elem / (tp_size if sequence_parallel else 1)
         layer_peak = max(saved + transient for saved, transient in layers)
     else:
         kept = sum(saved for saved, _ in layers)
         layer_peak = max(transient for _, transient in layers)
     logits = tokens * vocab_size / tp_size * 4  # fp32 log-probabilities kept by the loss (this rank's vocabulary)
-    final_norm = 2 * tokens * h * elem
+    final_norm = tokens * h * (elem + residual_elem)
     return kept + final_norm + logits + max(layer_peak, 2 * logits)  # the loss's backward holds two more
 
 
@@ -119,7 +128,8 @@ def estimate_memory(n_params: int, model_cfg, train_cfg, seq_len: int, vocab_siz
     'offloaded_host' and 'offloaded_nvme' count what then sits in host RAM and in the NVMe swap files
     (see ``offload_plan``).
     """
-    half = precision == "bf16"
+    half = precision == "bf16"  # DeepSpeed bf16: bf16 weights and gradients, fp32 master copy
+    autocast = precision == "bf16_autocast"  # fp32 weights and gradients, bf16 matmuls
     stage = train_cfg.zero_stage
     experts, _ = expert_parameters(model_cfg)
     # Experts are whole on every tensor rank (no expert tensor parallelism) and split across pipeline stages.
@@ -131,20 +141,26 @@ def estimate_memory(n_params: int, model_cfg, train_cfg, seq_len: int, vocab_siz
             return (dense + local_experts) * bytes_per_param
         return dense * bytes_per_param / dp_size + local_experts * bytes_per_param / expert_dp
 
+    offload = offload if offload is not None else getattr(train_cfg, "offload", None)
     weights = sharded(2 if half else 4, stage >= 3)
-    master = sharded(4, stage >= 1) if half else 0
+    # ZeRO-1/2/3 clone an fp32 partition even of fp32 weights (stage_1_and_2.py; stage3.py's
+    # _create_fp32_partitions means to alias them but compares a torch.device with a str: measured, a copy);
+    # at ZeRO-0 torch's AdamW steps autocast's fp32 weights themselves
+    master = sharded(4, stage >= 1) if half or (autocast and stage >= 1) else 0
     grads = sharded(2 if half else 4, stage >= 2)
     adam = sharded(8, stage >= 1)
-    acts = activation_bytes(model_cfg, train_cfg.micro_batch_size, seq_len, vocab_size, 2 if half else 4, tp_size,
-                            sequence_parallel, checkpointing)
+    elem = 2 if half or autocast else 4
+    acts = activation_bytes(model_cfg, train_cfg.micro_batch_size, seq_len, vocab_size, elem, tp_size,
+                            sequence_parallel, checkpointing, residual_elem=4 if autocast else elem)
+    if autocast:  # the bf16 weight copies the matmuls save for backward, whole on every ZeRO-3 rank
+        acts += sharded(2, False)
     out = {"weights": weights, "master_weights": master, "gradients": grads, "optimizer_states": adam,
            "activations": acts}
-    offload = offload if offload is not None else getattr(train_cfg, "offload", None)
     if offload is None or not offload.enabled:
         out["total"] = sum(out.values())
         return out
     local = sharded(1, stage >= 3)  # parameters this rank's partition holds
-    host, nvme = offload_plan(out, offload, model_cfg, local, 2 if half else 4)
+    host, nvme = offload_plan(out, offload, model_cfg, local, 2 if half else 4)  # the weights' and gradients' size
     out["total"] = sum(out.values())
     out["offloaded_host"], out["offloaded_nvme"] = host, nvme
     return out

@@ -26,6 +26,7 @@ from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
 from hybrid_pretrain.models.architectures import build_arch
 from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.models.precision import HALF, cast_model, cast_state_dict, fp32_parameter_names
 from hybrid_pretrain.parallel.pipeline import lm_name
 from hybrid_pretrain.training.checkpoint import (
     LAYOUT,
@@ -230,11 +231,20 @@ def build_model(
     """The run's model (model.arch) in eval mode holding the run's weights (strict: every key must match)."""
     with torch.device("meta"):
         model = build_arch(weights.config.model)
+    keep_fp32 = fp32_parameter_names(model)  # read before assign=True replaces the parameters and their hints
     model.load_state_dict(weights.state_dict, strict=True, assign=True)  # built on meta: no throw-away init
     missing = [name for name, t in model.state_dict().items() if t.is_meta]
     if missing:
         raise CheckpointError(f"checkpoint '{weights.tag}' leaves {missing[:3]} unset; expected every model tensor")
-    return model.to(device=device, dtype=dtype).eval()
+    return cast_model(model, dtype, device, keep_fp32).eval()  # bf16: the SSM dynamics stay fp32
+
+
+def cast_weights(weights: RunWeights, dtype: torch.dtype) -> None:
+    """Cast a run's consolidated weights to `dtype` in place; under bf16 the SSM dynamics stay fp32 (they set
+    decay rates and frequencies: models/precision.py)."""
+    with torch.device("meta"):
+        keep = fp32_parameter_names(build_arch(weights.config.model)) if dtype in HALF else set()
+    cast_state_dict(weights.state_dict, dtype, keep)
 
 
 # A consolidated checkpoint: one folder a user can copy, evaluate or hand to Hugging Face transformers.

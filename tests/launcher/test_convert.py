@@ -131,3 +131,18 @@ def test_real_run_converts_to_the_same_logits_in_the_project_model_and_transform
     with contextlib.redirect_stdout(printed):
         exec(example, {})
     assert len(ast.literal_eval(printed.getvalue())) == 2
+
+
+def test_bf16_conversion_keeps_the_ssm_dynamics_fp32(tmp_path) -> None:
+    """--dtype bf16 halves every weight but dt and A (models/precision.py), which round-trip exactly."""
+    from hybrid_pretrain.launcher.convert_checkpoint import convert
+
+    model = fake_zero0_run(tmp_path / "run", "HSA")
+    convert(tmp_path / "run", tmp_path / "ckpt", dtype="bf16")
+    loaded = load_consolidated(tmp_path / "ckpt").state_dict
+    fp32 = {k for k, t in loaded.items() if t.dtype == torch.float32}
+    assert {k.rsplit(".", 1)[1] for k in fp32} == {"log_dt", "log_A_real", "A_imag"}
+    want = model.state_dict()
+    assert all(torch.equal(loaded[k], want[k] if k in fp32 else want[k].bfloat16()) for k in loaded)
+    half = build_model(load_consolidated(tmp_path / "ckpt"), dtype=torch.bfloat16)
+    assert {n for n, p in half.named_parameters() if p.dtype == torch.float32} == fp32

@@ -26,7 +26,7 @@ from hybrid_pretrain.training.memory import activation_bytes, layer_activations
 from hybrid_pretrain.training.memory_probe import peak_rss_growth
 
 LAYER_CASES = {"h3_125m_layer": "H", "attention_125m_layer": "A"}  # one 125M-shape block at L 2K, batch 1
-CASES = ["debug_hybrid", "debug_hybrid_checkpointed", *LAYER_CASES]
+CASES = ["debug_hybrid", "debug_hybrid_checkpointed", "debug_hybrid_autocast", *LAYER_CASES]
 
 
 def _with_grads(model: torch.nn.Module) -> None:
@@ -42,13 +42,24 @@ def measure(case: str) -> dict:
         model_cfg, b, s = cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len
         model_cfg.vocab_size = model_cfg.vocab_size or cfg.data.vocab_size
         checkpointing = case.endswith("checkpointed")
+        autocast = case.endswith("autocast")  # train.precision=bf16_autocast: fp32 weights, bf16 matmuls
         model = LanguageModel(model_cfg)
         model.checkpoint_activations = checkpointing
         _with_grads(model)
         ids = torch.randint(0, model_cfg.vocab_size, (b, s))
-        model(ids, labels=ids).backward()  # the first step also sets up libraries' caches (oneDNN, FFT plans)
-        measured = peak_rss_growth(lambda: model(ids, labels=ids).backward())
-        estimate = activation_bytes(model_cfg, b, s, model_cfg.vocab_size, 4, checkpointing=checkpointing)
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(ids, labels=ids)
+            loss.backward()
+
+        step()  # the first step also sets up libraries' caches (oneDNN, FFT plans)
+        measured = peak_rss_growth(step)
+        if autocast:  # bf16 activations, fp32 residual stream, and the bf16 weight copies the matmuls save
+            estimate = activation_bytes(model_cfg, b, s, model_cfg.vocab_size, 2, residual_elem=4)
+            estimate += 2 * sum(p.numel() for p in model.parameters())
+        else:
+            estimate = activation_bytes(model_cfg, b, s, model_cfg.vocab_size, 4, checkpointing=checkpointing)
     else:
         s, h = 2048, 768
         model_cfg = ModelConfig(vocab_size=256, d_model=h, n_heads=12, layers=LAYER_CASES[case], h3_d_state=64,

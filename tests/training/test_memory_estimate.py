@@ -54,3 +54,21 @@ def test_flagship_configs_fit_80gb_on_8_gpus(name: str) -> None:
                           checkpointing=cfg.parallel.activation_checkpointing)
     assert isinstance(cfg.train, TrainConfig)
     assert mem["total"] < 0.9 * 80e9, {k: round(v / 1e9, 1) for k, v in mem.items()}
+
+
+@pytest.mark.parametrize("stage, master", [(0, 0), (1, 4), (2, 4), (3, 4)])
+def test_bf16_autocast_holds_fp32_weights_and_gradients(stage: int, master: int) -> None:
+    """bf16_autocast: 4-byte weights and gradients, DeepSpeed's fp32 master copy from ZeRO-1 on (a clone even
+    of fp32 weights, measured at ZeRO-3 too), and the bf16 weight copies the matmuls save (2 bytes per weight, whole
+    under ZeRO-3) on top of bf16 activations."""
+    m = ModelConfig(d_model=256, n_heads=4, layers="HA", vocab_size=1000)
+    n = full_parameter_count(m)
+    train = TrainConfig(micro_batch_size=2, zero_stage=stage)
+    mem = estimate_memory(n, m, train, 128, 1000, 1, "bf16_autocast")
+    half = estimate_memory(n, m, train, 128, 1000, 1, "bf16")
+    assert mem["weights"] == 4 * n and mem["gradients"] == 4 * n and mem["master_weights"] == master * n
+    assert mem["optimizer_states"] == half["optimizer_states"] == 8 * n
+    acts = activation_bytes(m, 2, 128, 1000, 2, residual_elem=4)
+    assert mem["activations"] == acts + 2 * n and acts > activation_bytes(m, 2, 128, 1000, 2)
+    sharded = estimate_memory(n, m, train, 128, 1000, 4, "bf16_autocast")
+    assert sharded["activations"] == mem["activations"]  # the weight copies are not sharded, even at ZeRO-3
