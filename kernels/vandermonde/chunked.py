@@ -102,10 +102,9 @@ def vandermonde_chunked(w: torch.Tensor, dtA: torch.Tensor, length: int) -> torc
     real = dtA.real.dtype
     J, C = chunking(length, w[..., 0, 0].numel())
     steps = _interleaved(power_table(dtA, J, 1, real).contiguous())  # (H, J, N): z^j as (re, im) pairs
-    # Re(p q) = Re p Re q + (-Im p) Im q: the left factor holds conj(p), p = w z^(cJ), as (re, im) pairs; the
-    # conjugate is taken of the small factors, conj(z)^k = exp(conj(dtA) k), not of the (H, C, N/2) product
-    weights = w.conj().to(_complex_dtype(real)).unsqueeze(-2) * power_table(dtA.conj(), C, J, real)
-    left, lead = _fold(_interleaved(weights))  # (H, (...) C, N)
+    weights = w.to(_complex_dtype(real)).unsqueeze(-2) * power_table(dtA, C, J, real)  # w z^(cJ)
+    # Re(p q) = Re p Re q + (-Im p) Im q: the left factor holds conj(p) as (re, im) pairs
+    left, lead = _fold(_interleaved(weights.conj_physical()))  # (H, (...) C, N)
     K = _unfold(torch.matmul(left, steps.transpose(1, 2)), lead)  # (..., H, C, J)
     return 2 * K.flatten(-2)[..., :length]
 
@@ -114,27 +113,29 @@ def vandermonde_chunked(w: torch.Tensor, dtA: torch.Tensor, length: int) -> torc
 def vandermonde_transpose_chunked(g: torch.Tensor, dtA: torch.Tensor, weighted: bool = False
                                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """S (..., H, N/2) = sum_l g[..., h, l] exp(dtA[h, n] l) by chunks, no autograd of its own; with `weighted`
-    also S1 = sum_l l g_l exp(dtA l) (= dS/d(dtA)), else None.
-
-    S1 is the same product of the sequence l g_l, so with `weighted` both sequences go through one matmul
-    and one chunk sum, stacked along the rows (fewer passes over the (H, C, N/2) tables than a second
-    product of a step table weighted by j).
-    """
+    also S1 = sum_l l g_l exp(dtA l) (= dS/d(dtA)) from the same matmul, else None."""
     real = dtA.real.dtype
     length, half = g.shape[-1], dtA.shape[-1]
     J, C = chunking(length, g[..., 0, 0].numel())
-    g = g.to(real)
-    if weighted:  # (2, ..., H, L): g and l g
-        g = torch.stack([g, g * torch.arange(length, device=g.device, dtype=real)])
-    lead = g.shape[:-2]
-    g = torch.nn.functional.pad(g, (0, C * J - length)).unflatten(-1, (C, J))  # (..., H, C, J)
-    g, _ = _fold(g)  # (H, (...) C, J)
+    g = torch.nn.functional.pad(g.to(real), (0, C * J - length)).unflatten(-1, (C, J))  # (..., H, C, J)
+    g, lead = _fold(g)  # (H, (...) C, J)
     steps = _interleaved(power_table(dtA, J, 1, real).contiguous())  # (H, J, N)
     chunks = power_table(dtA, C, J, real).unsqueeze(1)  # (H, 1, C, N/2): z^(cJ)
-    M = torch.view_as_complex(torch.matmul(g, steps).unflatten(-1, (-1, 2)))  # (H, (...) C, N/2): sum_j g z^j
-    S = (M.view(M.shape[0], -1, C, half) * chunks).sum(-2)  # (H, (...), N/2): sum_c z^(cJ) M_c
-    S = S.movedim(0, -2).reshape(*lead, dtA.shape[0], half)  # (..., H, N/2)
-    return (S[0], S[1]) if weighted else (S, None)
+
+    def within(table: torch.Tensor) -> torch.Tensor:  # (H, J, N) -> (H, (...), C, N/2) complex, contiguous
+        M = torch.view_as_complex(torch.matmul(g, table).unflatten(-1, (-1, 2)))  # (H, (...) C, N/2)
+        return M.view(M.shape[0], -1, C, half)
+
+    def across(M: torch.Tensor) -> torch.Tensor:  # sum over the chunks: (H, (...), C, N/2) -> (..., H, N/2)
+        return (M * chunks).sum(-2).movedim(0, -2).reshape(*lead, dtA.shape[0], half)
+
+    M0 = within(steps)  # sum_j g z^j per chunk
+    if not weighted:
+        return across(M0), None
+    # l = cJ + j, so sum_l l g_l z^l = sum_c z^(cJ) (cJ M0_c + M1_c), M1_c = sum_j j g z^j
+    M1 = within(steps * torch.arange(J, device=g.device, dtype=real).unsqueeze(-1))
+    offsets = (J * torch.arange(C, device=g.device, dtype=real)).unsqueeze(-1)  # (C, 1): cJ
+    return across(M0), across(torch.addcmul(M1, M0, offsets))
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
