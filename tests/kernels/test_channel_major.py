@@ -76,3 +76,14 @@ def test_swap_last_two(shape):
     assert torch.equal(swap_last_two(base[:, ::2, 1:]), base[:, ::2, 1:].transpose(1, 2))
     with pytest.raises(ValueError, match=r"\(B, R, C\)"):
         swap_last_two(torch.randn(4, 5))
+
+
+def test_backward_keeps_only_the_input_and_the_weights_themselves():
+    """No stacked copy of the weights lives until backward (48 MiB per H3 layer at d_model 2048)."""
+    x = torch.randn(2, 16, 8, requires_grad=True)
+    params = [(torch.randn(6, 8, requires_grad=True), torch.randn(6, requires_grad=True)) for _ in range(3)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        linear_to_channel_major(x, [w for w, _ in params], [b for _, b in params])
+    allowed = {x.data_ptr()} | {w.data_ptr() for w, _ in params}
+    assert saved and {t.data_ptr() for t in saved} <= allowed
