@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch.distributed as dist
 from tqdm import tqdm
@@ -130,19 +132,21 @@ def _build_version(store: PassageStore, embedder: Embedder, index_dir: Path, spe
     x.flush()
     shard_ids = np.asarray(store.ids)[rows]
     index = _build_index(spec, [x], [shard_ids], len(store), progress and rank == 0)
-    tuning = tune(index, x, shard_ids, spec.target_recall) if spec.target_recall else None
     [entry] = index.save_shards(stage, first=rank)
     del x, index  # the memory map, before the file goes (Windows-safe; harmless elsewhere)
-    if not spec.reranks:
-        vectors_file.unlink()
-    (stage / f"shard_{rank:05d}.json").write_text(json.dumps({"entry": entry, "tuning": tuning}))
+    if not spec.reranks and not spec.target_recall:
+        vectors_file.unlink()  # else rank 0 reads every shard's vectors for tuning first
+    (stage / f"shard_{rank:05d}.json").write_text(json.dumps({"entry": entry}))
     barrier()
     manifest: dict = {}
     if rank == 0:
-        done = [json.loads((stage / f"shard_{r:05d}.json").read_text()) for r in range(world_size)]
+        entries = [json.loads((stage / f"shard_{r:05d}.json").read_text())["entry"] for r in range(world_size)]
         for r in range(world_size):
             (stage / f"shard_{r:05d}.json").unlink()
-        entries, tunings = [d["entry"] for d in done], [d["tuning"] for d in done]
+        tuning = _tune_merged(stage, spec, entries, np.asarray(store.ids)) if spec.target_recall else None
+        if not spec.reranks and spec.target_recall:
+            for r in range(world_size):
+                (stage / f"shard_{r:05d}.vectors.npy").unlink()
         np.savez(stage / "indexed.npz", ids=np.asarray(store.ids), digests=np.asarray(store.digests),
                  encoder=np.zeros(len(store), np.int16))
         manifest = {
@@ -152,9 +156,9 @@ def _build_version(store: PassageStore, embedder: Embedder, index_dir: Path, spe
             "encoder_counts": {embedder.fingerprint: len(store)}, "passage_store": _store_info(store),
             "choice": choice,
         }
-        if spec.target_recall:
-            manifest["tuning"] = merge_tunings(tunings)
-            manifest["spec"].update(manifest["tuning"]["params"])
+        if tuning:
+            manifest["tuning"] = tuning
+            manifest["spec"].update(tuning["params"])
         publish(index_dir, version, manifest)
     barrier()
     return read_manifest(index_dir, version)
@@ -262,14 +266,17 @@ def _build_index(spec: IndexSpec, xs: list[np.ndarray], ids: list[np.ndarray], n
     return ShardedIndex(spec, shards, use_gpu=False, full=full)
 
 
-def merge_tunings(tunings: list[dict]) -> dict:
-    """One record for shards tuned apart (one per rank): the largest of each parameter, the lowest recall.
+def _tune_merged(stage: Path, spec: IndexSpec, entries: list[dict], ids: np.ndarray) -> dict:
+    """Tune the search parameters on every shard of the staged version searched together, as it is served.
 
-    A merged top-k holds each shard's own top-k, so parameters that reach the target on every shard reach
-    about it on the union; the recall recorded is the worst shard's, measured within its shard.
+    Tuning shards apart misses the merge: each shard's top-k (re-ranked from its own k * k_factor candidates)
+    competes for the merged top-k, so the served recall differs from every shard's (bench/shard_tuning.py).
+    Queries are held-out passages of all shards, their truth exact search over all vectors (`ids` in shard order).
     """
-    params = {name: max(t["params"][name] for t in tunings) for name in tunings[0]["params"]}
-    return {**tunings[0], "params": params, "recall": min(t["recall"] for t in tunings),
-            "reached": all(t["reached"] for t in tunings), "shards": len(tunings),
-            "qps": min(t.get("qps", 0.0) for t in tunings) if len(tunings) > 1 else tunings[0].get("qps"),
-            "points": tunings[0].get("points", [])}
+    vectors = [np.load(stage / f"shard_{r:05d}.vectors.npy", mmap_mode="r") for r in range(len(entries))]
+    shards = [faiss.read_index(str(stage / e["file"])) for e in entries]
+    full = [FullVectors.open(stage, e["full"]) for e in entries] if spec.reranks else None
+    index = ShardedIndex(replace(spec), shards, use_gpu=False, full=full)  # tuning sets the knobs on its own copy
+    tuning = tune(index, vectors, ids, spec.target_recall)
+    del index, full, vectors  # the memory maps, before the vectors files may go
+    return tuning

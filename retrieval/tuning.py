@@ -27,18 +27,36 @@ SATURATED = 0.002  # a doubling of nprobe that gains less recall than this: more
 MARGIN = 0.01  # asked of the held-out queries above the target: 500 queries measure recall to about +-0.01
 
 
-def heldout_queries(x: np.ndarray, n_queries: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(query rows (q,), their exact top-k rows (q, k) excluding themselves) for `x` (n, d), a memory map too."""
-    rows = np.sort(np.random.default_rng(seed).choice(len(x), min(n_queries, len(x)), replace=False))
-    q = np.ascontiguousarray(x[rows], dtype=np.float32)
+def _blocks(x: np.ndarray | list[np.ndarray]) -> list[np.ndarray]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _gather(blocks: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """float32 copies of the (sorted) global `rows` of row blocks stacked in order."""
+    starts = np.cumsum([0] + [len(b) for b in blocks])
+    return np.concatenate([np.asarray(b[rows[(rows >= lo) & (rows < hi)] - lo], dtype=np.float32)
+                           for b, lo, hi in zip(blocks, starts[:-1], starts[1:])])
+
+
+def heldout_queries(x: np.ndarray | list[np.ndarray], n_queries: int, k: int,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(query rows (q,), their exact top-k rows (q, k) excluding themselves) for `x` (n, d), a memory map too,
+    or a list of row blocks (e.g. every shard's vectors file, in shard order) read as one (n, d) array."""
+    blocks = _blocks(x)
+    n = sum(len(b) for b in blocks)
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n_queries, n), replace=False))
+    q = _gather(blocks, rows)
     best_s = np.full((len(q), 0), -np.inf, np.float32)
     best_i = np.zeros((len(q), 0), np.int64)
-    for start in range(0, len(x), TRUTH_CHUNK):
-        chunk = np.ascontiguousarray(x[start : start + TRUTH_CHUNK], dtype=np.float32)
-        s, i = faiss.knn(q, chunk, min(k + 1, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT)
-        best_s, best_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i + start], 1)
-        top = np.argsort(-best_s, axis=1, kind="stable")[:, : k + 1]
-        best_s, best_i = np.take_along_axis(best_s, top, 1), np.take_along_axis(best_i, top, 1)
+    offset = 0
+    for block in blocks:
+        for start in range(0, len(block), TRUTH_CHUNK):
+            chunk = np.ascontiguousarray(block[start : start + TRUTH_CHUNK], dtype=np.float32)
+            s, i = faiss.knn(q, chunk, min(k + 1, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT)
+            best_s, best_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i + offset + start], 1)
+            top = np.argsort(-best_s, axis=1, kind="stable")[:, : k + 1]
+            best_s, best_i = np.take_along_axis(best_s, top, 1), np.take_along_axis(best_i, top, 1)
+        offset += len(block)
     truth = np.array([[r for r in row if r != own][:k] for row, own in zip(best_i, rows)])
     return rows, truth
 
@@ -66,18 +84,23 @@ def _grid(index: ShardedIndex) -> list[list[dict]]:
     return [[{"nprobe": p, "refine_k_factor": f} for p in probes] for f in factors]
 
 
-def tune(index: ShardedIndex, x: np.ndarray, ids: np.ndarray, target: float, k: int = 10, n_queries: int = 500,
-         seed: int = 0) -> dict:
+def tune(index: ShardedIndex, x: np.ndarray | list[np.ndarray], ids: np.ndarray, target: float, k: int = 10,
+         n_queries: int = 500, seed: int = 0) -> dict:
     """Set the fastest search parameters of `index` (built from `x` with `ids`) that reach recall@k `target`.
 
-    Returns the record the manifest keeps: target, reached recall, queries/s, the parameters and whether the
-    target was reached. A flat index is exact and is left as it is.
+    `x` is every vector of the index (a list of row blocks, e.g. its shards' vectors in order, counts as one
+    array), so the queries come from all shards and their truth is exact search over all vectors; recall is
+    measured on `index` searched as served: its shards together, top-k merged. Returns the record the
+    manifest keeps: target, reached recall, queries/s, the parameters, whether the target was reached, and
+    `merged_recall` with the number of `shards` searched together to measure it. A flat index is exact and
+    is left as it is.
     """
     check_target_recall(target)
     if index.spec.kind == "flat":
-        return {"target": target, "k": k, "recall": 1.0, "reached": True, "params": {}}
+        return {"target": target, "k": k, "recall": 1.0, "merged_recall": 1.0, "shards": len(index.shards),
+                "reached": True, "params": {}}
     rows, truth = heldout_queries(x, n_queries, k, seed)
-    q, own, truth_ids = np.ascontiguousarray(x[rows], dtype=np.float32), ids[rows], ids[truth]
+    q, own, truth_ids = _gather(_blocks(x), rows), ids[rows], ids[truth]
     points, best_reached, need = [], None, min(target + MARGIN, 1.0)
     for line in _grid(index):
         previous = -1.0
@@ -100,5 +123,6 @@ def tune(index: ShardedIndex, x: np.ndarray, ids: np.ndarray, target: float, k: 
         warnings.warn(f"index tuning: recall@{k} target {target} not reached; best {best['recall']:.3f} with "
                       f"{best['params']} (a larger index: more lists, bigger PQ codes, or kind hnsw/flat)",
                       stacklevel=2)
-    return {"target": target, "k": k, "queries": len(rows), "recall": best["recall"], "qps": best["qps"],
-            "reached": best_reached is not None, "params": best["params"], "points": points}
+    return {"target": target, "k": k, "queries": len(rows), "recall": best["recall"], "merged_recall": best["recall"],
+            "shards": len(index.shards), "qps": best["qps"], "reached": best_reached is not None,
+            "params": best["params"], "points": points}
