@@ -54,7 +54,11 @@ def build_arch(cfg: ModelConfig) -> nn.Module:
 
 
 def count_parameters(cfg: ModelConfig) -> int:
-    """Number of distinct parameters (tied weights once), counted on the meta device without allocating."""
-    with torch.device("meta"):
+    """Number of distinct parameters (tied weights once), counted on the meta device without allocating.
+
+    Building draws an init seed from the global generator; counting must not move it (a resumed run restores
+    that generator and every later dropout mask depends on it), so the build runs on a forked RNG state.
+    """
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = build_arch(cfg)
     return sum(p.numel() for p in model.parameters())
