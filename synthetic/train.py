@@ -120,7 +120,8 @@ def train_synthetic(
     test = make_task(run.task, run.test_size, run.vocab, run.seq_len, run.seed + TEST_SEED_OFFSET)
     model = build_arch(run.model_config())
     model.drop.p = run.embed_dropout  # the LanguageModel's embedding dropout; its blocks keep model.dropout (0)
-    optimizer = torch.optim.AdamW(param_groups(model, run.lr, run.weight_decay), lr=run.lr)
+    # fused: one kernel per parameter instead of ~10 ops each, ~4% of a step of these tiny models on CPU
+    optimizer = torch.optim.AdamW(param_groups(model, run.lr, run.weight_decay), lr=run.lr, fused=True)
     steps_per_epoch = -(-len(train) // run.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(run.warmup_steps(steps_per_epoch), run.epochs * steps_per_epoch, 0.0)

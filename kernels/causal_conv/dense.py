@@ -30,16 +30,22 @@ def _compute_dtype(u: torch.Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
-def causal_conv_dense(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
-    """u (B, H, L), k (H, W) with any W, D (H,) or None -> y (B, H, L) in u's dtype, computed in fp32 (fp64)."""
-    B, H, L = u.shape
-    dtype = _compute_dtype(u)
+def toeplitz_matrix(k: torch.Tensor, D: torch.Tensor | None, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Causal taps k (H, W), skip D (H,) or None -> (H, L, L) lower-triangular T[h, t, s] = k[h, t - s] (+ D[h]
+    on the diagonal), zero above the diagonal and beyond W taps. Differentiable in k and D."""
+    H, L = k.shape[0], length
     taps = k.to(dtype)[:, :L]
     if D is not None:  # the skip is one more weight on the current step
         taps = torch.cat([taps[:, :1] + D.to(dtype).unsqueeze(-1), taps[:, 1:]], dim=-1)
     taps = torch.nn.functional.pad(taps, (0, L + 1 - taps.shape[-1]))  # (H, L + 1): the last one is 0
-    lag = torch.arange(L, device=u.device).unsqueeze(1) - torch.arange(L, device=u.device)  # (t, s): t - s
+    lag = torch.arange(L, device=k.device).unsqueeze(1) - torch.arange(L, device=k.device)  # (t, s): t - s
     # index_select, whose backward is one index_add (advanced indexing's scatter ran ~30x slower here)
-    toeplitz = taps.index_select(1, torch.where(lag >= 0, lag, L).flatten()).view(H, L, L)  # above the diagonal: 0
+    return taps.index_select(1, torch.where(lag >= 0, lag, L).flatten()).view(H, L, L)  # above the diagonal: 0
+
+
+def causal_conv_dense(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
+    """u (B, H, L), k (H, W) with any W, D (H,) or None -> y (B, H, L) in u's dtype, computed in fp32 (fp64)."""
+    dtype = _compute_dtype(u)
+    toeplitz = toeplitz_matrix(k, D, u.shape[-1], dtype)  # (H, L, L)
     y = torch.bmm(u.to(dtype).transpose(0, 1).contiguous(), toeplitz.transpose(1, 2))  # (H, B, L)
     return y.transpose(0, 1).to(u.dtype)  # (B, H, L)

@@ -112,7 +112,9 @@ def combine_sorted(rows: torch.Tensor, order: torch.Tensor, inverse: torch.Tenso
     t, k = routing.expert_index.shape
     per_token = _ToAssignmentOrder.apply(rows, order, inverse).view(t, k, -1)  # (T, k, D), choices in routing order
     gate = routing.gate.to(rows.dtype)  # (T, k)
-    return per_token[:, 0] * gate if k == 1 else torch.bmm(gate.unsqueeze(1), per_token).squeeze(1)
+    if k == 1:  # a view, not per_token[:, 0]: select's backward would zero-fill a (T, 1, D) buffer and copy into it
+        return per_token.view(t, -1) * gate
+    return torch.bmm(gate.unsqueeze(1), per_token).squeeze(1)
 
 
 def _kept(routing: RoutingResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

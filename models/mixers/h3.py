@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hybrid_pretrain.kernels.ssm_memory import ssm_memory
 from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.mixers.ssm import DiagonalSSM, ShiftSSM
 from hybrid_pretrain.models.roles import (
@@ -58,10 +59,12 @@ class H3(nn.Module):
         B, _, *rest = t.shape
         return t.reshape(B, self.n_heads, self.head_dim, *rest).transpose(1, 2)  # (B, d, H, ...)
 
-    def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _mix(self, x: torch.Tensor, need_kv: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """x (B, L, D) -> (y (B, D, L) before the output projection, k before the shift (B, D, L), kv).
 
-        kv is what the diagonal SSM reads: (B, H, L) with one channel per head, (B, d_i, d_j, H, L) otherwise.
+        kv is what the diagonal SSM reads: (B, H, L) with one channel per head, (B, d_i, d_j, H, L) otherwise;
+        with head_dim > 1 it is formed only when ``need_kv`` (prefill builds the state from it), else None:
+        ``kernels.ssm_memory`` picks how to read the memories out, not always through kv.
         """
         d, H = self.head_dim, self.n_heads
         projections = [self.q_proj, self.k_proj, self.v_proj]
@@ -72,11 +75,11 @@ class H3(nn.Module):
         if d == 1:  # one channel per head (the paper's models): binding and readout are elementwise
             kv = k * v  # (B, H, L)
             y = self.diag_ssm(kv) * q  # (B, H, L)
-        else:  # contiguous (B, d, H, L) factors, so the (B, d, d, H, L) products come out contiguous
-            k, v, q = (self._split(t).contiguous() for t in (k, v, q))
-            kv = k.unsqueeze(2) * v.unsqueeze(1)  # (B, d_i, d_j, H, L)
-            y = self.diag_ssm(kv.view(B * d * d, H, L)).view(B, d, d, H, L)  # (B, d_i, d_j, H, L)
-            y = (y * q.unsqueeze(2)).sum(1)  # sum_i q_i (kv memory)_ij: (B, d_j, H, L)
+        else:
+            ssm, heads = self.diag_ssm, (B, H, d, L)  # channel h * d + i: a view of (B, D, L)
+            y = ssm_memory(q.view(heads), k.view(heads), v.view(heads), *ssm.discretize(), ssm.D)  # (B, H, d_j, L)
+            y = y.transpose(1, 2)  # (B, d_j, H, L): the output projection reads channel j * H + h
+            kv = self._split(k).unsqueeze(2) * self._split(v).unsqueeze(1) if need_kv else None  # (B, d_i, d_j, H, L)
         return y.reshape(B, self.d_model, L), k_in, kv  # (B, D, L)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +123,7 @@ class H3(nn.Module):
         """
         B = x.shape[0]
         d, H, N = self.head_dim, self.n_heads, self.shift_ssm.d_state
-        y, k_in, kv = self._mix(x)  # (B, D, L)
+        y, k_in, kv = self._mix(x, need_kv=True)  # (B, D, L)
         shift = nn.functional.pad(k_in, (N, 0))[..., -N:].flip(-1)  # (B, D, N): k_{L-1}, k_{L-2}, ..., zeros
         state["shift"] = shift.to(state["shift"].dtype)
         state["diag"] = self.diag_ssm.state_after(kv).view(B, d, d, H, -1)  # (B, d_i, d_j, H, N/2)

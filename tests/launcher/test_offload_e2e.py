@@ -39,7 +39,8 @@ def _metrics(run_dir) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
+def runs(tmp_path_factory):
+    """The two runs; their ~15 GB of checkpoints are removed after the module (pytest keeps 3 old tmp dirs)."""
     tmp = tmp_path_factory.mktemp("offload")
     full, resumed = tmp / "full", tmp / "resumed"
     _ok(launch([*SHAPE, f"run_dir={full}", "train.steps=4", "train.save_every=2"], ranks=1, timeout=1200))
@@ -52,7 +53,8 @@ def runs(tmp_path_factory) -> dict:
     again = launch([*SHAPE, f"run_dir={resumed}", "train.steps=4", "train.save_every=2", "--resume"], ranks=1,
                    timeout=1200)
     _ok(again)
-    return {"full": full, "resumed": resumed, "tmp": tmp, "resume_log": again.stdout}
+    yield {"full": full, "resumed": resumed, "tmp": tmp, "resume_log": again.stdout}
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from hybrid_pretrain.tests.models.mixer_checks import assert_causal, assert_step
 MIXER_CASES = {name: (name, {}) for name in MIXERS.names()} | {
     "attention-rotary": ("attention", {"rotary_dim": 4}),
     "h3-head_dim2": ("h3", {"h3_head_dim": 2}),
+    "h3-head_dim8": ("h3", {"h3_head_dim": 8}),  # short L: the quadratic memory readout (kernels.ssm_memory)
 }
 L = 40  # spans several blocks/chunks of the block-wise mixers at their small test sizes
 
@@ -60,7 +61,7 @@ def test_state_is_batch_first(mixer: nn.Module) -> None:
     assert leaves and all(v.shape[0] == 3 for v in leaves), {k: getattr(v, "shape", v) for k, v in state.items()}
 
 
-@pytest.mark.parametrize("head_dim", [1, 2])
+@pytest.mark.parametrize("head_dim", [1, 2, 8])
 @torch.no_grad()
 def test_h3_prefill_builds_the_stepped_state(make_cfg, head_dim: int) -> None:
     """One parallel prefill gives forward's outputs and the very state token-by-token stepping reaches."""
