@@ -32,7 +32,8 @@ def _lags(P: int, M: int, device: torch.device) -> torch.Tensor:
 def _toeplitz(k: torch.Tensor, P: int, M: int) -> torch.Tensor:
     """k (H, W) -> T (H, MP, P), T[s, t] = k[t + (M-1)P - s] or 0."""
     padded = F.pad(k, (P, (M + 1) * P - k.shape[-1]))  # taps at P .. P + W - 1, zeros around
-    return padded[:, _lags(P, M, k.device)]
+    # index_select with flat indices: 6x faster than advanced indexing for (768, 80, 16) on the 2-core VM
+    return padded.index_select(1, _lags(P, M, k.device).flatten()).view(k.shape[0], M * P, P)
 
 
 def _toeplitz_ahead(k: torch.Tensor, P: int, M: int) -> torch.Tensor:
@@ -40,7 +41,7 @@ def _toeplitz_ahead(k: torch.Tensor, P: int, M: int) -> torch.Tensor:
     padded = F.pad(k, (P, (M + 1) * P - k.shape[-1]))  # k[j] at P + j
     s = torch.arange(M * P, device=k.device).unsqueeze(1)
     t = torch.arange(P, device=k.device).unsqueeze(0)
-    return padded[:, s - t + P]
+    return padded.index_select(1, (s - t + P).flatten()).view(k.shape[0], M * P, P)
 
 
 def _windows(u: torch.Tensor, P: int, M: int, blocks: int, ahead: bool = False) -> torch.Tensor:

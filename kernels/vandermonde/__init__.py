@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import torch
 
-from hybrid_pretrain.kernels.vandermonde.chunked import Vandermonde, VandermondeTranspose, chunking
+from hybrid_pretrain.kernels.vandermonde.chunked import (
+    Vandermonde,
+    VandermondeTranspose,
+    chunking,
+    transpose_tables,
+    vandermonde_transpose_chunked,
+)
 from hybrid_pretrain.kernels.vandermonde.reference import powers, vandermonde_ref, vandermonde_transpose_ref
 
 __all__ = [
-    "chunking", "powers", "vandermonde", "vandermonde_direct", "vandermonde_ref", "vandermonde_transpose",
-    "vandermonde_transpose_ref", "DIRECT_UP_TO",
+    "chunking", "powers", "transpose_tables", "vandermonde", "vandermonde_direct", "vandermonde_ref",
+    "vandermonde_transpose", "vandermonde_transpose_ref", "DIRECT_UP_TO",
 ]
 
 # Below this many (h, n, l) terms the whole table is smaller than the chunked path's fixed cost (~100 small
@@ -61,12 +67,15 @@ def vandermonde(w: torch.Tensor, dtA: torch.Tensor, length: int) -> torch.Tensor
     return Vandermonde.apply(w, dtA, length)
 
 
-def vandermonde_transpose(g: torch.Tensor, dtA: torch.Tensor) -> torch.Tensor:
+def vandermonde_transpose(g: torch.Tensor, dtA: torch.Tensor,
+                          tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``S[..., h, n] = sum_l g[..., h, l] exp(dtA[h, n] l)``.
 
     Args:
         g: (..., H, L) real sequences (an SSM's input read backwards gives its final state).
         dtA: (H, N/2) complex.
+        tables: ``transpose_tables(dtA, L, g[..., 0, 0].numel())`` kept by the caller, or None to build them;
+            only without autograd (their gradient path is not kept).
 
     Returns:
         S: (..., H, N/2) complex64 (complex128 when dtA is). Differentiable in g and dtA.
@@ -75,4 +84,8 @@ def vandermonde_transpose(g: torch.Tensor, dtA: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"vandermonde_transpose expects g (..., H, L) and dtA (H, N/2), got {tuple(g.shape)}, {tuple(dtA.shape)}"
         )
+    if tables is not None:
+        if torch.is_grad_enabled() and (g.requires_grad or dtA.requires_grad):
+            raise ValueError("vandermonde_transpose: kept tables are for inference (no autograd through them)")
+        return vandermonde_transpose_chunked(g, dtA, tables=tables)[0]
     return VandermondeTranspose.apply(g, dtA)

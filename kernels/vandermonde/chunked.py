@@ -109,18 +109,31 @@ def vandermonde_chunked(w: torch.Tensor, dtA: torch.Tensor, length: int) -> torc
     return 2 * K.flatten(-2)[..., :length]
 
 
+def transpose_tables(dtA: torch.Tensor, length: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The power tables the transpose product of ``rows`` sequences of ``length`` steps reads: z^j for j < J as
+    (re, im) pairs (H, J, N), and z^(cJ) for c < C (H, 1, C, N/2), (J, C) = ``chunking(length, rows)``.
+
+    They depend on dtA alone, so a caller running many products with the same weights (the prefills of
+    decoding) can keep them instead of rebuilding them (about half of a prefill state's cost).
+    """
+    real = dtA.real.dtype
+    J, C = chunking(length, rows)
+    return _interleaved(power_table(dtA, J, 1, real).contiguous()), power_table(dtA, C, J, real).unsqueeze(1)
+
+
 @_full_precision
-def vandermonde_transpose_chunked(g: torch.Tensor, dtA: torch.Tensor, weighted: bool = False
+def vandermonde_transpose_chunked(g: torch.Tensor, dtA: torch.Tensor, weighted: bool = False,
+                                  tables: tuple[torch.Tensor, torch.Tensor] | None = None
                                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """S (..., H, N/2) = sum_l g[..., h, l] exp(dtA[h, n] l) by chunks, no autograd of its own; with `weighted`
-    also S1 = sum_l l g_l exp(dtA l) (= dS/d(dtA)) from the same matmul, else None."""
+    also S1 = sum_l l g_l exp(dtA l) (= dS/d(dtA)) from the same matmul, else None. ``tables``: what
+    ``transpose_tables(dtA, L, rows)`` returns for g's length and rows, if the caller keeps them."""
     real = dtA.real.dtype
     length, half = g.shape[-1], dtA.shape[-1]
-    J, C = chunking(length, g[..., 0, 0].numel())
+    steps, chunks = tables if tables is not None else transpose_tables(dtA, length, g[..., 0, 0].numel())
+    J, C = steps.shape[1], chunks.shape[2]  # (H, J, N), (H, 1, C, N/2): z^(cJ)
     g = torch.nn.functional.pad(g.to(real), (0, C * J - length)).unflatten(-1, (C, J))  # (..., H, C, J)
     g, lead = _fold(g)  # (H, (...) C, J)
-    steps = _interleaved(power_table(dtA, J, 1, real).contiguous())  # (H, J, N)
-    chunks = power_table(dtA, C, J, real).unsqueeze(1)  # (H, 1, C, N/2): z^(cJ)
 
     def within(table: torch.Tensor) -> torch.Tensor:  # (H, J, N) -> (H, (...), C, N/2) complex, contiguous
         M = torch.view_as_complex(torch.matmul(g, table).unflatten(-1, (-1, 2)))  # (H, (...) C, N/2)

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid_pretrain.kernels.causal_conv import causal_conv
-from hybrid_pretrain.kernels.fftconv import ssm_conv, ssm_kernel
-from hybrid_pretrain.kernels.vandermonde import vandermonde_transpose
+from hybrid_pretrain.kernels.fftconv import fftconv, ssm_conv, ssm_conv_path, ssm_kernel
+from hybrid_pretrain.kernels.vandermonde import transpose_tables, vandermonde_transpose
 
 SSM_OPTIM = {"weight_decay": 0.0, "lr": 1e-3}  # S4 recipe: A and dt train slowly and without decay
 DT_MIN, DT_MAX = 1e-3, 1e-1
@@ -156,8 +156,34 @@ class DiagonalSSM(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u: (B, H, L) -> y: (B, H, L). ``ssm_conv`` takes the SSM itself, not its kernel, so that sequences
-        beyond one fused convolution can be run by state passing (carrying x between chunks)."""
+        beyond one fused convolution can be run by state passing (carrying x between chunks). Without
+        autograd (prefill, evaluation) the kernel comes from ``_inference_cache``."""
+        if not torch.is_grad_enabled() and ssm_conv_path(u) == "fftconv":
+            return fftconv(u, self._inference_kernel(u.shape[-1]), self.D)
         return ssm_conv(u, *self.discretize(), self.D)
+
+    # Distinct (length, rows) shapes whose prefill-state tables are kept: a few prompt lengths at once.
+    KEPT_TABLES = 4
+
+    def _inference_cache(self) -> dict:
+        """What depends on the weights alone, kept while they are unchanged and autograd is off (``_frozen``):
+        "discrete" (dtA, dB, C), "kernel" (the longest asked, as any shorter one is its prefix) and "tables",
+        the transpose product's power tables per (length, rows). Prefill and evaluation then skip building
+        the Vandermonde tables, ~25% of an H3 layer's prefill at d_model 768, L 512. Dropped by ``train()``,
+        so evaluation during training does not keep it through the training steps."""
+        return _frozen(self, "_inference", (self.log_dt, self.log_A_real, self.A_imag, self.C),
+                       lambda: {"discrete": self.discretize(), "tables": {}})
+
+    def train(self, mode: bool = True) -> DiagonalSSM:
+        if mode:
+            self.__dict__.pop("_inference", None)
+        return super().train(mode)
+
+    def _inference_kernel(self, length: int) -> torch.Tensor:
+        cache = self._inference_cache()
+        if "kernel" not in cache or cache["kernel"].shape[-1] < length:
+            cache["kernel"] = ssm_kernel(*cache["discrete"], length)
+        return cache["kernel"][:, :length]
 
     def allocate_state(self, batch_shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
         """Zero state (*batch_shape, H, N/2), complex.
@@ -174,8 +200,17 @@ class DiagonalSSM(nn.Module):
         s_{L-1} = C dB sum_s dA^(L-1-s) u_s is the transpose Vandermonde product of u read backwards: one
         pass of chunked matmuls, so a prompt's state costs about what its convolution does.
         """
-        dtA, dB, C = self.discretize()
-        return C * dB * vandermonde_transpose(u.flip(-1), dtA)
+        if torch.is_grad_enabled():
+            dtA, dB, C = self.discretize()
+            return C * dB * vandermonde_transpose(u.flip(-1), dtA)
+        cache = self._inference_cache()
+        dtA, dB, C = cache["discrete"]
+        tables, key = cache["tables"], (u.shape[-1], u[..., 0, 0].numel())  # what the chunking depends on
+        if key not in tables:
+            while len(tables) >= self.KEPT_TABLES:
+                del tables[next(iter(tables))]  # the oldest first
+            tables[key] = transpose_tables(dtA, *key)
+        return C * dB * vandermonde_transpose(u.flip(-1), dtA, tables=tables[key])
 
     def step_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(dA, C dB), each complex (H, N/2): what one recurrent step multiplies by.

@@ -116,3 +116,39 @@ def test_step_is_differentiable_and_not_cached_under_autograd() -> None:
     run_recurrence(ssm, torch.randn(2, 3, 5)).square().sum().backward()
     for name, p in ssm.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_inference_cache_gives_the_autograd_results_and_follows_the_weights() -> None:
+    """Without autograd the kernel (the longest asked, sliced) and the state tables are kept; the outputs
+    equal the ones computed fresh, also after a shorter length, a weight update, or train()."""
+    torch.manual_seed(0)
+    ssm = DiagonalSSM(6, 16).eval()
+
+    def fresh(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            return ssm(u).detach(), ssm.state_after(u).detach()
+
+    for L in (300, 120, 300, 77):  # the 120 and 77 are prefixes of the kept 300-step kernel
+        u = torch.randn(3, 6, L)
+        with torch.no_grad():
+            y, state = ssm(u), ssm.state_after(u)
+        y_ref, state_ref = fresh(u)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state, state_ref, rtol=1e-5, atol=1e-5)
+    assert ssm.__dict__["_inference"][1]["kernel"].shape[-1] == 300
+    assert len(ssm.__dict__["_inference"][1]["tables"]) <= DiagonalSSM.KEPT_TABLES
+    with torch.no_grad():
+        ssm.log_dt.add_(0.5)  # an optimizer step: the kept kernel must not survive it
+        y = ssm(u)
+    torch.testing.assert_close(y, fresh(u)[0], rtol=1e-5, atol=1e-5)
+    ssm.train()
+    assert "_inference" not in ssm.__dict__  # training does not carry evaluation's tensors
+
+
+def test_kept_tables_refuse_autograd() -> None:
+    from hybrid_pretrain.kernels.vandermonde import transpose_tables, vandermonde_transpose
+
+    dtA = DiagonalSSM(4, 8).discretize()[0]
+    g = torch.randn(2, 4, 50, requires_grad=True)
+    with pytest.raises(ValueError, match="for inference"):
+        vandermonde_transpose(g, dtA, tables=transpose_tables(dtA.detach(), 50, 2))
