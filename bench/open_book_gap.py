@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['perplexity_empty']:>8.2f} {row['perplexity_random']:>8.2f} {row['gap_vs_empty']:>+9.2%} "
               f"{row['gap_vs_random']:>+9.2%}  {row.get('title', '')!r}")
     gains = np.array([w[0] for w in windows])
+    distinct = len({w[3].id for w in windows})  # a collapsed retriever answers every query with the same hubs
     print(f"windows: {len(gains)}; retrieved beats empty in {(gains > 0).mean():.1%}; mean gain {gains.mean():+.4f} "
-          f"nats/token; median {np.median(gains):+.4f}")
+          f"nats/token; median {np.median(gains):+.4f}; distinct top-1 passages: {distinct} of {len(src)}")
     order = np.argsort(gains)
     for label, picks in (("largest gains", order[::-1][: args.top]), ("largest losses", order[: args.top])):
         print(f"{label} (empty - retrieved NLL per token):")
