@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ from hybrid_pretrain.retrieval.encoder import tokenize_padded
 from hybrid_pretrain.retrieval.index import IndexSpec
 from hybrid_pretrain.retrieval.passages import PassageStore, write_store
 from hybrid_pretrain.tests.data_pipeline.corpora import prose
-from hybrid_pretrain.training.config import load_config
+from hybrid_pretrain.training.checkpoint import write_manifest
+from hybrid_pretrain.training.config import load_config, save_resolved
 from hybrid_pretrain.training.weights import RunWeights, save_consolidated
 
 Q, P, K, SEQ = 8, 16, 3, 24
@@ -169,3 +171,28 @@ def test_cli_scores_an_atlas_checkpoint_in_three_modes(model, store, tokenizer, 
     assert perplexity.main([*args, "--passages", "empty"]) == 2  # no store beside a converted checkpoint
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no passage store" in err[0] and "--passage-store" in err[0]
+
+
+def test_cli_finds_the_store_of_an_atlas_run_directory(model, store, tokenizer, tmp_path, capsys):
+    """A run directory as launcher/pretrain.py leaves it: weights read back by load_run (Atlas keeps its embedding
+    under reader.), tokenizer in data/, passage store in retrieval/passages, no index yet (built from the tower)."""
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"run_dir={run}", f"data.seq_len={SEQ}", "data.vocab_size=320"])
+    cfg.model = model_config(tokenizer)
+    save_resolved(cfg, run)
+    (run / "data").mkdir()
+    shutil.copyfile(tokenizer.path, run / "data" / "tokenizer.model")
+    shutil.copytree(store.path, run / "retrieval" / "passages")
+    tag_dir = run / "checkpoints" / "step00000001"
+    tag_dir.mkdir(parents=True)
+    torch.save({"module": model.state_dict(), "ds_config": {"zero_optimization": {"stage": 0}}},
+               tag_dir / "mp_rank_00_model_states.pt")
+    write_manifest(tag_dir)
+    (run / "checkpoints" / "latest").write_text("step00000001")
+    (tmp_path / "book.txt").write_text(prose(701, 150), encoding="utf-8")
+    assert perplexity.main([str(run), "--data", str(tmp_path / "book.txt"), "--passages", "retrieved,empty",
+                            "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.splitlines()[-1])
+    assert set(result) >= {"perplexity_retrieved", "perplexity_empty", "gap_vs_empty"} and "gap_vs_random" not in result
+    assert result["tag"] == "step00000001" and f"embedding {len(store)} passages" in captured.err
