@@ -1,5 +1,8 @@
 """Perplexity and bits per byte of a checkpoint on a corpus: ``python launcher/perplexity.py CKPT --data PATH``.
 
+An Atlas checkpoint is scored open book and closed book in one run (``--passages retrieved,empty,random``,
+see evaluation.open_book): its passages come from the run's store, searched with its own towers.
+
 Reads like a table of contents: load the weights (a run directory at any ZeRO stage, or a folder from
 convert_checkpoint.py) -> read the documents of a split (any data.path spec: Pile, PG-19, .txt) ->
 tokenize into one stream, EOS before every document as in training -> score it in non-overlapping
@@ -15,6 +18,7 @@ import math
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +27,10 @@ from tqdm import tqdm
 from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.data_pipeline.errors import DataError
 from hybrid_pretrain.data_pipeline.sources import parse_sources, resolve_sources
+from hybrid_pretrain.evaluation import open_book
 from hybrid_pretrain.models.roles import IGNORE_INDEX
+from hybrid_pretrain.retrieval.errors import PassageError, RetrievalIndexError
+from hybrid_pretrain.retrieval.index import IndexSpec
 from hybrid_pretrain.training.checkpoint import CheckpointError
 from hybrid_pretrain.training.safe_load import add_trust_flag
 from hybrid_pretrain.training.weights import build_model, load_weights
@@ -119,6 +126,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--passages", help="Atlas checkpoints only: comma-separated modes from "
+                        f"{','.join(open_book.MODES)} (default: all three): passages retrieved by the model from "
+                        "its passage store, none (closed book), or random ones from the same store")
+    parser.add_argument("--passage-store", help="Atlas: the passage store to retrieve from (default: the run's "
+                        "retrieval.passages, else <run dir>/retrieval/passages)")
+    parser.add_argument("--seed", type=int, default=0, help="Atlas: seed of the random passages")
     add_trust_flag(parser)
     return parser.parse_args(argv)
 
@@ -131,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, flag) < (1 if flag == "batch_size" else 0):
                 raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
         weights = load_weights(args.checkpoint, args.tag, args.trust_checkpoint)
+        is_atlas = weights.config.model.arch == "atlas"
+        if args.passages and not is_atlas:
+            raise ConfigError(f"--passages needs an Atlas checkpoint (model.arch: atlas); {args.checkpoint} is "
+                              f"model.arch '{weights.config.model.arch}'")
+        modes = open_book.parse_modes(args.passages) if args.passages else list(open_book.MODES)
         if weights.tokenizer is None:
             raise ConfigError(f"{args.checkpoint} has no tokenizer.model; expected the checkpoint's tokenizer")
         seq_len = args.seq_len or weights.config.data.seq_len
@@ -146,10 +164,41 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     model = build_model(weights, device, getattr(torch, DTYPES[args.dtype]))
-    result = score(model, stream, seq_len, args.batch_size, device, progress=not args.no_progress)
+    if is_atlas:
+        try:
+            result = score_atlas(model, weights, stream, seq_len, modes, args, device)
+        except (ConfigError, PassageError, RetrievalIndexError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        result = score(model, stream, seq_len, args.batch_size, device, progress=not args.no_progress)
     result.update(checkpoint=str(args.checkpoint), tag=weights.tag, data=args.data, split=args.split, seq_len=seq_len)
     print(json.dumps(result))
     return 0
+
+
+def score_atlas(model, weights, stream: TokenStream, seq_len: int, modes: list[str], args: argparse.Namespace,
+                device: torch.device) -> dict:
+    """Perplexity in each passage mode and the gaps; prints a small table before the JSON line."""
+    retrieval = weights.config.retrieval
+    run_dir = Path(args.checkpoint)
+    store = args.passage_store or retrieval.passages or run_dir / "retrieval" / "passages"
+    run_index = Path(retrieval.index_dir) if retrieval.index_dir else run_dir / "retrieval" / "index"
+    spec = IndexSpec(kind=retrieval.index_kind, target_recall=retrieval.target_recall)
+    with open_book.open_passages(model, weights.tokenizer, store, run_index, spec,
+                                 log=lambda m: print(m, file=sys.stderr)) as source:
+        rand = open_book.RandomPassages(source, model.opts.n_passages, args.seed)
+        scores = open_book.score_modes(model, stream.ids, seq_len, args.batch_size, modes, rand, device,
+                                       progress=not args.no_progress)
+    result = open_book.gaps(scores)
+    for mode, s in scores.items():
+        print(f"{mode:>10}  perplexity {s.perplexity:9.3f}  ({s.tokens} tokens)")
+    for key in ("gap_vs_empty", "gap_vs_random"):
+        if key in result:
+            print(f"retrieved vs {key[7:]}: {result[key]:+.2%} perplexity")
+    result.update(tokens=next(iter(scores.values())).tokens, documents=stream.documents, passages=len(source),
+                  n_passages=model.opts.n_passages, query_len=model.opts.query_len, seed=args.seed)
+    return result
 
 
 if __name__ == "__main__":

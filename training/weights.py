@@ -44,6 +44,8 @@ from hybrid_pretrain.training.nvme_checkpoint import is_nvme_checkpoint, nvme_st
 from hybrid_pretrain.training.safe_load import load_pt, restricted_unpickling
 from hybrid_pretrain.training.shards import join_tensor_ranks
 
+# The token embedding, whose rows give the vocabulary size, of architectures that keep it elsewhere.
+EMBEDDING_KEYS = {"atlas": "reader.embedding.weight"}
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-0/1/2; a pre-manifest run is accepted only with it
 
 
@@ -217,9 +219,11 @@ def load_run(run_dir: str | Path, tag: str | None = None, trust: bool = False) -
         if problem is not None:
             raise CheckpointError(f"checkpoint '{tag}' in {ckpt_dir} is not usable: {problem}")
     state_dict = consolidated_state_dict(ckpt_dir, tag, trust)
-    if "embedding.weight" not in state_dict:
-        raise CheckpointError(f"{ckpt_dir / tag} holds no 'embedding.weight'; expected a LanguageModel checkpoint")
-    cfg.model = dataclasses.replace(cfg.model, vocab_size=state_dict["embedding.weight"].shape[0])
+    embedding = EMBEDDING_KEYS.get(cfg.model.arch, "embedding.weight")
+    if embedding not in state_dict:
+        raise CheckpointError(f"{ckpt_dir / tag} holds no '{embedding}'; expected a model.arch "
+                              f"'{cfg.model.arch}' checkpoint")
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=state_dict[embedding].shape[0])
     tok_path = Path(cfg.data.tokenizer) if cfg.data.tokenizer else run_dir / "data" / "tokenizer.model"
     tokenizer = Tokenizer(tok_path) if tok_path.is_file() else None
     return RunWeights(cfg, state_dict, tokenizer, tag)

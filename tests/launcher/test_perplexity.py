@@ -102,3 +102,6 @@ def test_help_and_one_line_errors(setup, tmp_path, capsys) -> None:
     assert code == 2 and "config.yaml" in err and len(err.strip().splitlines()) == 1
     code, _, err = _evaluate(capsys, [str(root / "ckpt"), "--data", str(root / "doc*.txt"), "--batch-size", "0"])
     assert code == 2 and "--batch-size" in err
+    code, _, err = _evaluate(capsys, [str(root / "ckpt"), "--data", str(root / "doc*.txt"), "--passages", "empty"])
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--passages needs an Atlas checkpoint" in err and "model.arch 'lm'" in err
