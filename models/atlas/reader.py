@@ -103,9 +103,11 @@ class FiDReader(nn.Module):
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.context_pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)  # the encoder is order-blind otherwise
         # match_query_len > 0: the first match_query_len context tokens are the query, and each passage token
-        # gets a learned "also in the query" embedding (DrQA's exact-match feature, Chen et al. 2017).
+        # gets a learned "also in the query" vector (DrQA's exact-match feature, Chen et al. 2017). A zero-initialised
+        # parameter, not an nn.Embedding: the model's init draws nothing for it, so every other initial weight is
+        # the one the model has without it.
         self.match_query_len = match_query_len
-        self.in_query = nn.Embedding(2, cfg.d_model) if match_query_len else None
+        self.in_query = nn.Parameter(torch.zeros(2, cfg.d_model)) if match_query_len else None  # (not, in) query
         enc_cfg = EncoderConfig(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads,
                                 n_layers=encoder_layers, max_len=cfg.max_seq_len, dropout=cfg.dropout,
                                 rotary_dim=cfg.rotary_dim)
@@ -133,7 +135,7 @@ class FiDReader(nn.Module):
         ids, mask = context_ids.reshape(B * K, C), context_mask.reshape(B * K, C)
         h = self.embedding(ids) + self.context_pos(torch.arange(C, device=ids.device))  # (B*K, C, D)
         if self.in_query is not None:
-            h = h + self.in_query(in_query_flags(ids, mask, self.match_query_len).long())
+            h = h + self.in_query[in_query_flags(ids, mask, self.match_query_len).long()]  # (B*K, C, D)
         for block in self.encoder:
             block.mixer.key_mask = mask
             h = block(h)

@@ -38,6 +38,8 @@ def test_cli_help_and_config_errors() -> None:
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "train.stepz" in proc.stderr
     proc = _cli(["--config", "configs/debug_atlas_facts.yaml", "settings=[pdist,fixd]"])
     assert proc.returncode == 2 and "fixd" in proc.stderr
+    proc = _cli(["--config", "configs/debug_atlas_facts.yaml", "model.options.atlas.match_feature=maybe"])
+    assert proc.returncode == 2 and "model.options.atlas.match_feature must be bool" in proc.stderr  # before any work
 
 
 def test_every_setting_records_recall_and_exact_match_curves(tmp_path) -> None:

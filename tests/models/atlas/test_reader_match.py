@@ -30,12 +30,16 @@ def _model(match: bool) -> Atlas:
 
 def test_the_flag_is_off_by_default_and_reaches_the_answer_when_on() -> None:
     off, on = _model(False), _model(True)
-    assert "reader.in_query.weight" not in off.state_dict() and "reader.in_query.weight" in on.state_dict()
+    assert "reader.in_query" not in off.state_dict() and "reader.in_query" in on.state_dict()
+    # the flag draws no random number: every other initial weight is the model's without it
+    assert all(torch.equal(w, on.state_dict()[k]) for k, w in off.state_dict().items())
+    with torch.no_grad():
+        on.reader.in_query.copy_(torch.randn(2, 16))  # as if trained
     x = torch.tensor([[11, 12, 13, 0, 1, 20]])  # query (one padding slot), BOS, answer
     passage = torch.tensor([[[12, 30, 31, 0, 0, 0], [32, 33, 34, 0, 0, 0]]])  # the first names a query word
     on.eval()
     with torch.no_grad():
         flagged = on(x, passages=(passage, passage != 0))
-        on.reader.in_query.weight.zero_()
+        on.reader.in_query.zero_()
         unflagged = on(x, passages=(passage, passage != 0))
     assert not torch.allclose(flagged, unflagged)
