@@ -134,7 +134,7 @@ class FactsRun:
         if self.retrieval.passages or self.retrieval.index_dir:
             raise ConfigError("retrieval.passages and retrieval.index_dir must be empty: the facts task writes its "
                               "own passage store and one index per setting")
-        model_config(self, 0, "pdist")  # the model's options, checked before any work
+        model_config(self, self.vocab_size, "pdist")  # the model and its options, checked before any work
 
 
 def model_config(run: FactsRun, vocab_size: int, setting: str) -> ModelConfig:

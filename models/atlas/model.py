@@ -68,6 +68,10 @@ class AtlasOptions:
     retriever_loss_coef: float = 1.0
     query_side_only: bool = False  # freeze the passage tower (the index stays valid all run)
     rerank_factor: int = 1  # > 1: take K * factor from the index, keep the current tower's top K
+    # The reader flags each passage token that also occurs in the query (DrQA's exact-match feature): without
+    # it a reader trained from scratch copies a value from any passage and never learns to check that the
+    # passage names what the query asks (bench/RESULTS.md, issue 22).
+    match_feature: bool = False
     # Query tokens with this id are padding (the project's tokenizers put <pad> at 0 and never emit it for
     # text): a short question padded to query_len is embedded and read without them.
     pad_id: int = 0
@@ -101,7 +105,7 @@ class Atlas(nn.Module):
         if o.query_len + o.passage_len > cfg.max_seq_len:
             raise ConfigError(f"model.options.atlas: query_len + passage_len ({o.query_len + o.passage_len}) must be "
                               f"at most model.max_seq_len ({cfg.max_seq_len})")
-        self.reader = FiDReader(cfg, o.encoder_layers)
+        self.reader = FiDReader(cfg, o.encoder_layers, o.query_len if o.match_feature else 0)
         enc = EncoderConfig(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads,
                             n_layers=o.retriever_layers, max_len=max(o.query_len, o.passage_len), dropout=cfg.dropout)
         self.retriever = BiEncoder(enc)

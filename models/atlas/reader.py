@@ -27,6 +27,15 @@ from hybrid_pretrain.models.pattern import parse_pattern
 from hybrid_pretrain.models.roles import column_linear, row_linear
 
 
+def in_query_flags(ids: torch.Tensor, mask: torch.Tensor, query_len: int) -> torch.Tensor:
+    """ids, mask (N, C) of query-then-passage contexts -> (N, C) bool: a passage token whose id occurs among the
+    first `query_len` (real) tokens. Query positions and padding are never flagged."""
+    query = ids[:, None, :query_len].masked_fill(~mask[:, None, :query_len], -1)  # (N, 1, Lq), padding matches none
+    flags = (ids[:, :, None] == query).any(-1) & mask  # (N, C)
+    flags[:, :query_len] = False
+    return flags
+
+
 class CrossAttention(nn.Module):
     """Queries from the decoder, keys/values from the encoder memory; explicit softmax so the weights can be read."""
 
@@ -88,11 +97,17 @@ class FiDReader(nn.Module):
     encoder, the decoder and the (tied) output head.
     """
 
-    def __init__(self, cfg: ModelConfig, encoder_layers: int) -> None:
+    def __init__(self, cfg: ModelConfig, encoder_layers: int, match_query_len: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.context_pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)  # the encoder is order-blind otherwise
+        # match_query_len > 0: the first match_query_len context tokens are the query, and each passage token
+        # gets a learned "also in the query" vector (DrQA's exact-match feature, Chen et al. 2017). A zero-initialised
+        # parameter, not an nn.Embedding: the model's init draws nothing for it, so every other initial weight is
+        # the one the model has without it.
+        self.match_query_len = match_query_len
+        self.in_query = nn.Parameter(torch.zeros(2, cfg.d_model)) if match_query_len else None  # (not, in) query
         enc_cfg = EncoderConfig(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads,
                                 n_layers=encoder_layers, max_len=cfg.max_seq_len, dropout=cfg.dropout,
                                 rotary_dim=cfg.rotary_dim)
@@ -119,6 +134,8 @@ class FiDReader(nn.Module):
         B, K, C = context_ids.shape
         ids, mask = context_ids.reshape(B * K, C), context_mask.reshape(B * K, C)
         h = self.embedding(ids) + self.context_pos(torch.arange(C, device=ids.device))  # (B*K, C, D)
+        if self.in_query is not None:
+            h = h + self.in_query[in_query_flags(ids, mask, self.match_query_len).long()]  # (B*K, C, D)
         for block in self.encoder:
             block.mixer.key_mask = mask
             h = block(h)

@@ -38,6 +38,8 @@ def test_cli_help_and_config_errors() -> None:
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "train.stepz" in proc.stderr
     proc = _cli(["--config", "configs/debug_atlas_facts.yaml", "settings=[pdist,fixd]"])
     assert proc.returncode == 2 and "fixd" in proc.stderr
+    proc = _cli(["--config", "configs/debug_atlas_facts.yaml", "model.options.atlas.match_feature=maybe"])
+    assert proc.returncode == 2 and "model.options.atlas.match_feature must be bool" in proc.stderr  # before any work
 
 
 def test_every_setting_records_recall_and_exact_match_curves(tmp_path) -> None:
@@ -59,8 +61,10 @@ def test_every_setting_records_recall_and_exact_match_curves(tmp_path) -> None:
 def test_pdist_retriever_learns_from_the_reader_alone(tmp_path) -> None:
     """The shipped experiment at a smaller budget (1,000 entities, 400 steps) with the retriever untrained at the
     start: PDist's retriever finds the gold passage far more often than the same retriever frozen, and the
-    reader answers from it better than from the frozen one's passages, closed book at chance. (Here the generic
-    bi-encoder alone already has gold recall@4 0.94, which leaves PDist nothing to show.)"""
+    reader (which flags passage words that occur in the question) answers whenever the gold passage is among
+    those it is given, closed book near chance. (Here the generic bi-encoder alone already has gold recall@4
+    0.94, which leaves PDist nothing to show.) Measured: recall@4 0.75 vs 0.23, exact match 0.78 vs 0.25,
+    closed book 0.07 / 0.08 (chance 0.05, 100 questions)."""
     run = build(FactsRun, read_yaml(REPO / "configs" / "debug_atlas_facts.yaml"))
     run.out_dir, run.vocab_size, run.settings = str(tmp_path / "run"), 1024, ["pdist", "random"]
     run.task.entities, run.task.values, run.retriever_init = 1000, 20, "untrained"
@@ -70,9 +74,11 @@ def test_pdist_retriever_learns_from_the_reader_alone(tmp_path) -> None:
     pdist, random = (s["history"] for s in run_experiment(run, progress=False, log=lambda _: None)["settings"])
     end, rand = pdist[-1], random[-1]
     assert pdist[0]["recall@4"] == random[0]["recall@4"]  # the same untrained retriever at the start
-    assert end["recall@4"] >= rand["recall@4"] + 0.2, (pdist, random)  # measured: 0.57 vs 0.23
-    assert end["exact_match"] >= rand["exact_match"] + 0.05, (end, rand)
-    assert end["closed_book"] <= 3 * run.task.chance and rand["exact_match"] <= 3 * run.task.chance, rand
+    assert end["recall@4"] >= rand["recall@4"] + 0.35, (pdist, random)
+    assert end["exact_match"] >= rand["exact_match"] + 0.35, (end, rand)
+    for h in (end, rand):  # the reader answers from the gold passage when it has it, and only then
+        assert h["recall@4"] - 0.1 <= h["exact_match"] <= h["recall@4"] + 0.1, h
+        assert h["closed_book"] <= 3 * run.task.chance, h
 
 
 @pytest.mark.slow  # two runs and an index service start-up
