@@ -71,17 +71,7 @@ def build_stream(documents: Iterable[str], tokenizer, max_tokens: int = 0) -> To
 
 def windows(ids: list[int], seq_len: int, batch_size: int) -> Iterator[tuple]:
     """Batches of (inputs (B, L), labels (B, L)) covering ids[1:] once each; short tails padded with -100."""
-
-    starts = list(range(0, len(ids) - 1, seq_len))
-    for b in range(0, len(starts), batch_size):
-        chunk = starts[b: b + batch_size]
-        inputs = torch.zeros(len(chunk), seq_len, dtype=torch.long)
-        labels = torch.full((len(chunk), seq_len), IGNORE_INDEX, dtype=torch.long)
-        for row, s in enumerate(chunk):
-            piece = torch.tensor(ids[s: s + seq_len + 1])
-            inputs[row, : len(piece) - 1] = piece[:-1]
-            labels[row, : len(piece) - 1] = piece[1:]
-        yield inputs, labels
+    return open_book.atlas_windows(ids, seq_len, 0, batch_size)  # no query: every window's labels all count
 
 
 def score(model, stream: TokenStream, seq_len: int, batch_size: int, device, progress: bool = True) -> dict:
