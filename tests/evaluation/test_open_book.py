@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_pretrain.base.errors import ConfigError
-from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
 from hybrid_pretrain.evaluation import open_book
 from hybrid_pretrain.launcher import perplexity
 from hybrid_pretrain.models.atlas.model import Atlas
@@ -19,7 +19,8 @@ from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.roles import IGNORE_INDEX
 from hybrid_pretrain.retrieval.encoder import tokenize_padded
 from hybrid_pretrain.retrieval.index import IndexSpec
-from hybrid_pretrain.retrieval.passages import PassageStore, write_store
+from hybrid_pretrain.retrieval.passages import PassageStore
+from hybrid_pretrain.tests.atlas_corpus import tiny_store, tiny_tokenizer
 from hybrid_pretrain.tests.data_pipeline.corpora import prose
 from hybrid_pretrain.training.checkpoint import write_manifest
 from hybrid_pretrain.training.config import load_config, save_resolved
@@ -31,14 +32,12 @@ SPEC = IndexSpec(kind="flat")
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> Tokenizer:
-    out = tmp_path_factory.mktemp("tok") / "tok"
-    return Tokenizer(train_tokenizer([prose(i, 400) for i in range(30)], out, vocab_size=320, sample_bytes=200_000))
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> PassageStore:
-    docs = [("prose", i, prose(i, 120)) for i in range(12)]
-    return write_store(tmp_path_factory.mktemp("store") / "passages", docs, words=30, progress=False)
+    return tiny_store(tmp_path_factory.mktemp("store"))
 
 
 def model_config(tokenizer) -> ModelConfig:

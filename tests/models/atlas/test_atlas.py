@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from hybrid_pretrain.base.errors import ConfigError
-from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
 from hybrid_pretrain.models.atlas.model import Atlas
 from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.retrieval.for_training import RetrievalConfig, TrainingRetrieval
 from hybrid_pretrain.retrieval.index import read_manifest
-from hybrid_pretrain.retrieval.passages import PassageStore, write_store
+from hybrid_pretrain.retrieval.passages import PassageStore
+from hybrid_pretrain.tests.atlas_corpus import tiny_store, tiny_tokenizer
 from hybrid_pretrain.tests.data_pipeline.corpora import prose
 
 Q, P, K = 8, 16, 3
@@ -20,14 +21,12 @@ Q, P, K = 8, 16, 3
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> Tokenizer:
-    out = tmp_path_factory.mktemp("tok") / "tok"
-    return Tokenizer(train_tokenizer([prose(i, 400) for i in range(30)], out, vocab_size=320, sample_bytes=200_000))
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> PassageStore:
-    docs = [("prose", i, prose(i, 120)) for i in range(12)]
-    return write_store(tmp_path_factory.mktemp("store") / "passages", docs, words=30, progress=False)
+    return tiny_store(tmp_path_factory.mktemp("store"))
 
 
 def make_model(tokenizer, **atlas) -> Atlas:
