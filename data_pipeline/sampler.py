@@ -36,8 +36,10 @@ class RankBatches:
     """
 
     def __init__(
-        self, dataset: Dataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0
+        self, dataset: Dataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+        repeat: int = 0,
     ) -> None:
+        """``repeat`` > 0: only the first ``repeat`` batches of epoch 0, over and over (train.overfit_batches)."""
         _check_ranks(micro_batch_size, dp_rank, dp_size)
         if seed < 0:
             raise DataError(f"train.seed must be >= 0, got {seed}")
@@ -53,6 +55,10 @@ class RankBatches:
                 f"training set has {self.num_samples} sequences, fewer than one global batch of "
                 f"micro_batch_size * dp_size = {micro_batch_size} * {dp_size}; use more data or smaller batches"
             )
+        if not 0 <= repeat <= self.steps_per_epoch:
+            raise DataError(f"train.overfit_batches must be in [0, {self.steps_per_epoch}] (0: off; at most the "
+                            f"{self.steps_per_epoch} batches of one epoch on this rank), got {repeat}")
+        self.repeat = repeat
         self.epoch = 0
         self.step = 0  # next batch within the epoch
         self._perm: np.ndarray | None = None
@@ -69,7 +75,9 @@ class RankBatches:
         return self
 
     def __next__(self) -> torch.Tensor:
-        if self.step >= self.steps_per_epoch:
+        if self.repeat and self.step >= self.repeat:
+            self.step = 0  # the same batches again: the epoch never advances
+        elif self.step >= self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
         start = (self.step * self.dp_size + self.dp_rank) * self.micro_batch_size
         indices = self.permutation(self.epoch)[start : start + self.micro_batch_size]

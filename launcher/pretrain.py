@@ -194,7 +194,7 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None =
             warmup_cosine(t.warmup_steps, t.steps, t.min_lr_ratio),
             mpu=ds_engine.MegatronMPU() if cfg.parallel.tensor > 1 and cfg.parallel.pipeline == 1 else None,
         )
-        batches = RankBatches(data.train, t.micro_batch_size, ctx.dp_rank, ctx.dp_size, cfg.seed)
+        batches = RankBatches(data.train, t.micro_batch_size, ctx.dp_rank, ctx.dp_size, cfg.seed, t.overfit_batches)
         val = list(eval_batches(data.val, t.micro_batch_size, ctx.dp_rank, ctx.dp_size, t.eval_batches))
         n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: partitioned
         # The pattern-stack LM is counted whole (unsharded, all experts); other architectures as built.

@@ -94,13 +94,16 @@ class TrainConfig:
     eval_batches: int = 4  # micro-batches per rank per evaluation
     save_every: int = 100  # 0: only at the end
     keep_checkpoints: int = 3  # newest N kept on disk
+    # > 0: train on the first N micro-batches of each rank over and over, to check that the model and its
+    # optimizer can drive the loss down (a debugging run, like Lightning's overfit_batches); 0: off
+    overfit_batches: int = 0
     offload: OffloadConfig = field(default_factory=OffloadConfig)  # ZeRO-Offload / ZeRO-Infinity
 
     def validate(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints"):
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "overfit_batches"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:

@@ -68,6 +68,20 @@ def test_resume_from_state_equals_uninterrupted_run(stop: int) -> None:
     assert head + [ids(x) for x in islice(resumed, 20 - stop)] == full
 
 
+def test_overfit_batches_repeat_the_first_ones_and_resume() -> None:
+    """train.overfit_batches: the rank's first N batches of the normal order, over and over, resumable."""
+    ds = Indexed(37)
+    normal = [ids(x) for x in islice(RankBatches(ds, 3, 1, 3, seed=5), 2)]
+    repeated = RankBatches(ds, 3, 1, 3, seed=5, repeat=2)
+    head = [ids(x) for x in islice(repeated, 5)]
+    assert head == normal + normal + normal[:1]
+    resumed = RankBatches(ds, 3, 1, 3, seed=5, repeat=2)
+    resumed.load_state_dict(dict(repeated.state_dict()))
+    assert [ids(x) for x in islice(resumed, 3)] == [normal[1], normal[0], normal[1]]
+    with pytest.raises(DataError, match="train.overfit_batches must be in \\[0, 4\\]"):
+        RankBatches(ds, 3, 1, 3, seed=5, repeat=5)
+
+
 def test_invalid_state_and_sizes_are_data_errors() -> None:
     it = RankBatches(Indexed(20), 4, seed=0)
     with pytest.raises(DataError, match="missing \\['step'\\]"):

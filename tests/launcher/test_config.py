@@ -43,6 +43,7 @@ def test_override_values_are_typed():
         ("model.ffn=DD", "model.ffn 'DD' has 2 symbols but model.layers has 4 layers"),
         ("model.n_heads=3", "divisible by model.n_heads"),
         ("train.zero_stage=4", "train.zero_stage must be 0, 1, 2 or 3"),
+        ("train.overfit_batches=-1", "train.overfit_batches must be >= 0"),
         ("steps=3", "unknown config key 'steps'"),
         ("nokeyvalue", "must look like key=value"),
     ],
