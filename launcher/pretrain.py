@@ -231,6 +231,10 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None =
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # DeepSpeed's CPU Adam and async-I/O ops as `make setup` built them into the venv; unset, a plain `deepspeed
+    # launcher/pretrain.py` JIT-builds them again under ~/.cache (minutes) and waits forever on a lock file a
+    # killed build left there (seen: an NVMe-offload run asleep in FileBaton.wait).
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
     try:
         cfg = load_config(args.config, overrides)
