@@ -20,13 +20,12 @@ from hybrid_pretrain.kernels.fftconv import ssm_kernel
 def ssm_memory_quadratic(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor,
                          C: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as ``ssm_memory_kv``; computed in fp32 (fp64 for fp64 inputs), returned in q's dtype."""
-    in_dtype = q.dtype
     L = q.shape[-1]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     # The fp32 island of the SSM path (kernels/README.md): no autocast inside.
     with torch.autocast(q.device.type, enabled=False):
         mask = toeplitz_matrix(ssm_kernel(dtA, dB, C, L), D, L, dtype)  # (H, L, L)
-        q, k, v = (t.to(dtype) for t in (q, k, v))  # (B, H, d, L): the matmuls take the transposes as they are
-        scores = torch.matmul(q.transpose(-1, -2), k) * mask  # (B, H, L_t, L_s): (q(t) . k(s)) T_h[t, s]
-        out = torch.matmul(v, scores.transpose(-1, -2))  # (B, H, d_j, L_t)
-    return out.to(in_dtype)
+        # (B, H, d, L) each: the matmuls take the transposes as they are
+        scores = torch.matmul(q.to(dtype).transpose(-1, -2), k.to(dtype)) * mask  # (B, H, L_t, L_s)
+        out = torch.matmul(v.to(dtype), scores.transpose(-1, -2))  # (B, H, d_j, L_t)
+    return out.to(q.dtype)

@@ -167,10 +167,11 @@ class DiagonalSSM(nn.Module):
 
     def _inference_cache(self) -> dict:
         """What depends on the weights alone, kept while they are unchanged and autograd is off (``_frozen``):
-        "discrete" (dtA, dB, C), "kernel" (the longest asked, as any shorter one is its prefix) and "tables",
-        the transpose product's power tables per (length, rows). Prefill and evaluation then skip building
-        the Vandermonde tables, ~25% of an H3 layer's prefill at d_model 768, L 512. Dropped by ``train()``,
-        so evaluation during training does not keep it through the training steps."""
+        "discrete" (dtA, dB, C), "step" (``step_constants``), "kernel" (the longest asked, as any shorter
+        one is its prefix) and "tables", the transpose product's power tables per (length, rows). With
+        autograd on it is a fresh dict each call, so everything taken from it is differentiable. Prefill and
+        evaluation then skip building the Vandermonde tables, ~25% of an H3 layer's prefill at d_model 768,
+        L 512. Dropped by ``train()``, so evaluation during training does not keep it through training steps."""
         return _frozen(self, "_inference", (self.log_dt, self.log_A_real, self.A_imag, self.C),
                        lambda: {"discrete": self.discretize(), "tables": {}})
 
@@ -215,15 +216,14 @@ class DiagonalSSM(nn.Module):
     def step_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(dA, C dB), each complex (H, N/2): what one recurrent step multiplies by.
 
-        Without autograd they are computed once and reused while the weights are unchanged (``_frozen``),
+        Without autograd they are kept with the rest of ``_inference_cache`` while the weights are unchanged,
         so a decoding step does no exp and no discretisation, just two fused ops.
         """
-
-        def compute() -> tuple[torch.Tensor, torch.Tensor]:
-            dtA, dB, C = self.discretize()
-            return torch.exp(dtA), C * dB
-
-        return _frozen(self, "_step_constants", (self.log_dt, self.log_A_real, self.A_imag, self.C), compute)
+        cache = self._inference_cache()
+        if "step" not in cache:
+            dtA, dB, C = cache["discrete"]
+            cache["step"] = (torch.exp(dtA), C * dB)
+        return cache["step"]
 
     def step(self, u_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u_t: (..., H), state s = C x: (..., H, N/2) complex -> (y_t (..., H), next state).
