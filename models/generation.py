@@ -19,8 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hybrid_pretrain.models.mixers.ssm import DiagonalSSM
-
 
 @dataclass(frozen=True)
 class Sampling:
@@ -101,35 +99,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-Discretization = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def discretizations(model: nn.Module) -> list[tuple[DiagonalSSM, Discretization]]:
-    """Every DiagonalSSM of `model` with its discretisation (dtA, dB, C), computed now, without autograd."""
-    with torch.no_grad():
-        return [(m, m.discretize()) for m in model.modules() if isinstance(m, DiagonalSSM)]
-
-
-@contextlib.contextmanager
-def frozen_discretization(
-    model: nn.Module, cached: list[tuple[DiagonalSSM, Discretization]] | None = None
-) -> Iterator[None]:
-    """Use each DiagonalSSM's discretisation computed once (`cached`, default: now) instead of at every step.
-
-    The weights do not change while sampling, and recomputing exp/expm1 of the (H, N/2) modes at each
-    token was the largest cost of an H3 decoding step on CPU. The cached value shadows the method on
-    the instance and is removed on exit.
-    """
-    cached = discretizations(model) if cached is None else cached
-    for ssm, value in cached:
-        ssm.discretize = lambda value=value: value
-    try:
-        yield
-    finally:
-        for ssm, _ in cached:
-            del ssm.discretize
-
-
 @dataclass
 class RowGroup:
     """Rows of a batch whose prompts have the same length: decoded as one batch with their own state."""
@@ -170,18 +139,18 @@ class DecodingState:
         for n in lengths.unique().tolist():  # ascending
             rows = (lengths == n).nonzero().squeeze(1)  # (b,)
             self.groups.append(RowGroup(rows, n, model.allocate_state(len(rows), max_len, device=lengths.device)))
-        self.discretized = discretizations(model)
 
     def prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        """prompt_ids (B, L), row b's prompt in its first lengths[b] positions -> next-token logits (B, V)."""
-        with frozen_discretization(self.model, self.discretized):
-            return self._merge([prefill(self.model, self._rows(prompt_ids, g)[:, : g.length], g.state)
-                                for g in self.groups])
+        """prompt_ids (B, L), row b's prompt in its first lengths[b] positions -> next-token logits (B, V).
+
+        What depends on the weights alone (an SSM's discretisation, kernel, step constants) is computed once
+        and kept by the layers themselves while autograd is off (``DiagonalSSM._inference_cache``)."""
+        return self._merge([prefill(self.model, self._rows(prompt_ids, g)[:, : g.length], g.state)
+                            for g in self.groups])
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,): every row's next token -> logits (B, V) for the token after it."""
-        with frozen_discretization(self.model, self.discretized):
-            return self._merge([self.model.step(self._rows(tokens, g), g.state) for g in self.groups])
+        return self._merge([self.model.step(self._rows(tokens, g), g.state) for g in self.groups])
 
     def _rows(self, t: torch.Tensor, group: RowGroup) -> torch.Tensor:
         """Group `group`'s rows of the batch tensor `t` (all of it when there is one group)."""

@@ -150,8 +150,17 @@ class DiagonalSSM(nn.Module):
         C = torch.view_as_complex(self.C.to(dtype).contiguous())  # (H, N/2)
         return dtA, dB, C
 
+    def discretized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``discretize()``, taken from ``_inference_cache`` when autograd is off: what every user of (dtA, dB, C)
+        calls, so prefill, evaluation and decoding discretise once per weight update, not once per call."""
+        if torch.is_grad_enabled():
+            return self.discretize()
+        return self._inference_cache()["discrete"]
+
     def kernel(self, length: int) -> torch.Tensor:
         """K[l] = 2 Re(sum_n C_n dB_n exp(dtA_n l)), l = 0 .. length-1: (H, length) in fp32 (fp64 for fp64 params)."""
+        if not torch.is_grad_enabled():
+            return self._inference_kernel(length)
         return ssm_kernel(*self.discretize(), length)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
@@ -160,7 +169,7 @@ class DiagonalSSM(nn.Module):
         autograd (prefill, evaluation) the kernel comes from ``_inference_cache``."""
         if not torch.is_grad_enabled() and ssm_conv_path(u) == "fftconv":
             return fftconv(u, self._inference_kernel(u.shape[-1]), self.D)
-        return ssm_conv(u, *self.discretize(), self.D)
+        return ssm_conv(u, *self.discretized(), self.D)
 
     # Distinct (length, rows) shapes whose prefill-state tables are kept: a few prompt lengths at once.
     KEPT_TABLES = 4
@@ -203,7 +212,7 @@ class DiagonalSSM(nn.Module):
         """
         if torch.is_grad_enabled():
             dtA, dB, C = self.discretize()
-            return C * dB * vandermonde_transpose(u.flip(-1), dtA)
+            return C * dB * vandermonde_transpose(u.flip(-1), dtA)  # (..., H, N/2)
         cache = self._inference_cache()
         dtA, dB, C = cache["discrete"]
         tables, key = cache["tables"], (u.shape[-1], u[..., 0, 0].numel())  # what the chunking depends on
