@@ -18,6 +18,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from hybrid_pretrain.base.malloc import OPT_OUT, keep_freed_memory
 from hybrid_pretrain.bench.shapes import add_shape_args, hybrid_and_transformer
 from hybrid_pretrain.models.generation import GREEDY, generate
 from hybrid_pretrain.models.lm import LanguageModel
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    print(f"malloc: {keep_freed_memory()} ({OPT_OUT}=system for glibc's defaults)", flush=True)
     args.prompts = [int(p) for p in args.prompts.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.threads:

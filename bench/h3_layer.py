@@ -23,6 +23,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
+from hybrid_pretrain.base.malloc import OPT_OUT, keep_freed_memory
 from hybrid_pretrain.kernels.causal_conv import causal_conv_conv1d, causal_conv_toeplitz
 from hybrid_pretrain.kernels.fftconv import fftconv_ref, fftconv_torch, ssm_kernel, ssm_kernel_ref
 from hybrid_pretrain.models.config import ModelConfig
@@ -180,6 +181,7 @@ def main() -> None:
     parser.add_argument("--peak", action="store_true", help="activation estimate vs measured peak")
     parser.add_argument("--ops", action="store_true", help="building blocks against their alternatives")
     args = parser.parse_args()
+    print(f"malloc: {keep_freed_memory()} ({OPT_OUT}=system for glibc's defaults)", flush=True)
     if args.saved or args.peak or args.ops:
         torch.set_num_threads(int(args.threads.split(",")[0]))
         if args.saved:

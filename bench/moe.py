@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from hybrid_pretrain.base.malloc import OPT_OUT, keep_freed_memory
 from hybrid_pretrain.kernels.grouped_linear import grouped_linear
 from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.models.ffn.mlp import MLP
@@ -149,6 +150,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sections", default="1,2,3", help="which of the sections 1-3 to run")
     args = parser.parse_args()
+    print(f"malloc: {keep_freed_memory()} ({OPT_OUT}=system for glibc's defaults)", flush=True)
     d, f = args.d_model, args.d_ffn
     sections = {int(s) for s in args.sections.split(",")}
     worst: dict[str, tuple[float, str]] = {}

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.base.malloc import keep_freed_memory
 from hybrid_pretrain.models.generation import Sampling, generate
 from hybrid_pretrain.training.checkpoint import CheckpointError
 from hybrid_pretrain.training.safe_load import add_trust_flag
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()  # CPU temporaries reuse heap pages (base/malloc.py)
 
     try:
         prompts = list(args.prompt)

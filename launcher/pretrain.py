@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.base.malloc import keep_freed_memory
 from hybrid_pretrain.data_pipeline.errors import DataError
 from hybrid_pretrain.data_pipeline.indexed import IndexedData
 from hybrid_pretrain.data_pipeline.packing import PreparedData, prepare_data
@@ -152,6 +153,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
 
 def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None = None,
           trust_checkpoint: bool = False) -> dict:
+    allocator = keep_freed_memory()  # before the first step's temporaries: base/malloc.py says why
     ctx = groups.initialize(cfg.parallel)
     try:
         preflight.check_run(cfg, ctx.world_size)  # world size and every rank's free memory, before data or model
@@ -202,7 +204,8 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None =
         if ctx.is_main:
             print(f"model: {n / 1e6:.2f}M parameters, layers '{model_cfg.layers}'; data: {len(data.train)} train "
                   f"sequences of {cfg.data.seq_len} tokens; ranks: {ctx.world_size} (DP={ctx.dp_size}) on "
-                  f"{ctx.device.type}; {flops.total / 1e6:.1f} MFLOP per trained token; run dir: {run_dir}", flush=True)
+                  f"{ctx.device.type} (malloc: {allocator}); {flops.total / 1e6:.1f} MFLOP per trained token; run dir: "
+                  f"{run_dir}", flush=True)
         settings = loop.LoopSettings(
             steps=t.steps, grad_accum=t.grad_accum, log_every=t.log_every, eval_every=t.eval_every,
             eval_batches=t.eval_batches, save_every=t.save_every, keep_checkpoints=t.keep_checkpoints,

@@ -12,6 +12,7 @@ import sys
 import torch
 
 from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.base.malloc import keep_freed_memory
 from hybrid_pretrain.base.typed_config import build
 from hybrid_pretrain.synthetic.tasks import TASKS, make_task
 from hybrid_pretrain.synthetic.train import SyntheticRun, train_synthetic
@@ -62,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()  # CPU temporaries reuse heap pages (base/malloc.py)
 
     if args.threads:
         torch.set_num_threads(args.threads)
