@@ -5,7 +5,8 @@ to the OS once more than a trim threshold of it is free. A training or decoding 
 the same mid-sized temporaries (0.1-30 MB: FFT buffers, complex products, gradients of activations) over and
 over, so each step maps fresh zeroed pages and faults on every 4 KiB of them: measured on the 2-core
 development VM, one H3 layer's SSM kernel at (256 channels, 32 modes, L 1K) took 16.1 ms forward and
-backward with 4,111 minor faults per call, 8.4 ms with the heap kept (41 faults). Setting the two
+backward with ~4,100-4,800 minor faults per call, 9.3 ms with the heap kept (~2 faults); a whole H3 layer
+there ~5% less time (bench/RESULTS.md, "CPU allocator"). Setting the two
 thresholds once makes freed blocks stay in the heap for the next step (``mallopt``, glibc's own knob;
 what ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` would do, but from inside the process, so no
 launcher has to pass environment variables to every rank). A preloaded tcmalloc or jemalloc (PyTorch's CPU
