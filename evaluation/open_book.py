@@ -163,18 +163,25 @@ def gaps(scores: dict[str, ModeScore]) -> dict[str, float]:
 
 @contextlib.contextmanager
 def open_passages(model: Atlas, tokenizer: Tokenizer, store_dir: str | Path, run_index_dir: str | Path | None,
-                  spec: IndexSpec, log=print) -> Iterator[PassageSource]:
+                  spec: IndexSpec, log=print, search: bool = True) -> Iterator[PassageSource]:
     """Attach to `model` a `PassageSource` over `store_dir`, searched in an index of the model's own passage tower.
 
     The run's index (`run_index_dir`) is reused when its published version was embedded by exactly these
     passage-tower weights and holds this store; otherwise (the last refresh was before the checkpoint, or
     there is no run index) the store is re-embedded into a temporary index, as Atlas's refresh would.
+    ``search=False`` (no "retrieved" mode): the store alone, for random passages; nothing is embedded or indexed.
     """
     store_dir = Path(store_dir)
     if not (store_dir / "meta.json").is_file():
         raise PassageError(f"no passage store at {store_dir}; pass --passage-store DIR (a run's retrieval/passages "
                            "or a folder from launcher/build_index.py)")
     store = PassageStore(store_dir)
+    if not search:
+        try:
+            yield PassageSource(None, store, tokenizer, model.opts.passage_len)
+        finally:
+            store.close()
+        return
     embedder = PassageEmbedder(model, tokenizer, model.opts.passage_len)
     with contextlib.ExitStack() as stack:
         index_dir = Path(run_index_dir) if run_index_dir else None

@@ -176,7 +176,7 @@ def score_atlas(model, weights, stream: TokenStream, seq_len: int, modes: list[s
     run_index = Path(retrieval.index_dir) if retrieval.index_dir else run_dir / "retrieval" / "index"
     spec = IndexSpec(kind=retrieval.index_kind, target_recall=retrieval.target_recall)
     with open_book.open_passages(model, weights.tokenizer, store, run_index, spec,
-                                 log=lambda m: print(m, file=sys.stderr)) as source:
+                                 log=lambda m: print(m, file=sys.stderr), search="retrieved" in modes) as source:
         rand = open_book.RandomPassages(source, model.opts.n_passages, args.seed)
         scores = open_book.score_modes(model, stream.ids, seq_len, args.batch_size, modes, rand, device,
                                        progress=not args.no_progress)

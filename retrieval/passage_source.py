@@ -22,7 +22,9 @@ from hybrid_pretrain.retrieval.protocol import Retriever
 class PassageSource:
     """Search an index with query embeddings and hand back the hits as padded token ids (Atlas's CandidateSource)."""
 
-    def __init__(self, retriever: Retriever, store: PassageStore, tokenizer: Tokenizer, passage_len: int) -> None:
+    def __init__(self, retriever: Retriever | None, store: PassageStore, tokenizer: Tokenizer,
+                 passage_len: int) -> None:
+        """`retriever` None: a store read by row only (random passages in evaluation); searching it is an error."""
         self.retriever, self.store, self.tokenizer, self.passage_len = retriever, store, tokenizer, passage_len
         self._tokens: dict[int, list[int]] = {}
 
@@ -41,6 +43,8 @@ class PassageSource:
 
     def candidates(self, query_emb: torch.Tensor, n: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """query_emb (B, D) -> (passage ids (B, n), token ids (B, n, P), mask (B, n, P)) of the top-n hits."""
+        if self.retriever is None:
+            raise RuntimeError(f"{self} was opened without an index (rows only); open it with search to retrieve")
         _, ids = self.retriever.search(query_emb.detach().float().cpu().numpy(), n)  # (B, n)
         if (ids < 0).any():
             raise ValueError(f"the index returned fewer than {n} passages per query; it holds too few passages "

@@ -125,6 +125,24 @@ def test_random_mode_draws_store_passages_reproducibly(model, store, tokenizer, 
     assert runs[0] == runs[1] != runs[2]
 
 
+def test_without_the_retrieved_mode_nothing_is_embedded_or_indexed(model, store, tokenizer, stream, tmp_path):
+    """--passages empty,random reads the store by row only: no index is built, and the same random passages come."""
+    logs: list[str] = []
+    with open_book.open_passages(model, tokenizer, store.path, tmp_path / "none", SPEC, log=logs.append,
+                                 search=False) as source:
+        rows = open_book.RandomPassages(source, K, seed=3)(4)[0]
+        scores = open_book.score_modes(model, stream, SEQ, 2, ["empty", "random"],
+                                       open_book.RandomPassages(source, K, seed=0), progress=False)
+        with pytest.raises(RuntimeError, match="without an index"):
+            source.candidates(torch.zeros(1, 8), K)
+    assert logs == [] and model.source is None
+    with open_book.open_passages(model, tokenizer, store.path, None, SPEC, log=lambda m: None) as searched:
+        np.testing.assert_array_equal(rows, open_book.RandomPassages(searched, K, seed=3)(4)[0])
+        again = open_book.score_modes(model, stream, SEQ, 2, ["random"], open_book.RandomPassages(searched, K, seed=0),
+                                      progress=False)
+    assert scores["random"].nll == again["random"].nll
+
+
 def test_the_run_index_is_reused_only_when_the_passage_tower_matches(model, store, tokenizer, tmp_path):
     logs: list[str] = []
     with open_book.open_passages(model, tokenizer, store.path, tmp_path / "none", SPEC, log=logs.append):
