@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hybrid_pretrain.models.packed_linear import PackedLinears, packing_helps
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -139,6 +141,9 @@ class DecodingState:
         for n in lengths.unique().tolist():  # ascending
             rows = (lengths == n).nonzero().squeeze(1)  # (b,)
             self.groups.append(RowGroup(rows, n, model.allocate_state(len(rows), max_len, device=lengths.device)))
+        # one group (equal prompt lengths): its steps' matmuls through weights packed once (models/packed_linear.py)
+        one = len(self.groups) == 1 and packing_helps(model, self.batch_size)
+        self.packed = PackedLinears(model, self.batch_size) if one else None
 
     def prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """prompt_ids (B, L), row b's prompt in its first lengths[b] positions -> next-token logits (B, V).
@@ -150,7 +155,8 @@ class DecodingState:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,): every row's next token -> logits (B, V) for the token after it."""
-        return self._merge([self.model.step(self._rows(tokens, g), g.state) for g in self.groups])
+        with self.packed.active() if self.packed is not None else contextlib.nullcontext():
+            return self._merge([self.model.step(self._rows(tokens, g), g.state) for g in self.groups])
 
     def _rows(self, t: torch.Tensor, group: RowGroup) -> torch.Tensor:
         """Group `group`'s rows of the batch tensor `t` (all of it when there is one group)."""
