@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -309,6 +310,7 @@ def train_setting(run: FactsRun, prep: Prepared, setting: str, through_service: 
     if setting in (FIXED, RANDOM):
         retrieval_cfg.refresh_every = 0  # a frozen retriever's index never goes stale
     index_dir = run.out_path / setting / "index"
+    shutil.rmtree(index_dir, ignore_errors=True)  # else a rerun searches the last run's final index until a refresh
     # The URL goes into the config before the first index exists, so the service gets its port in advance.
     server = ServiceProcess(index_dir, port=free_port()) if through_service else nullcontext()
     retrieval_cfg.service = server.url if through_service else ""
