@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hybrid_pretrain.retrieval.build import build_full, refresh_incremental, stale_ids
+from hybrid_pretrain.retrieval.build import build_full, refresh_incremental, stale_ids, store_info
 from hybrid_pretrain.retrieval.config import MODES
 from hybrid_pretrain.retrieval.encoder import DualEncoder
-from hybrid_pretrain.retrieval.index import IndexSpec
+from hybrid_pretrain.retrieval.index import IndexSpec, current_version, read_manifest
 from hybrid_pretrain.retrieval.passages import PassageStore
 from hybrid_pretrain.retrieval.protocol import Embedder, Retriever
 
@@ -57,9 +57,18 @@ class IndexRefresher:
     def due(self, step: int) -> bool:
         return self.cfg.refresh_every > 0 and step > 0 and step % self.cfg.refresh_every == 0
 
+    def up_to_date(self, embedder: Embedder) -> bool:
+        """Every passage of the store is indexed by `embedder` already (e.g. a frozen passage tower)."""
+        if current_version(self.index_dir) is None:
+            return False
+        manifest = read_manifest(self.index_dir)
+        return (manifest.get("encoder_counts") == {embedder.fingerprint: len(self.store)}
+                and manifest.get("passage_store") == store_info(self.store))
+
     def maybe_refresh(self, step: int, embedder: Embedder, progress: bool = False) -> dict | None:
-        """Refresh when `step` is due; returns the new manifest (None when not due or on a non-zero rank)."""
-        if not self.due(step):
+        """Refresh when `step` is due and the index is stale; returns the new manifest (None when not due, up
+        to date, or on a non-zero rank). Every rank reads the same manifest, so all skip or none does."""
+        if not self.due(step) or self.up_to_date(embedder):
             return None
         if self.cfg.mode == "full":
             manifest = build_full(self.store, embedder, self.index_dir, self.spec, self.rank, self.world_size,
