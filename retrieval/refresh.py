@@ -2,7 +2,8 @@
 
 1. Re-index on a schedule: `IndexRefresher.maybe_refresh(step, embedder)` every `refresh_every` steps,
    a full rebuild (sharded over ranks) or a rolling incremental one (re-embed the stalest fraction),
-   after which the serving index (a LiveIndex, or the service through its client) swaps atomically.
+   after which the serving index (a LiveIndex, or the service through its client) swaps atomically;
+   skipped while every passage is already embedded by the current encoder (a frozen passage tower).
 2. Over-retrieve and re-rank: `over_retrieve_rerank` takes k * factor candidates from the stale index
    and re-scores them with the current passage encoder.
 3. Query-side-only training: `DualEncoder.freeze_passages()` (retrieval.encoder) freezes the passage
