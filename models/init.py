@@ -71,18 +71,21 @@ class GPT2Init:
                             nn.init.normal_(p, std=residual_std)
 
 
-def gpt2_init_one_stream(model: nn.Module, std: float) -> None:
+def gpt2_init_one_stream(model: nn.Module, std: float, skip: tuple[nn.Module, ...] = ()) -> None:
     """The same distributions as ``GPT2Init``, drawn from one global stream through the whole model.
 
     For models that are always built whole (Atlas): no module is ever made alone, and Atlas's recorded
     experiments (bench/RESULTS.md, tests/synthetic/test_atlas_facts.py) were measured with this draw;
     its reduced-budget PDist test did not learn with the per-module draw (recall@4 0.06 vs 0.11 frozen).
+    `skip`: submodules left undrawn (a copy the caller fills in), so they do not shift the stream for later draws.
     """
-    for module in model.modules():
+    skipped = {id(m) for s in skip for m in s.modules()}
+    modules = [m for m in model.modules() if id(m) not in skipped]
+    for module in modules:
         if module is not model and hasattr(module, "reset_parameters"):
             module.reset_parameters()
     with torch.no_grad():
-        for module in model.modules():
+        for module in modules:
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
                 if getattr(module, "bias", None) is not None:

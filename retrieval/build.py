@@ -81,7 +81,8 @@ def _lock_and_choose_version(index_dir: Path) -> tuple[BuildLock | None, int | s
     return lock, (current or 0) + 1
 
 
-def _store_info(store: PassageStore) -> dict:
+def store_info(store: PassageStore) -> dict:
+    """The passage store a manifest was built from."""
     return {"path": str(store.path.resolve()), "passages": len(store)}
 
 
@@ -153,7 +154,7 @@ def _build_version(store: PassageStore, embedder: Embedder, index_dir: Path, spe
             "spec": spec_dict(spec), "dim": embedder.dim, "metric": "inner_product", "refresh": "full",
             "parent": None, "ntotal": sum(e["ntotal"] for e in entries), "shards": entries,
             "encoder_sha256": embedder.fingerprint, "encoders": [embedder.fingerprint],
-            "encoder_counts": {embedder.fingerprint: len(store)}, "passage_store": _store_info(store),
+            "encoder_counts": {embedder.fingerprint: len(store)}, "passage_store": store_info(store),
             "choice": choice,
         }
         if tuning:
@@ -214,7 +215,7 @@ def _refresh_version(index_dir: Path, store: PassageStore, embedder: Embedder, r
     manifest = {
         **{k: old[k] for k in ("spec", "dim", "metric")}, "refresh": "incremental", "parent": old["version"],
         "ntotal": index.ntotal, "shards": index.save_shards(stage), "encoder_sha256": embedder.fingerprint,
-        "encoders": encoders, "encoder_counts": counts, "passage_store": _store_info(store),
+        "encoders": encoders, "encoder_counts": counts, "passage_store": store_info(store),
         "changes": {"removed": int(len(remove)), "added": int(len(add_rows))},
     }
     publish(index_dir, version, manifest)

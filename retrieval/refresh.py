@@ -2,7 +2,8 @@
 
 1. Re-index on a schedule: `IndexRefresher.maybe_refresh(step, embedder)` every `refresh_every` steps,
    a full rebuild (sharded over ranks) or a rolling incremental one (re-embed the stalest fraction),
-   after which the serving index (a LiveIndex, or the service through its client) swaps atomically.
+   after which the serving index (a LiveIndex, or the service through its client) swaps atomically;
+   skipped while every passage is already embedded by the current encoder (a frozen passage tower).
 2. Over-retrieve and re-rank: `over_retrieve_rerank` takes k * factor candidates from the stale index
    and re-scores them with the current passage encoder.
 3. Query-side-only training: `DualEncoder.freeze_passages()` (retrieval.encoder) freezes the passage
@@ -18,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hybrid_pretrain.retrieval.build import build_full, refresh_incremental, stale_ids
+from hybrid_pretrain.retrieval.build import build_full, refresh_incremental, stale_ids, store_info
 from hybrid_pretrain.retrieval.config import MODES
 from hybrid_pretrain.retrieval.encoder import DualEncoder
-from hybrid_pretrain.retrieval.index import IndexSpec
+from hybrid_pretrain.retrieval.index import IndexSpec, current_version, read_manifest
 from hybrid_pretrain.retrieval.passages import PassageStore
 from hybrid_pretrain.retrieval.protocol import Embedder, Retriever
 
@@ -57,9 +58,18 @@ class IndexRefresher:
     def due(self, step: int) -> bool:
         return self.cfg.refresh_every > 0 and step > 0 and step % self.cfg.refresh_every == 0
 
+    def up_to_date(self, embedder: Embedder) -> bool:
+        """Every passage of the store is indexed by `embedder` already (e.g. a frozen passage tower)."""
+        if current_version(self.index_dir) is None:
+            return False
+        manifest = read_manifest(self.index_dir)
+        return (manifest.get("encoder_counts") == {embedder.fingerprint: len(self.store)}
+                and manifest.get("passage_store") == store_info(self.store))
+
     def maybe_refresh(self, step: int, embedder: Embedder, progress: bool = False) -> dict | None:
-        """Refresh when `step` is due; returns the new manifest (None when not due or on a non-zero rank)."""
-        if not self.due(step):
+        """Refresh when `step` is due and the index is stale; returns the new manifest (None when not due, up
+        to date, or on a non-zero rank). Every rank reads the same manifest, so all skip or none does."""
+        if not self.due(step) or self.up_to_date(embedder):
             return None
         if self.cfg.mode == "full":
             manifest = build_full(self.store, embedder, self.index_dir, self.spec, self.rank, self.world_size,

@@ -124,8 +124,11 @@ class Atlas(nn.Module):
         return self.frozen_passage_tower if self.frozen_passage_tower is not None else self.retriever
 
     def reset_parameters(self) -> None:
-        """Projections and embeddings ~ N(0, init_std) as the LM; SSM layers keep their own init."""
-        gpt2_init_one_stream(self, self.cfg.init_std)
+        """Projections and embeddings ~ N(0, init_std) as the LM; SSM layers keep their own init. The frozen
+        passage tower is a copy of the retriever, not a draw: query-side-only starts from the same weights (and
+        the same random stream afterwards) as training both towers."""
+        frozen = () if self.frozen_passage_tower is None else (self.frozen_passage_tower,)
+        gpt2_init_one_stream(self, self.cfg.init_std, skip=frozen)
         with torch.no_grad():
             if self.frozen_passage_tower is not None:
                 self.frozen_passage_tower.load_state_dict(self.retriever.state_dict())

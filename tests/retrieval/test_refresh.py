@@ -78,6 +78,23 @@ def test_schedule_hook_refreshes_and_swaps(tmp_path):
     assert live.search(q, 1)[1][0, 0] == store.ids[5]  # the swapped-in index speaks the newest encoder
 
 
+def test_a_due_refresh_is_skipped_while_the_index_speaks_the_current_encoder(tmp_path):
+    store = _store(tmp_path / "p", range(10))
+    spec = IndexSpec("flat")
+    build_full(store, HashEmbedder("frozen"), tmp_path / "ix", spec, progress=False)
+    for mode in ("full", "rolling"):
+        refresher = IndexRefresher(RefreshConfig(refresh_every=1, mode=mode, rolling_fraction=0.5), tmp_path / "ix",
+                                   store, spec)
+        assert refresher.up_to_date(HashEmbedder("frozen"))
+        assert refresher.maybe_refresh(1, HashEmbedder("frozen")) is None  # a frozen passage tower: nothing stale
+    assert read_manifest(tmp_path / "ix")["version"] == 1
+    assert not refresher.up_to_date(HashEmbedder("trained"))
+    assert refresher.maybe_refresh(2, HashEmbedder("trained"))["version"] == 2  # rolling: half re-embedded
+    assert not refresher.up_to_date(HashEmbedder("trained"))  # the other half is still stale
+    assert refresher.maybe_refresh(3, HashEmbedder("trained"))["version"] == 3
+    assert refresher.up_to_date(HashEmbedder("trained"))
+
+
 def test_over_retrieve_rerank_uses_current_encoder(tmp_path):
     store = _store(tmp_path / "p", range(15))
     stale, current = HashEmbedder("old"), HashEmbedder("new")

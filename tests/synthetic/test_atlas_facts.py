@@ -18,9 +18,11 @@ def _cli(args: list[str]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def tiny(tmp_path, **train) -> FactsRun:
-    """The shipped config cut to seconds: few entities, a small tokenizer, a few steps."""
+def tiny(tmp_path, query_side_only: bool = False, **train) -> FactsRun:
+    """The shipped config cut to seconds: few entities, a small tokenizer, a few steps. Both retriever towers
+    train unless `query_side_only` (the shipped setting), so the index is re-embedded on schedule."""
     run = build(FactsRun, read_yaml(REPO / "configs" / "debug_atlas_facts.yaml"))
+    run.model.options["atlas"]["query_side_only"] = query_side_only
     run.out_dir, run.vocab_size, run.settings = str(tmp_path / "run"), 700, ["pdist", "random"]
     run.task.entities, run.task.values = 60, 8
     run.contrastive.steps, run.contrastive.batch_size = 3, 16
@@ -64,6 +66,15 @@ def test_a_rerun_into_the_same_out_dir_starts_from_its_own_initial_index(tmp_pat
     assert [s["index_version"] for s in again["settings"]] == [s["index_version"] for s in first["settings"]]
 
 
+def test_query_side_training_never_re_embeds_the_index(tmp_path) -> None:
+    """The shipped setting trains the query tower only: the index built at the start stays exact all run, and the
+    scheduled refreshes find nothing stale (they would re-embed every passage for nothing)."""
+    run = tiny(tmp_path, query_side_only=True)
+    run.settings = ["pdist"]
+    pdist = run_experiment(run, progress=False, log=lambda _: None)["settings"][0]
+    assert pdist["index_version"] == 1  # refresh_every 2 over 6 steps: three refreshes due, none needed
+
+
 @pytest.mark.slow
 def test_pdist_retriever_learns_from_the_reader_alone(tmp_path) -> None:
     """The shipped experiment at a smaller budget (1,000 entities, 400 steps) with the retriever untrained at the
@@ -75,6 +86,7 @@ def test_pdist_retriever_learns_from_the_reader_alone(tmp_path) -> None:
     run = build(FactsRun, read_yaml(REPO / "configs" / "debug_atlas_facts.yaml"))
     run.out_dir, run.vocab_size, run.settings = str(tmp_path / "run"), 1024, ["pdist", "random"]
     run.task.entities, run.task.values, run.retriever_init = 1000, 20, "untrained"
+    run.model.options["atlas"]["query_side_only"] = False  # an untrained passage tower must learn too
     for k, v in {"steps": 400, "reader_warmup": 250, "retriever_delay": 250, "eval_every": 50,
                  "eval_queries": 100}.items():
         setattr(run.train, k, v)

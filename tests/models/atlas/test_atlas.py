@@ -102,6 +102,17 @@ def test_query_side_only_freezes_the_passage_tower(tokenizer, store, tmp_path):
     assert not torch.equal(model.retriever.embed.weight, model.frozen_passage_tower.embed.weight)
 
 
+def test_query_side_only_starts_from_the_same_weights_and_random_stream(tokenizer):
+    both = make_model(tokenizer)
+    after_both = torch.rand(4)
+    query_side = make_model(tokenizer, query_side_only=True)
+    after_query_side = torch.rand(4)  # e.g. the generic bi-encoder drawn next (synthetic.atlas_facts.prepare)
+    torch.testing.assert_close(after_both, after_query_side)
+    tied = both.state_dict()
+    for name, value in query_side.state_dict().items():
+        torch.testing.assert_close(value, tied[name.replace("frozen_passage_tower.", "retriever.")], msg=name)
+
+
 def test_rerank_keeps_the_current_towers_top_k(tokenizer, store, tmp_path):
     model = make_model(tokenizer, rerank_factor=2).eval()
     attach(model, store, tokenizer, tmp_path)
