@@ -27,5 +27,9 @@ def ssm_memory_quadratic(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtA:
         mask = toeplitz_matrix(ssm_kernel(dtA, dB, C, L), D, L, dtype)  # (H, L, L)
         # (B, H, d, L) each: the matmuls take the transposes as they are
         scores = torch.matmul(q.to(dtype).transpose(-1, -2), k.to(dtype)) * mask  # (B, H, L_t, L_s)
-        out = torch.matmul(v.to(dtype), scores.transpose(-1, -2))  # (B, H, d_j, L_t)
+        # scores V^T as (B, H, L_t, d_j), returned as its (B, H, d_j, L_t) view: in this order backward's gradient
+        # of `scores` is a contiguous matmul output, and its product with the mask streams; as V scores^T it was a
+        # transposed view and that product ran ~5x slower (the whole readout: 4.3 -> 3.6 ms fwd + bwd at
+        # (32, 4, 8, 63), one thread)
+        out = torch.matmul(scores, v.to(dtype).transpose(-1, -2)).transpose(-1, -2)  # (B, H, d_j, L_t)
     return out.to(q.dtype)
