@@ -51,6 +51,16 @@ def test_choice_by_size_and_dimension():
     assert auto_nlist(30_000) == 512 and auto_nlist(100) == 2  # at least 39 vectors per list
 
 
+@pytest.mark.parametrize("n", [50_000, 101_454, 200_000, 400_000, 1_000_000, 4_000_000, 10_000_000])
+def test_list_count_within_faiss_guidance(n):
+    """4-16 * sqrt(n) lists (FAISS's guidance) wherever 39 vectors per list allow it; real 384-d MiniLM vectors
+    at 101k passages get OPQ before PQ, 96 sub-quantizers of 8 bits and re-ranking from full vectors."""
+    assert 4 * n**0.5 <= auto_nlist(n) <= 16 * n**0.5 or auto_nlist(n) * 2 * 39 > n
+    assert auto_nlist(n) * 39 <= n
+    real = choose_spec(101_454, 384)
+    assert real.factory(384, 101_454) == "OPQ96,IVF2048,PQ96x8" and real.rerank
+
+
 def test_auto_choice_and_tuning_recorded_in_manifest(auto_built):
     _, manifest, *_ = auto_built
     assert manifest["choice"] == {"requested": "auto", "kind": "ivfpq", "n": N, "d": D, "factory": "IVF512,PQ8x8"}
