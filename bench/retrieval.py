@@ -4,6 +4,8 @@
     python bench/retrieval.py --sizes 100000 --kinds flat,auto,ivfpq,ivfpq+refine,hnsw
     python bench/retrieval.py --sizes 0 --corpus ../shared/data/pg19_sample --real-n 20000 --cache /tmp/real
                                                                 # MiniLM embeddings of real passages
+    python bench/retrieval.py --sizes 0 --corpus A,B --real-n 0 --passage-words 50 --cache /tmp/real
+                                                                # all 50-word passages; resumable encode
 
 Clustered data is a Gaussian mixture, unit-normalised (i.i.d. random vectors make every ANN index look
 useless); real data is all-MiniLM-L6-v2 embeddings of corpus passages, queries drawn from held-out
