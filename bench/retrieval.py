@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="words per passage of --corpus (the store's default; fewer gives more, shorter passages)")
     p.add_argument("--cache", default="", help="folder for the real passages and their embeddings (reused)")
     p.add_argument("--service-reps", type=int, default=200, help="requests per batch size in the latency test")
-    p.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads, and torch threads of the MiniLM encoder (0: their defaults)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="FAISS OpenMP threads, and torch threads of the MiniLM encoder (0: their defaults)")
     args = p.parse_args(argv)
     if args.threads:
         import faiss
