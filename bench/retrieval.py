@@ -4,6 +4,8 @@
     python bench/retrieval.py --sizes 100000 --kinds flat,auto,ivfpq,ivfpq+refine,hnsw
     python bench/retrieval.py --sizes 0 --corpus ../shared/data/pg19_sample --real-n 20000 --cache /tmp/real
                                                                 # MiniLM embeddings of real passages
+    python bench/retrieval.py --sizes 0 --corpus A,B --real-n 0 --passage-words 50 --cache /tmp/real
+                                                                # all 50-word passages; resumable encode
 
 Clustered data is a Gaussian mixture, unit-normalised (i.i.d. random vectors make every ANN index look
 useless); real data is all-MiniLM-L6-v2 embeddings of corpus passages, queries drawn from held-out
@@ -18,6 +20,8 @@ both return the same ids. The last line sums up the auto index on the largest cl
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
 import sys
 import tempfile
@@ -25,12 +29,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from hybrid_pretrain.retrieval.auto import FLAT_BELOW, choose_spec
-from hybrid_pretrain.retrieval.build import build_from_vectors, embed_rows
+from hybrid_pretrain.retrieval.build import build_from_vectors
 from hybrid_pretrain.retrieval.client import IndexClient
+from hybrid_pretrain.retrieval.config import WORDS_PER_PASSAGE
 from hybrid_pretrain.retrieval.index import IndexSpec, ShardedIndex, build_shard, load_index
 from hybrid_pretrain.retrieval.live import LiveIndex
+from hybrid_pretrain.retrieval.passages import PassageStore, build_passage_store
 from hybrid_pretrain.retrieval.service import IndexServer
 
 K = 10
@@ -114,21 +121,68 @@ def bench_indexes(label: str, x: np.ndarray, q: np.ndarray, kinds: list[str], ta
     return auto, summary
 
 
-def real_vectors(corpus: str, n: int, cache: Path) -> np.ndarray:
-    """MiniLM embeddings of `n` random passages of `corpus` (cached in `cache`: encoding is the slow part)."""
-    from hybrid_pretrain.retrieval.passages import PassageStore, build_passage_store
+ENCODE_CHUNK = 2048  # passages per cache file: an interrupted encode loses at most this much work
+ENCODE_STEP = 256  # passages per MiniLM call inside a chunk: how often the progress bar moves
+
+
+def real_vectors(corpus: str, n: int, cache: Path, words: int = WORDS_PER_PASSAGE, threads: int = 0) -> np.ndarray:
+    """MiniLM embeddings of `n` random passages of `corpus` (0: all), split into `words`-word passages.
+
+    Encoding is the slow part (tens of passages/s on a CPU core), so it streams: the passages are taken in
+    one fixed random order and encoded a chunk at a time into `cache`/minilm_<words>w/chunk_NNNNN.npy
+    (written to a temporary name, then renamed). An interrupted encode resumes at the first missing chunk,
+    and a run with a smaller `n` reuses the first chunks of a larger one (they are a random sample too).
+    Memory while encoding: one chunk of text and vectors; the result is read back from the chunk files.
+    """
+    store_dir = cache / f"passages_{words}w"
+    if not store_dir.is_dir():
+        build_passage_store(corpus, store_dir, "train", cache / "corpus_cache", words=words)
+    store = PassageStore(store_dir)
+    n = len(store) if n <= 0 else n
+    if n > len(store):
+        raise SystemExit(f"error: --real-n {n} is more than the {len(store):,} passages of {words} words in "
+                         f"{corpus}; pass at most {len(store)} (or 0 for all), or fewer --passage-words")
+    chunks = cache / f"minilm_{words}w"
+    chunks.mkdir(parents=True, exist_ok=True)
+    meta = {"corpus": corpus, "words_per_passage": words, "passages": len(store), "chunk": ENCODE_CHUNK, "seed": 0}
+    meta_file = chunks / "meta.json"
+    if meta_file.is_file() and json.loads(meta_file.read_text()) != meta:
+        raise SystemExit(f"error: {chunks} holds vectors of another passage set ({meta_file.read_text().strip()}); "
+                         f"delete that folder or pass another --cache")
+    meta_file.write_text(json.dumps(meta) + "\n")
+    order = np.random.default_rng(0).permutation(len(store))
+    files = [chunks / f"chunk_{i:05d}.npy" for i in range(-(-n // ENCODE_CHUNK))]
+    missing = [i for i, f in enumerate(files) if not f.is_file()]
+    if missing:
+        _encode_chunks(store, order, files, missing, threads)
+    return np.concatenate([np.load(f, mmap_mode="r") for f in files])[:n]
+
+
+def _encode_chunks(store: PassageStore, order: np.ndarray, files: list[Path], missing: list[int], threads: int) -> None:
+    """Encode the chunks `missing` of `order` into `files`, one chunk file at a time."""
     from hybrid_pretrain.retrieval.pretrained import MiniLMEmbedder
 
-    out = cache / f"minilm_{n}.npy"
-    if out.is_file():
-        return np.load(out)
-    if not (cache / "passages").is_dir():
-        build_passage_store(corpus, cache / "passages", "train", cache / "corpus_cache")
-    store = PassageStore(cache / "passages")
-    rows = np.random.default_rng(0).permutation(len(store))[:n]
-    x = embed_rows(store, MiniLMEmbedder(), rows, desc="MiniLM")
-    np.save(out, x)
-    return x
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    embedder = MiniLMEmbedder()
+    todo = sum(len(order[i * ENCODE_CHUNK : (i + 1) * ENCODE_CHUNK]) for i in missing)
+    total = min(len(files) * ENCODE_CHUNK, len(order))  # whole chunks, so a later, larger n reuses them as they are
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    with tqdm(total=total, initial=total - todo, desc="MiniLM", unit=" passages") as bar:
+        for i in missing:
+            rows = order[i * ENCODE_CHUNK : (i + 1) * ENCODE_CHUNK]
+            parts = []
+            for j in range(0, len(rows), ENCODE_STEP):
+                parts.append(embedder.embed(store.texts(rows[j : j + ENCODE_STEP])))
+                bar.update(len(parts[-1]))
+            tmp = files[i].with_suffix(".tmp.npy")
+            np.save(tmp, np.concatenate(parts))
+            os.replace(tmp, files[i])
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+    print(f"  encoded {todo:,} passages: {todo / wall:.1f} passages/s wall, {todo / max(cpu, 1e-9):.1f} per CPU second "
+          f"({threads or 'default'} torch threads)", flush=True)
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -166,10 +220,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="flat first; then any of auto,auto-ivf (auto's IVF choice at any size),ivfpq,ivfpq+refine,hnsw")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the auto index is tuned for")
     p.add_argument("--corpus", default="", help="data.path spec(s) of passages to embed with MiniLM (real vectors)")
-    p.add_argument("--real-n", type=int, default=20000, help="passages embedded from --corpus (queries included)")
+    p.add_argument("--real-n", type=int, default=20000,
+                   help="passages embedded from --corpus, queries included (0: all of them)")
+    p.add_argument("--passage-words", type=int, default=WORDS_PER_PASSAGE,
+                   help="words per passage of --corpus (the store's default; fewer gives more, shorter passages)")
     p.add_argument("--cache", default="", help="folder for the real passages and their embeddings (reused)")
     p.add_argument("--service-reps", type=int, default=200, help="requests per batch size in the latency test")
-    p.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads (0: FAISS's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="FAISS OpenMP threads, and torch threads of the MiniLM encoder (0: their defaults)")
     args = p.parse_args(argv)
     if args.threads:
         import faiss
@@ -190,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                                           args.dim, seed=1), kinds, args.target_recall, Path(tmp))
             service_index = auto or service_index
         if args.corpus:
-            x = real_vectors(args.corpus, args.real_n, Path(args.cache))
+            x = real_vectors(args.corpus, args.real_n, Path(args.cache), args.passage_words, args.threads)
             held = min(args.queries, len(x) // 10)  # held-out passages: queries, never indexed
             print(f"indexes on MiniLM embeddings of {len(x) - held:,} passages, {held} held-out passages as queries")
             bench_indexes(f"real {len(x) - held:,}", x[held:], x[:held], kinds, args.target_recall, Path(tmp))

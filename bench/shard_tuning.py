@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.order == "sorted":
         x = x[np.argsort(x[:, 0], kind="stable")]
     ids = np.random.default_rng(1).choice(1 << 40, args.n, replace=False).astype(np.int64)
-    rows, truth = heldout_queries(x, 500, 10, seed=7)  # queries drawn across all shards, exact over all vectors
-    q, own, truth_ids = x[rows], ids[rows], ids[truth]
+    rows, q, truth = heldout_queries(x, 500, 10, seed=7)  # queries drawn across all shards, exact over all vectors
+    own, truth_ids = ids[rows], ids[truth]
     print(f"{args.n} clustered {args.d}-d vectors, {args.order} order, target recall@10 {args.target}")
     print("| shards | spec | per-shard tuned (nprobe, k_factor) | per-shard recall | merged recall, max params "
           "| merged-tuned (nprobe, k_factor) | merged recall, merged-tuned | served q/s max / merged-tuned "

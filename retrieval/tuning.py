@@ -39,9 +39,10 @@ def _gather(blocks: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
 
 
 def heldout_queries(x: np.ndarray | list[np.ndarray], n_queries: int, k: int,
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(query rows (q,), their exact top-k rows (q, k) excluding themselves) for `x` (n, d), a memory map too,
-    or a list of row blocks (e.g. every shard's vectors file, in shard order) read as one (n, d) array."""
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query rows (q,), the query vectors (q, d) float32, their exact top-k rows (q, k) excluding themselves)
+    for `x` (n, d), a memory map too, or a list of row blocks (e.g. every shard's vectors file, in shard order)
+    read as one (n, d) array. The vectors come back so callers never gather the rows a second time."""
     blocks = _blocks(x)
     n = sum(len(b) for b in blocks)
     rows = np.sort(np.random.default_rng(seed).choice(n, min(n_queries, n), replace=False))
@@ -58,7 +59,7 @@ def heldout_queries(x: np.ndarray | list[np.ndarray], n_queries: int, k: int,
             best_s, best_i = np.take_along_axis(best_s, top, 1), np.take_along_axis(best_i, top, 1)
         offset += len(block)
     truth = np.array([[r for r in row if r != own][:k] for row, own in zip(best_i, rows)])
-    return rows, truth
+    return rows, q, truth
 
 
 def recall_without_self(index: ShardedIndex, q: np.ndarray, own_ids: np.ndarray, truth_ids: np.ndarray,
@@ -91,16 +92,16 @@ def tune(index: ShardedIndex, x: np.ndarray | list[np.ndarray], ids: np.ndarray,
     `x` is every vector of the index (a list of row blocks, e.g. its shards' vectors in order, counts as one
     array), so the queries come from all shards and their truth is exact search over all vectors; recall is
     measured on `index` searched as served: its shards together, top-k merged. Returns the record the
-    manifest keeps: target, reached recall, queries/s, the parameters, whether the target was reached, and
-    `merged_recall` with the number of `shards` searched together to measure it. A flat index is exact and
-    is left as it is.
+    manifest keeps: target, reached `recall` (of the `shards` searched together, as served), queries/s, the
+    parameters and whether the target was reached. (Manifests written before kept a copy of `recall` as
+    `merged_recall`; nothing reads it, so they load as they are.) A flat index is exact and is left as it is.
     """
     check_target_recall(target)
     if index.spec.kind == "flat":
-        return {"target": target, "k": k, "recall": 1.0, "merged_recall": 1.0, "shards": len(index.shards),
+        return {"target": target, "k": k, "recall": 1.0, "shards": len(index.shards),
                 "reached": True, "params": {}}
-    rows, truth = heldout_queries(x, n_queries, k, seed)
-    q, own, truth_ids = _gather(_blocks(x), rows), ids[rows], ids[truth]
+    rows, q, truth = heldout_queries(x, n_queries, k, seed)
+    own, truth_ids = ids[rows], ids[truth]
     points, best_reached, need = [], None, min(target + MARGIN, 1.0)
     for line in _grid(index):
         previous = -1.0
@@ -123,6 +124,5 @@ def tune(index: ShardedIndex, x: np.ndarray | list[np.ndarray], ids: np.ndarray,
         warnings.warn(f"index tuning: recall@{k} target {target} not reached; best {best['recall']:.3f} with "
                       f"{best['params']} (a larger index: more lists, bigger PQ codes, or kind hnsw/flat)",
                       stacklevel=2)
-    return {"target": target, "k": k, "queries": len(rows), "recall": best["recall"], "merged_recall": best["recall"],
-            "shards": len(index.shards), "qps": best["qps"], "reached": best_reached is not None,
-            "params": best["params"], "points": points}
+    return {"target": target, "k": k, "queries": len(rows), "recall": best["recall"], "shards": len(index.shards),
+            "qps": best["qps"], "reached": best_reached is not None, "params": best["params"], "points": points}
