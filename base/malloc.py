@@ -19,7 +19,6 @@ OS); peak RSS, what a run must fit in, does not grow. ``HYBRID_PRETRAIN_MALLOC=s
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -47,7 +46,7 @@ def keep_freed_memory() -> str:
     if os.environ.get(OPT_OUT, "").lower() == "system" or not sys.platform.startswith("linux"):
         return "glibc defaults"
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")  # glibc's soname (find_library would run ldconfig in a subprocess)
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return "glibc defaults"
