@@ -18,13 +18,15 @@ from hybrid_pretrain.kernels.fftconv import ssm_kernel
 
 
 def ssm_memory_quadratic(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor,
-                         C: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
+                         C: torch.Tensor, D: torch.Tensor | None = None,
+                         kernel: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as ``ssm_memory_kv``; computed in fp32 (fp64 for fp64 inputs), returned in q's dtype."""
     L = q.shape[-1]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     # The fp32 island of the SSM path (kernels/README.md): no autocast inside.
     with torch.autocast(q.device.type, enabled=False):
-        mask = toeplitz_matrix(ssm_kernel(dtA, dB, C, L), D, L, dtype)  # (H, L, L)
+        K = ssm_kernel(dtA, dB, C, L) if kernel is None else kernel[:, :L]  # (H, L)
+        mask = toeplitz_matrix(K, D, L, dtype)  # (H, L, L)
         # (B, H, d, L) each: the matmuls take the transposes as they are
         scores = torch.matmul(q.to(dtype).transpose(-1, -2), k.to(dtype)) * mask  # (B, H, L_t, L_s)
         # scores V^T as (B, H, L_t, d_j), returned as its (B, H, d_j, L_t) view: in this order backward's gradient

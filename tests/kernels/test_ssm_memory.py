@@ -64,3 +64,15 @@ def test_shapes_are_checked() -> None:
     (q, k, v), ssm = _inputs(2, 8, 3, 10)
     with pytest.raises(ValueError, match="ssm_memory expects q, k, v"):
         ssm_memory(q, k[:, :, :4], v, *ssm.discretize(), ssm.D)
+
+
+@pytest.mark.parametrize("d,L", [(8, 37), (2, 40)])  # the quadratic path and the kv path
+def test_a_kept_kernel_gives_the_same_memory(d: int, L: int) -> None:
+    """A kernel longer than L (``DiagonalSSM`` keeps the longest asked) gives what ssm_memory would build."""
+    (q, k, v), ssm = _inputs(2, d, 3, L)
+    params = (*ssm.discretize(), ssm.D)
+    with torch.no_grad():
+        kept = ssm.kernel(L + 25)
+        torch.testing.assert_close(ssm_memory(q, k, v, *params, kernel=kept), ssm_memory(q, k, v, *params),
+                                   rtol=1e-12, atol=1e-12)
+

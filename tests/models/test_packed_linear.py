@@ -56,3 +56,18 @@ def test_generation_packs_equal_length_batches_only(make_cfg) -> None:
     together = generate(model, prompts, 8)  # packed steps
     alone = torch.cat([generate(model, prompts[i: i + 1], 8) for i in range(4)])  # one row: F.linear
     assert torch.equal(together, alone)
+
+
+def test_memory_check_counts_the_packed_head(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tied head is packed too, so its copy counts against the free memory (not only the nn.Linear weights)."""
+    model = LanguageModel(make_cfg(layers="HA", tie_embeddings=True)).eval()
+    linear_bytes = sum(4 * m.weight.numel() for m in model.modules() if type(m) is nn.Linear)
+    head_bytes = 4 * model.embedding.weight.numel()
+
+    class Free:
+        available = 2 * linear_bytes + head_bytes  # enough for the linears' copies, not with the head's
+
+    monkeypatch.setattr("hybrid_pretrain.models.packed_linear.psutil.virtual_memory", lambda: Free)
+    assert not packing_helps(model, 4)
+    Free.available = 2 * (linear_bytes + head_bytes) + 1
+    assert packing_helps(model, 4)

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from hybrid_pretrain.kernels.ssm_memory import quadratic
+from hybrid_pretrain.models.mixers.h3 import H3
 from hybrid_pretrain.models.mixers.ssm import SSM_OPTIM, DiagonalSSM, ShiftSSM
 
 
@@ -152,3 +154,18 @@ def test_kept_tables_refuse_autograd() -> None:
     g = torch.randn(2, 4, 50, requires_grad=True)
     with pytest.raises(ValueError, match="for inference"):
         vandermonde_transpose(g, dtA, tables=transpose_tables(dtA.detach(), 50, 2))
+
+
+def test_h3_inference_reads_the_kernel_from_the_ssm_cache(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without autograd a multi-head H3 layer builds its SSM kernel once, not on every forward."""
+    torch.manual_seed(0)
+    layer = H3(make_cfg(h3_head_dim=8), layer_idx=0).eval()
+    x = torch.randn(2, 40, 32)
+    with torch.enable_grad():
+        expected = layer(x).detach()
+    built = []
+    monkeypatch.setattr(quadratic, "ssm_kernel", lambda *a: built.append(a) or pytest.fail("kernel rebuilt"))
+    with torch.no_grad():
+        layer(x)  # the first call fills DiagonalSSM's inference cache (outside the patched module)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert not built
