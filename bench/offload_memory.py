@@ -7,9 +7,10 @@ metrics.jsonl) and this script prints it beside the ``--dry-run`` estimate. On a
 offloaded to host RAM plus the runtime (training.memory.cpu_rss); NVMe bytes are not counted (they
 are files), and are printed beside the size of the swap folder after the run.
 
-Shapes: ``355m-cpu`` / ``355m-nvme`` (h3_hybrid_355m, 358M parameters, the slow test's shape) and
-``2.7b-nvme`` (h3_hybrid_2.7b with optimizer and parameters on NVMe: ~20 GiB RAM and ~38 GB of swap
-files; see bench/RESULTS.md before running it on a shared machine).
+Shapes: ``355m-cpu`` / ``355m-nvme`` (h3_hybrid_355m, 358M parameters, the slow test's shape),
+``1.4b-nvme-opt`` (the 2.7B offload run's layout at half its depth) and ``2.7b-nvme`` (h3_hybrid_2.7b
+with optimizer and parameters on NVMe: ~20 GiB RAM and ~38 GB of swap files; see bench/RESULTS.md
+before running it on a shared machine).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ SHAPES = {
     "355m-cpu": ("configs/h3_hybrid_355m.yaml", ["train.offload.optimizer=cpu"]),
     "355m-nvme": ("configs/h3_hybrid_355m.yaml", ["train.offload.optimizer=nvme", "train.offload.params=nvme"]),
     "2.7b-nvme": ("configs/h3_hybrid_2.7b.yaml", ["train.offload.optimizer=nvme", "train.offload.params=nvme"]),
+    # the 2.7B run's layout (optimizer on NVMe, bf16 weights in host RAM) and width at 16 of its 32 layers: 1.39B
+    # parameters, ~13 GiB RSS, 21 GB of swap files and a 16 GB checkpoint, ~5 min
+    "1.4b-nvme-opt": ("configs/h3_hybrid_2.7b.yaml", ["train.offload.optimizer=nvme", "train.offload.params=cpu",
+                                                      "model.layers=HHHHHHHAHHHHHHHA"]),
 }
 
 

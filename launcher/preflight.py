@@ -237,8 +237,14 @@ def memory_problems(facts: list[dict], need_per_rank: float, host_per_rank: floa
     return problems
 
 
+# DeepSpeed's swap files live under <nvme_path>/zero_stage_3 with names fixed by rank and parameter id, so a run
+# (a --resume above all) overwrites the files an earlier run left there instead of needing room for new ones.
+SWAP_SUBDIR = "zero_stage_3"
+
+
 def offload_dir_facts(nvme_path: str) -> dict:
-    """Whether this process can write its NVMe swap files under ``nvme_path``, and the free bytes there."""
+    """Whether this process can write its NVMe swap files under ``nvme_path``, and the bytes it can use there: the
+    disk's free space plus DeepSpeed's swap files of an earlier run in that folder, which this run overwrites."""
 
     path = Path(nvme_path)
     if not path.is_dir():
@@ -250,7 +256,8 @@ def offload_dir_facts(nvme_path: str) -> dict:
     except OSError as e:
         return {"nvme_problem": f"train.offload.nvme_path {path} is not writable ({e.strerror}); expected a folder "
                                 "this user can write"}
-    return {"nvme_free": float(shutil.disk_usage(path).free)}
+    reusable = sum(f.stat().st_size for f in (path / SWAP_SUBDIR).rglob("*") if f.is_file())
+    return {"nvme_free": float(shutil.disk_usage(path).free + reusable)}
 
 
 def async_io_problem() -> str | None:

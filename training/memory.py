@@ -111,7 +111,7 @@ def activation_bytes(model_cfg, micro_batch: int, seq_len: int, vocab_size: int,
 CPU_RUNTIME = 0.75 * 2**30
 # DeepSpeed ZeRO defaults the offload accounting follows (deepspeed.runtime.zero.config / offload_config).
 REDUCE_BUCKET = 500_000_000  # reduce_bucket_size: gradient elements gathered on the device before each reduction
-OPTIMIZER_SWAP_BUFFERS = 5  # offload_optimizer.buffer_count (4) host buffers of one sub-group, plus its gradient's
+OPTIMIZER_SWAP_BUFFERS = 4  # offload_optimizer.buffer_count: fp32 host buffers, each as large as the largest sub-group
 PARAM_SWAP_ELEMENTS = 5 * 100_000_000  # offload_param.buffer_count x buffer_size elements in host RAM
 PARAM_MAX_IN_CPU = 1_000_000_000  # offload_param.max_in_cpu: weight elements NVMe offload keeps in host RAM
 
@@ -173,7 +173,8 @@ def offload_plan(device: dict[str, float], offload, model_cfg, local_params: flo
     optimizer steps on (in the model's dtype, plus the fp32 copy CPU Adam reads); the device keeps one
     reduction bucket of gradients and, under bf16, its fp32 copy for the reduction (DeepSpeed communicates
     bf16 gradients in fp32). On NVMe the host holds the gradient partition and the pinned swap buffers,
-    one optimizer sub-group per buffer, and the fp32 gradients go to the swap files with the states.
+    one optimizer sub-group per buffer, and the fp32 gradients go to the swap files with the states; the
+    device's bucket then also has its reduce-scatter output and its fp32 copies for the swap files beside it.
     Parameter offload moves the weight partition; the device keeps the layers being computed (the
     largest one gathered, the next prefetched), NVMe adds the host's parameter swap buffers and the
     weights DeepSpeed keeps in host RAM anyway (``max_in_cpu``). Measured on CPU for the 358M shape
@@ -181,20 +182,28 @@ def offload_plan(device: dict[str, float], offload, model_cfg, local_params: flo
     peak RSS adds the runtime.
     """
     host = nvme = 0.0
+    largest = model_cfg.d_model * max(model_cfg.vocab_size, model_cfg.ffn_dim, 3 * model_cfg.d_model)  # one matrix
     if offload.optimizer != "none":
         states = device["master_weights"] + device["optimizer_states"]
         partition = device["gradients"]
-        device["gradients"] = min(REDUCE_BUCKET, local_params) * (elem + (4 if elem < 4 else 0))
+        bucket = min(REDUCE_BUCKET, local_params)
+        device["gradients"] = bucket * (elem + (4 if elem < 4 else 0))
         device["master_weights"] = device["optimizer_states"] = 0.0
         host += partition
         if offload.optimizer == "cpu":
             host += states + (partition / elem * 4 if elem < 4 else 0)  # fp32 gradients for CPU Adam
         else:  # the fp32 gradients are swapped out with the states (measured: 18 B/param of files with bf16 weights)
             nvme += states + local_params * 4
-            host += OPTIMIZER_SWAP_BUFFERS * min(local_params, NVME_SUB_GROUP) * 4
+            # While a full bucket is partitioned, DeepSpeed holds its reduce-scatter output (model dtype) and the
+            # fp32 copies of its gradients on their way to the swap files, beside the bucket (stage3.py
+            # _offload_grad_partition_at_boundary; measured at 1.39B: the backward's peak, ~1.9 GiB above the
+            # bucket and its fp32 reduction copy counted for CPU offload).
+            device["gradients"] = bucket * (2 * elem + 4)
+            # A sub-group closes once it reaches sub_group_size, so one larger matrix (the embedding) is a sub-group
+            # of its own and sizes the buffers: 4 x 128.7M fp32 elements at d_model 2560, measured.
+            host += OPTIMIZER_SWAP_BUFFERS * min(local_params, max(NVME_SUB_GROUP, largest)) * 4
     if offload.params != "none":
         partition = device["weights"]
-        largest = model_cfg.d_model * max(model_cfg.vocab_size, model_cfg.ffn_dim, 3 * model_cfg.d_model)
         device["weights"] = min(partition, 2 * largest * elem)  # one matrix gathered, the next prefetched
         if offload.params == "cpu":
             host += partition

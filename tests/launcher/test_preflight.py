@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 
 import psutil
@@ -140,6 +141,17 @@ def test_offload_plan_against_host_ram_and_the_nvme_folder(tmp_path):
     assert preflight.offload_problems(facts, 1e6) == []
     full = preflight.offload_problems(facts, facts[0]["nvme_free"])  # two ranks' files on one disk
     assert len(full) == 1 and "train.offload.nvme_path has" in full[0] and "per rank x 2); free space" in full[0]
+
+
+def test_swap_files_of_an_earlier_run_count_as_room(tmp_path):
+    """A --resume writes its swap files over the ones its first run left in nvme_path: they are room, not a loss."""
+    rank = tmp_path / preflight.SWAP_SUBDIR / "optimizer" / "rank0"
+    rank.mkdir(parents=True)
+    (rank / "0_param.tensor.swp").write_bytes(b"\0" * 50_000_000)
+    (tmp_path / "unrelated.bin").write_bytes(b"\0" * 1_000_000)  # someone else's file is not room
+    room = preflight.offload_dir_facts(str(tmp_path))["nvme_free"]
+    free = shutil.disk_usage(tmp_path).free
+    assert room - free == pytest.approx(50_000_000, abs=5_000_000)  # other writers on the disk: slack
 
 
 def test_cli_refuses_an_offload_plan_that_does_not_fit(tmp_path, capsys):
