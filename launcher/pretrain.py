@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from hybrid_pretrain.base.errors import ConfigError
-from hybrid_pretrain.base.malloc import keep_freed_memory
+from hybrid_pretrain.base.malloc import keep_freed_memory, return_freed_memory
 from hybrid_pretrain.data_pipeline.errors import DataError
 from hybrid_pretrain.data_pipeline.indexed import IndexedData
 from hybrid_pretrain.data_pipeline.packing import PreparedData, prepare_data
@@ -153,7 +153,9 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
 
 def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None = None,
           trust_checkpoint: bool = False) -> dict:
-    allocator = keep_freed_memory()  # before the first step's temporaries: base/malloc.py says why
+    # before the first step's temporaries (base/malloc.py says why): speed, or RSS that follows the live tensors where
+    # offload sizes the run to the machine's RAM
+    allocator = return_freed_memory() if cfg.train.offload.enabled else keep_freed_memory()
     ctx = groups.initialize(cfg.parallel)
     try:
         preflight.check_run(cfg, ctx.world_size)  # world size and every rank's free memory, before data or model

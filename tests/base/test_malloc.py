@@ -1,4 +1,5 @@
-"""base/malloc.py: with freed memory kept, a loop of mid-sized temporaries stops faulting in fresh pages."""
+"""base/malloc.py: with freed memory kept, a loop of mid-sized temporaries stops faulting in fresh pages; with it
+returned (offload runs), RSS falls back when tensors are freed."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-from hybrid_pretrain.base.malloc import OPT_OUT, keep_freed_memory, preloaded_allocator
+from hybrid_pretrain.base.malloc import OPT_OUT, keep_freed_memory, preloaded_allocator, return_freed_memory
 
 # An H3 SSM kernel's forward and backward, the case base/malloc.py measured: its 0.3-1 MB temporaries, made
 # and dropped every call, are trimmed off the heap's top by glibc's defaults and faulted back in each time.
@@ -32,9 +33,29 @@ print(json.dumps({"mode": mode, "faults": (resource.getrusage(resource.RUSAGE_SE
 """
 
 
+# 200 MB of 4 MiB blocks (below glibc's 32 MiB mmap ceiling, as DeepSpeed's partition buffers of a layer are)
+# touched, freed in allocation order, then the resident growth that stays behind.
+HELD_BACK = """
+import json, sys, torch
+from hybrid_pretrain.base import malloc
+mode = getattr(malloc, sys.argv[1])()
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+start = rss()
+blocks = [torch.ones(1 << 20) for _ in range(50)]
+blocks.clear()
+print(json.dumps({"mode": mode, "held_mb": (rss() - start) / 1e6}))
+"""
+
+
 def run_loop(**env: str) -> dict:
+    return run_script(LOOP, **env)
+
+
+def run_script(script: str, *args: str, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if k not in (OPT_OUT, "LD_PRELOAD")}
-    out = subprocess.run([sys.executable, "-c", LOOP], env={**clean, **env}, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", script, *args], env={**clean, **env}, capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -46,10 +67,19 @@ def test_kept_heap_stops_page_faults_of_temporaries() -> None:
     assert kept["faults"] < system["faults"] / 10  # measured ~40
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc")
+def test_returned_memory_leaves_the_process_and_kept_memory_stays() -> None:
+    """What an offload run (return_freed_memory) needs: RSS falls back when its tensors are freed."""
+    kept, returned = run_script(HELD_BACK, "keep_freed_memory"), run_script(HELD_BACK, "return_freed_memory")
+    assert kept["mode"] == "glibc, freed memory kept" and returned["mode"] == "glibc, freed memory returned"
+    assert kept["held_mb"] > 150  # the heap keeps the 210 MB for the next step
+    assert returned["held_mb"] < 20
+
+
 def test_preloaded_allocator_is_left_alone(monkeypatch) -> None:
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
     assert preloaded_allocator() == "tcmalloc"
-    assert keep_freed_memory() == "tcmalloc"
+    assert keep_freed_memory() == return_freed_memory() == "tcmalloc"
     monkeypatch.setenv("LD_PRELOAD", "")
     monkeypatch.setenv(OPT_OUT, "system")
-    assert keep_freed_memory() == "glibc defaults"
+    assert keep_freed_memory() == return_freed_memory() == "glibc defaults"
