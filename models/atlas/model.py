@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid_pretrain.base.errors import ConfigError
-from hybrid_pretrain.models.atlas import losses
+from hybrid_pretrain.models.atlas import losses, source_filter
 from hybrid_pretrain.models.atlas.reader import FiDReader
 from hybrid_pretrain.models.atlas.retriever import BiEncoder, EncoderConfig
 from hybrid_pretrain.models.config import ModelConfig
@@ -68,6 +68,9 @@ class AtlasOptions:
     retriever_loss_coef: float = 1.0
     query_side_only: bool = False  # freeze the passage tower (the index stays valid all run)
     rerank_factor: int = 1  # > 1: take K * factor from the index, keep the current tower's top K
+    # Training windows never get the passage they were cut from (Atlas's LM filter, models.atlas.source_filter):
+    # twice the candidates are fetched and those holding the window's text are dropped.
+    exclude_source: bool = False
     # The reader flags each passage token that also occurs in the query (DrQA's exact-match feature): without
     # it a reader trained from scratch copies a value from any passage and never learns to check that the
     # passage names what the query asks (bench/RESULTS.md, issue 22).
@@ -117,6 +120,7 @@ class Atlas(nn.Module):
         # trained from scratch cannot read yet and would teach the retriever noise (see models.atlas.losses).
         self.learn_retriever = True
         self.last: dict[str, float] = {}
+        self.source_found: float | None = None  # set by retrieve() with exclude_source
         self.reset_parameters()
 
     @property
@@ -157,15 +161,28 @@ class Atlas(nn.Module):
         """query (B, Lq) -> (B, Lq) bool, False on padding."""
         return query != self.opts.pad_id
 
-    def retrieve(self, query: torch.Tensor) -> Retrieved:
-        """query (B, Lq) -> the K passages the index and (when re-ranking) the current tower rank first."""
+    def retrieve(self, query: torch.Tensor, window: torch.Tensor | None = None) -> Retrieved:
+        """query (B, Lq) -> the K passages the index and (when re-ranking) the current tower rank first.
+
+        `window` (B, L), the whole training sequence: with ``exclude_source``, passages holding its text are
+        skipped (`models.atlas.source_filter`)."""
         if self.source is None:
             raise RuntimeError("Atlas has no passages: call attach(source) before forward "
                                "(launcher/pretrain.py does this from the run's `retrieval:` section)")
         o = self.opts
         q_emb = self.retriever(query, self.query_mask(query))  # (B, Dr)
         n = o.n_passages * o.rerank_factor
-        ids, p_ids, p_mask = self.source.candidates(q_emb, n)  # (B, n), (B, n, P)
+        if o.exclude_source and window is not None:
+            ids, p_ids, p_mask = self.source.candidates(q_emb, 2 * n)  # (B, 2n), (B, 2n, P)
+            holds = source_filter.holds_window_text(window.cpu(), p_ids, p_mask)  # (B, 2n)
+            keep = source_filter.without_source(holds, n)  # (B, n)
+            # share of windows whose own text was in the unfiltered top n: how often the retriever finds it
+            self.source_found = float(holds[:, :n].any(dim=1).float().mean())
+            ids = np.take_along_axis(ids, keep.numpy(), axis=1)
+            p_ids = p_ids.gather(1, keep[..., None].expand(-1, -1, p_ids.shape[2]))
+            p_mask = p_mask.gather(1, keep[..., None].expand(-1, -1, p_mask.shape[2]))
+        else:
+            ids, p_ids, p_mask = self.source.candidates(q_emb, n)  # (B, n), (B, n, P)
         B, _, P = p_ids.shape
         p_ids, p_mask = p_ids.to(query.device), p_mask.to(query.device)
         p_emb = self._embed(self.passage_tower, p_ids.view(B * n, P), p_mask.view(B * n, P)).view(B, n, -1)
@@ -233,7 +250,7 @@ class Atlas(nn.Module):
                               f"got length {input_ids.shape[1]}: raise data.seq_len")
         query, target = input_ids[:, : o.query_len], input_ids[:, o.query_len :]
         if passages is None:
-            found = self.retrieve(query)
+            found = self.retrieve(query, input_ids)
             scores, p_ids, p_mask = found.scores, found.tokens, found.mask
         else:
             scores, (p_ids, p_mask) = None, passages
@@ -250,6 +267,8 @@ class Atlas(nn.Module):
             return reader_loss
         retriever_loss = self._retriever_loss(scores, ctx, ctx_mask, target, labels, attention_mass)
         self.last = {"reader_loss": reader_loss.item(), "retriever_loss": retriever_loss.item()}
+        if self.source_found is not None:
+            self.last["source_found"] = self.source_found
         return reader_loss + o.retriever_loss_coef * retriever_loss
 
     def step_metrics(self) -> dict[str, float]:
