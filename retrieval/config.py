@@ -54,6 +54,10 @@ class RetrievalConfig:
     # with a reader that cannot read yet is a cold start the joint training never leaves (bench/RESULTS.md, issue 22).
     retriever_init: str = "random"
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    # Steps the reader trains alone before the retriever loss is switched on (Atlas warms its reader up first): a
+    # reader that cannot read yet gives every passage the same likelihood, and fitting that uniform target
+    # collapses the retriever onto hub passages.
+    retriever_delay: int = 0
     # URL of an index service (python -m hybrid_pretrain.retrieval.service --index-dir <index_dir>) to search
     # instead of in-process
     service: str = ""
@@ -82,6 +86,8 @@ class RetrievalConfig:
             raise ConfigError(f"retrieval.retriever_init must be one of {', '.join(RETRIEVER_INITS)}, "
                               f"got '{self.retriever_init}'")
         self.contrastive.validate()
+        if self.retriever_delay < 0:
+            raise ConfigError(f"retrieval.retriever_delay must be >= 0 (steps), got {self.retriever_delay}")
         if self.passages and not Path(self.passages).is_dir():
             raise ConfigError(f"retrieval.passages '{self.passages}' is not a folder; expected a passage store "
                               "(launcher/build_index.py writes one) or empty to build it from data.path")

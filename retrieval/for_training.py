@@ -96,8 +96,14 @@ class TrainingRetrieval:
         self.log(f"retrieval: {why}: {manifest['ntotal']} passages, {self.spec.kind} index "
                  f"version {manifest['version']} in {self.index_dir}")
 
+    def start_at(self, step: int) -> None:
+        """Before the first step of a run that has done `step` steps: is the retriever loss on yet?"""
+        self.model.learn_retriever = step >= self.cfg.retriever_delay
+
     def after_step(self, step: int) -> None:
-        """Re-index when `step` is due; every rank then searches the new version."""
+        """Switch the retriever loss on after `retriever_delay` steps; re-index when `step` is due (every rank then
+        searches the new version)."""
+        self.start_at(step)
         if not self.refresher.due(step):
             return
         manifest = self.refresher.maybe_refresh(step, self.embedder(), progress=self.rank == 0)

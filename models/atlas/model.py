@@ -71,6 +71,10 @@ class AtlasOptions:
     # Training windows never get the passage they were cut from (Atlas's LM filter, models.atlas.source_filter):
     # twice the candidates are fetched and those holding the window's text are dropped.
     exclude_source: bool = False
+    # The retriever's learning rate (0: the run's train.lr), an optimizer hint on its parameters: Atlas trains the
+    # retriever at a fraction of the reader's rate (its retriever_lr), and at the reader's 2e-3 a query tower fed
+    # a reader that cannot read yet collapses onto a few hub passages within 300 steps (bench/RESULTS.md).
+    retriever_lr: float = 0.0
     # The reader flags each passage token that also occurs in the query (DrQA's exact-match feature): without
     # it a reader trained from scratch copies a value from any passage and never learns to check that the
     # passage names what the query asks (bench/RESULTS.md, issue 22).
@@ -90,6 +94,8 @@ class AtlasOptions:
                               f"{', '.join((*losses.RETRIEVER_LOSSES, 'none'))}, got '{self.retriever_loss}'")
         if self.retriever_loss == "loop" and self.n_passages < 2:
             raise ConfigError(f"model.options.{name}.retriever_loss 'loop' needs n_passages >= 2")
+        if self.retriever_lr < 0:
+            raise ConfigError(f"model.options.{name}.retriever_lr must be >= 0 (0: train.lr), got {self.retriever_lr}")
         if self.temperature <= 0 or self.target_temperature <= 0 or self.retriever_loss_coef < 0:
             raise ConfigError(f"model.options.{name}: temperature and target_temperature must be > 0 and "
                               "retriever_loss_coef >= 0")
@@ -136,6 +142,9 @@ class Atlas(nn.Module):
         with torch.no_grad():
             if self.frozen_passage_tower is not None:
                 self.frozen_passage_tower.load_state_dict(self.retriever.state_dict())
+        if self.opts.retriever_lr:  # attached here so a meta-built model keeps it after to_empty()
+            for p in self.retriever.parameters():
+                p._optim = {"lr": self.opts.retriever_lr}
 
     def load_retriever(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Start the retriever (and the frozen passage tower, if any) from a bi-encoder's weights, e.g.
