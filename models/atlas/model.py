@@ -43,6 +43,9 @@ class CandidateSource(Protocol):
     def candidates(self, query_emb: torch.Tensor, n: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """query_emb (B, D) -> (passage ids (B, n), token ids (B, n, P), mask (B, n, P)) of the top-n hits."""
 
+    def same_document(self, windows: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+        """windows (B, L), ids (B, C) -> (B, C) bool: passage c is from the document window b was cut from."""
+
 
 class Retrieved(NamedTuple):
     """What `Atlas.retrieve` found for a batch of queries, best first."""
@@ -68,9 +71,10 @@ class AtlasOptions:
     retriever_loss_coef: float = 1.0
     query_side_only: bool = False  # freeze the passage tower (the index stays valid all run)
     rerank_factor: int = 1  # > 1: take K * factor from the index, keep the current tower's top K
-    # Training windows never get the passage they were cut from (Atlas's LM filter, models.atlas.source_filter):
-    # twice the candidates are fetched and those holding the window's text are dropped.
-    exclude_source: bool = False
+    # What a training window may not retrieve (models.atlas.source_filter): none; passage: a passage holding the
+    # window's text (Atlas's LM filter); document: any passage of the document the window was cut from (RETRO's
+    # training filter), so training sees passages as held-out text does, from other documents only.
+    exclude_source: str = "none"
     # The retriever's learning rate (0: the run's train.lr), an optimizer hint on its parameters: Atlas trains the
     # retriever at a fraction of the reader's rate (its retriever_lr), and at the reader's 2e-3 a query tower fed
     # a reader that cannot read yet collapses onto a few hub passages within 300 steps (bench/RESULTS.md).
@@ -94,6 +98,9 @@ class AtlasOptions:
                               f"{', '.join((*losses.RETRIEVER_LOSSES, 'none'))}, got '{self.retriever_loss}'")
         if self.retriever_loss == "loop" and self.n_passages < 2:
             raise ConfigError(f"model.options.{name}.retriever_loss 'loop' needs n_passages >= 2")
+        if self.exclude_source not in source_filter.EXCLUDE:
+            raise ConfigError(f"model.options.{name}.exclude_source must be one of {', '.join(source_filter.EXCLUDE)}, "
+                              f"got '{self.exclude_source}'")
         if self.retriever_lr < 0:
             raise ConfigError(f"model.options.{name}.retriever_lr must be >= 0 (0: train.lr), got {self.retriever_lr}")
         if self.temperature <= 0 or self.target_temperature <= 0 or self.retriever_loss_coef < 0:
@@ -181,11 +188,14 @@ class Atlas(nn.Module):
         o = self.opts
         q_emb = self.retriever(query, self.query_mask(query))  # (B, Dr)
         n = o.n_passages * o.rerank_factor
-        if o.exclude_source and window is not None:
-            ids, p_ids, p_mask = self.source.candidates(q_emb, 2 * n)  # (B, 2n), (B, 2n, P)
-            holds = source_filter.holds_window_text(window.cpu(), p_ids, p_mask)  # (B, 2n)
+        if o.exclude_source != "none" and window is not None:
+            fetch = n * source_filter.OVERFETCH[o.exclude_source]
+            ids, p_ids, p_mask = self.source.candidates(q_emb, fetch)  # (B, fetch), (B, fetch, P)
+            holds = source_filter.holds_window_text(window.cpu(), p_ids, p_mask)  # (B, fetch)
+            if o.exclude_source == "document":
+                holds |= self.source.same_document(window.cpu(), ids)
             keep = source_filter.without_source(holds, n)  # (B, n)
-            # share of windows whose own text was in the unfiltered top n: how often the retriever finds it
+            # share of windows whose own text (or document) was in the unfiltered top n
             self.source_found = float(holds[:, :n].any(dim=1).float().mean())
             ids = np.take_along_axis(ids, keep.numpy(), axis=1)
             p_ids = p_ids.gather(1, keep[..., None].expand(-1, -1, p_ids.shape[2]))

@@ -1,4 +1,4 @@
-"""Atlas's LM-pretraining filter: a window never retrieves the passage it was cut from.
+"""Atlas's LM-pretraining filter: a window never retrieves the passage it was cut from (or, stricter, its document).
 
 Atlas (Izacard et al. 2022; its LM task's ``filter``) drops the passage being generated from the retrieved
 results. Kept, the reader learns to find the exact continuation in a passage and copy it, which no held-out
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+EXCLUDE = ("none", "passage", "document")  # model.options.atlas.exclude_source
+OVERFETCH = {"passage": 2, "document": 8}  # candidates fetched per kept passage: a book fills a top 8 with itself
 SOURCE_NGRAM = 10  # tokens (~7 words): longer than the phrases books share, shorter than a passage overlap
 
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import torch
 
 from hybrid_pretrain.models.atlas.model import Atlas
 from hybrid_pretrain.models.atlas.source_filter import SOURCE_NGRAM, holds_window_text, without_source
 from hybrid_pretrain.models.config import ModelConfig
+from hybrid_pretrain.retrieval.passage_source import PassageSource
+from hybrid_pretrain.retrieval.passages import write_store
+from hybrid_pretrain.tests.atlas_corpus import tiny_tokenizer
+from hybrid_pretrain.tests.data_pipeline.corpora import prose
 
 Q, P, K, V = 8, 16, 2, 200
 
@@ -47,7 +53,7 @@ class FixedCandidates:
 def make_model(exclude: bool) -> Atlas:
     torch.manual_seed(0)
     opts = {"n_passages": K, "query_len": Q, "passage_len": P, "encoder_layers": 1, "retriever_layers": 1,
-            "exclude_source": exclude}
+            "exclude_source": "passage" if exclude else "none"}
     return Atlas(ModelConfig(arch="atlas", vocab_size=V, d_model=32, n_heads=4, layers="A", max_seq_len=64,
                              options={"atlas": opts}))
 
@@ -68,3 +74,19 @@ def test_training_windows_skip_their_source_passage_and_scoring_without_a_window
     model.train()
     model(window, window.roll(-1, 1)).backward()
     assert model.step_metrics()["source_found"] == 1.0
+
+
+def test_same_document_finds_the_document_a_window_was_cut_from(tmp_path):
+    tokenizer = tiny_tokenizer(tmp_path / "tok")
+    rng = random.Random(0)
+    words = [prose(i, 40).split() for i in range(5)]
+    documents = [" ".join(rng.choice(words[d]) + str(rng.randrange(1000)) for _ in range(150)) for d in range(5)]
+    store = write_store(tmp_path / "store", [("docs", d, text) for d, text in enumerate(documents)], words=30,
+                        progress=False)
+    source = PassageSource(None, store, tokenizer, passage_len=16)
+    docs = np.array([store[r].doc for r in range(len(store))])
+    window = torch.tensor(tokenizer.encode(documents[3])[100:148])[None]  # (1, 48): from inside document 3
+    flags = source.same_document(window, np.asarray(store.ids)[None, :])  # every passage as a candidate
+    assert flags[0].numpy().tolist() == (docs == 3).tolist()
+    other = torch.tensor(tokenizer.encode(" ".join(documents[4].split()[::-1])))[None, :48]  # no span in order
+    assert not source.same_document(other, np.asarray(store.ids)[None, :]).any()
