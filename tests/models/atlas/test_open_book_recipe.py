@@ -57,8 +57,7 @@ def train_and_score(tmp_path: Path, seed: int, exclude_source: str = "document",
                         progress=False)
     torch.manual_seed(seed)
     opts = {"n_passages": K, "query_len": Q, "passage_len": P, "encoder_layers": 1, "retriever_layers": 1,
-            "query_side_only": True, "retriever_loss": "none", "exclude_source": exclude_source,
-            "match_feature": bool(int(__import__("os").environ.get("MATCH", "0")))}
+            "query_side_only": True, "retriever_loss": "none", "exclude_source": exclude_source}
     model = Atlas(ModelConfig(arch="atlas", vocab_size=tokenizer.vocab_size, d_model=64, n_heads=4, layers="A",
                               max_seq_len=SEQ + P, rotary_dim=16, options={"atlas": opts}))
     encoder = DualEncoder(model.retriever.cfg, tokenizer)
@@ -96,15 +95,13 @@ def test_retrieved_passages_beat_empty_and_random_ones_on_held_out_modules(tmp_p
 
 
 if __name__ == "__main__":  # measure the margins over seeds: python tests/models/atlas/test_open_book_recipe.py
-    import os
     import sys
     import tempfile
 
     torch.set_num_threads(1)
     for seed in [int(s) for s in sys.argv[1:]] or [0, 1, 2]:
         with tempfile.TemporaryDirectory() as tmp:
-            nll = train_and_score(Path(tmp), seed, os.environ.get("EXCLUDE", "document"),
-                                  int(os.environ.get("STEPS", STEPS)), log=print)
+            nll = train_and_score(Path(tmp), seed, log=print)
         print(f"seed {seed}: " + ", ".join(f"{m} {v:.4f}" for m, v in nll.items())
               + f"; empty - retrieved {nll['empty'] - nll['retrieved']:+.4f}, random - retrieved "
               f"{nll['random'] - nll['retrieved']:+.4f}", flush=True)
