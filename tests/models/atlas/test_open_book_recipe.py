@@ -1,12 +1,16 @@
-"""Open book beats closed book and random passages on held-out documents (issue 22, item 3), with the recipe of
+"""Open book beats closed book on held-out documents (issue 22, item 3), with the recipe of
 ``configs/pg19_atlas.yaml`` at test scale, on data every Python ships: standard-library modules.
 
-The recipe (bench/RESULTS.md, "Open book vs closed book on real text"): the retriever starts from the generic
-bi-encoder (`retrieval.contrastive`, as Atlas starts from Contriever) and trains on the query side only, so the
-index stays exact; training windows never retrieve the passage holding their own text (`exclude_source`, Atlas's
-LM filter), so the reader learns to use related passages, not to copy its continuation. Held-out modules (their
-text is not in the store) are then scored as ``launcher/perplexity.py`` does, with retrieved, empty and random
-passages.
+The retriever starts from the generic bi-encoder (`retrieval.contrastive`, as Atlas starts from Contriever) and
+stays fixed (query side only, no retriever loss), so the index stays exact; training windows never retrieve from
+their own module (``exclude_source: document``), so training sees passages as held-out text does: from other
+documents only. Held-out modules (not in the store) are scored as ``launcher/perplexity.py`` does.
+
+Measured (bench/RESULTS.md, "Breaking the cold start"), NLL per token, seeds 0/1/2 at 1500 steps: empty - retrieved
++0.0455 / +0.0084 / +0.0187; random - retrieved +0.0006 / +0.0044 / -0.0013. So retrieved beats empty in every seed
+and the margin below is half the smallest gap; retrieved does NOT beat random (the reader uses passages as generic
+in-domain text; which one the fixed retriever picks does not matter to it yet), so nothing is asserted about it.
+With ``exclude_source: passage`` (Atlas's own filter) or at 600 steps retrieved passages were worse than none.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from hybrid_pretrain.retrieval.passages import write_store
 PACKAGES = ("asyncio", "email", "importlib", "multiprocessing", "xml", "concurrent", "json", "http")
 HELD_OUT_EVERY = 5  # every fifth module of these packages (in path order) is held out
 Q, SEQ, P, K = 16, 48, 48, 4
-STEPS, BATCH = 600, 16
+STEPS, BATCH = 1500, 16  # at 600 the reader does not read yet (retrieved worse than empty)
+RETRIEVED_VS_EMPTY = 0.004
 HELD_OUT_TOKENS = 6000
 
 
@@ -88,10 +93,9 @@ def train_and_score(tmp_path: Path, seed: int, exclude_source: str = "document",
 
 
 @pytest.mark.slow
-def test_retrieved_passages_beat_empty_and_random_ones_on_held_out_modules(tmp_path, one_thread):
+def test_retrieved_passages_beat_empty_ones_on_held_out_modules(tmp_path, one_thread):
     nll = train_and_score(tmp_path, seed=0)
-    assert nll["empty"] - nll["retrieved"] > 0.0, nll
-    assert nll["random"] - nll["retrieved"] > 0.0, nll
+    assert nll["empty"] - nll["retrieved"] > RETRIEVED_VS_EMPTY, nll
 
 
 if __name__ == "__main__":  # measure the margins over seeds: python tests/models/atlas/test_open_book_recipe.py
