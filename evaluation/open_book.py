@@ -161,6 +161,14 @@ def gaps(scores: dict[str, ModeScore]) -> dict[str, float]:
     return out
 
 
+def hub_statistics(retrieved: np.ndarray) -> dict[str, float]:
+    """retrieved (N, K) passage ids per window -> how many distinct passages come first, and the share of windows
+    the commonest one comes first for (1/N and ~0 for a retriever that tells windows apart; near 1 for hubs)."""
+    _, counts = np.unique(retrieved[:, 0], return_counts=True)
+    return {"windows": len(retrieved), "distinct_top1": len(counts),
+            "commonest_top1_share": float(counts.max() / len(retrieved))}
+
+
 @contextlib.contextmanager
 def open_passages(model: Atlas, tokenizer: Tokenizer, store_dir: str | Path, run_index_dir: str | Path | None,
                   spec: IndexSpec, log=print, search: bool = True) -> Iterator[PassageSource]:

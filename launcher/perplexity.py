@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -178,14 +179,19 @@ def score_atlas(model, weights, stream: TokenStream, seq_len: int, modes: list[s
     with open_book.open_passages(model, weights.tokenizer, store, run_index, spec,
                                  log=lambda m: print(m, file=sys.stderr), search="retrieved" in modes) as source:
         rand = open_book.RandomPassages(source, model.opts.n_passages, args.seed)
+        found: list[np.ndarray] = []
         scores = open_book.score_modes(model, stream.ids, seq_len, args.batch_size, modes, rand, device,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress, retrieved_rows=found)
     result = open_book.gaps(scores)
     for mode, s in scores.items():
         print(f"{mode:>10}  perplexity {s.perplexity:9.3f}  ({s.tokens} tokens)")
     for key in ("gap_vs_empty", "gap_vs_random"):
         if key in result:
             print(f"retrieved vs {key[7:]}: {result[key]:+.2%} perplexity")
+    if found:  # a retriever collapsed onto hub passages answers every window with the same few
+        result.update(open_book.hub_statistics(np.concatenate(found)))
+        print(f"retrieved top-1: {result['distinct_top1']} distinct passages over {result['windows']} windows; "
+              f"the commonest is top-1 for {result['commonest_top1_share']:.1%} of them")
     result.update(tokens=next(iter(scores.values())).tokens, documents=stream.documents, passages=len(source),
                   n_passages=model.opts.n_passages, query_len=model.opts.query_len, seed=args.seed)
     return result

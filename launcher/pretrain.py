@@ -224,6 +224,8 @@ def train(cfg: RunConfig, resume: bool, overwrite: bool, init_from: str | None =
             batches.load_state_dict(state["data"])
             if ctx.is_main:
                 print(f"resumed from step {start_step} ({run_dir / 'checkpoints' / state['tag']})", flush=True)
+        if retrieval:
+            retrieval.start_at(start_step)
         summary = loop.run(engine, batches, val, settings, run_dir, ctx.is_main, groups.data_parallel_group(),
                            start_step, start_tokens, after_step=retrieval.after_step if retrieval else None)
         if ctx.is_main and summary["first_loss"] is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hybrid_pretrain.base.errors import ConfigError
@@ -11,6 +11,29 @@ WORDS_PER_PASSAGE = 100  # Atlas's passage length; retrieval.passages splits doc
 KINDS = ("flat", "ivfpq", "hnsw")  # index kinds retrieval.index builds
 INDEX_KINDS = ("auto", *KINDS)  # what a user may ask for; auto: chosen by corpus size (retrieval.auto)
 MODES = ("full", "rolling")  # refresh modes of retrieval.refresh
+RETRIEVER_INITS = ("random", "generic")  # how retrieval.retriever_init starts an Atlas retriever
+
+
+@dataclass
+class ContrastiveConfig:
+    """Training of the generic bi-encoder (retrieval.contrastive): Contriever's independent-cropping InfoNCE."""
+
+    steps: int = 150
+    batch_size: int = 128  # passages per step; each gives one positive pair, the rest of the batch are negatives
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 0.05  # of the softmax over in-batch passages (Contriever: 0.05)
+    min_crop: float = 0.5  # each view keeps a random span of [min_crop, 1] of the passage's tokens
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps <= 0 or self.batch_size < 2:
+            raise ConfigError(f"contrastive steps must be > 0 and batch_size >= 2, got {self.steps}, "
+                              f"{self.batch_size}")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ConfigError(f"contrastive lr and temperature must be > 0, got {self.lr}, {self.temperature}")
+        if not 0.0 < self.min_crop <= 1.0:
+            raise ConfigError(f"contrastive min_crop must be in (0, 1], got {self.min_crop}")
 
 
 @dataclass
@@ -26,6 +49,15 @@ class RetrievalConfig:
     refresh_every: int = 0  # steps between re-indexing with the current passage tower; 0: never
     refresh_mode: str = "full"  # full | rolling (re-embed the stalest rolling_fraction per refresh)
     rolling_fraction: float = 0.25
+    # random: the retriever starts as initialised; generic: from the project's generic bi-encoder, trained on the
+    # run's passages by `contrastive` before the first index (Atlas starts from Contriever). A random retriever
+    # with a reader that cannot read yet is a cold start the joint training never leaves (bench/RESULTS.md, issue 22).
+    retriever_init: str = "random"
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    # Steps the reader trains alone before the retriever loss is switched on (Atlas warms its reader up first): a
+    # reader that cannot read yet gives every passage the same likelihood, and fitting that uniform target
+    # collapses the retriever onto hub passages.
+    retriever_delay: int = 0
     # URL of an index service (python -m hybrid_pretrain.retrieval.service --index-dir <index_dir>) to search
     # instead of in-process
     service: str = ""
@@ -50,6 +82,12 @@ class RetrievalConfig:
             raise ConfigError(f"retrieval.refresh_mode must be one of {', '.join(MODES)}, got '{self.refresh_mode}'")
         if not 0.0 < self.rolling_fraction <= 1.0:
             raise ConfigError(f"retrieval.rolling_fraction must be in (0, 1], got {self.rolling_fraction}")
+        if self.retriever_init not in RETRIEVER_INITS:
+            raise ConfigError(f"retrieval.retriever_init must be one of {', '.join(RETRIEVER_INITS)}, "
+                              f"got '{self.retriever_init}'")
+        self.contrastive.validate()
+        if self.retriever_delay < 0:
+            raise ConfigError(f"retrieval.retriever_delay must be >= 0 (steps), got {self.retriever_delay}")
         if self.passages and not Path(self.passages).is_dir():
             raise ConfigError(f"retrieval.passages '{self.passages}' is not a folder; expected a passage store "
                               "(launcher/build_index.py writes one) or empty to build it from data.path")

@@ -15,35 +15,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hybrid_pretrain.base.errors import ConfigError
+from hybrid_pretrain.retrieval.config import ContrastiveConfig
 from hybrid_pretrain.retrieval.encoder import DualEncoder, pad_token_lists
 from hybrid_pretrain.retrieval.passages import PassageStore
-
-
-@dataclass
-class ContrastiveConfig:
-    steps: int = 150
-    batch_size: int = 128  # passages per step; each gives one positive pair, the rest of the batch are negatives
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    temperature: float = 0.05  # of the softmax over in-batch passages (Contriever: 0.05)
-    min_crop: float = 0.5  # each view keeps a random span of [min_crop, 1] of the passage's tokens
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.steps <= 0 or self.batch_size < 2:
-            raise ConfigError(f"contrastive steps must be > 0 and batch_size >= 2, got {self.steps}, "
-                              f"{self.batch_size}")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise ConfigError(f"contrastive lr and temperature must be > 0, got {self.lr}, {self.temperature}")
-        if not 0.0 < self.min_crop <= 1.0:
-            raise ConfigError(f"contrastive min_crop must be in (0, 1], got {self.min_crop}")
 
 
 def random_crop(tokens: list[int], min_crop: float, rng: random.Random) -> list[int]:

@@ -25,6 +25,8 @@ from hybrid_pretrain.retrieval.auth import read_token
 from hybrid_pretrain.retrieval.build import build_full
 from hybrid_pretrain.retrieval.client import IndexClient
 from hybrid_pretrain.retrieval.config import RetrievalConfig
+from hybrid_pretrain.retrieval.contrastive import train_contrastive
+from hybrid_pretrain.retrieval.encoder import DualEncoder
 from hybrid_pretrain.retrieval.index import IndexSpec, current_version
 from hybrid_pretrain.retrieval.live import LiveIndex
 from hybrid_pretrain.retrieval.passage_source import PassageEmbedder, PassageSource
@@ -56,7 +58,9 @@ class TrainingRetrieval:
         self.refresher = IndexRefresher(
             RefreshConfig(cfg.refresh_every, cfg.refresh_mode, cfg.rolling_fraction), index_dir, store, self.spec,
             rank=rank, world_size=world_size)
-        if current_version(index_dir) is None:
+        if current_version(index_dir) is None:  # a fresh run (a resumed one has its weights in the checkpoint)
+            if cfg.retriever_init == "generic":
+                self._start_from_generic_encoder()
             self._build("initial index")
         if cfg.service:
             self.index = IndexClient(cfg.service, token=read_token(cfg.token_file))
@@ -73,6 +77,16 @@ class TrainingRetrieval:
         index_dir = Path(cfg.index_dir) if cfg.index_dir else run_dir / "retrieval" / "index"
         return cls(cfg, index_dir, PassageStore(store_dir), model, tokenizer, rank, world_size, barrier, log)
 
+    def _start_from_generic_encoder(self) -> None:
+        """Train the generic bi-encoder on the run's passages and start the model's retriever from it. Every rank
+        trains the same one (same seed, same data), so no broadcast is needed; the run's random stream is untouched."""
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.contrastive.seed)
+            encoder = DualEncoder(self.model.retriever.cfg, self.tokenizer)
+            train_contrastive(encoder, self.store, self.cfg.contrastive, progress=self.rank == 0,
+                              log=self.log if self.rank == 0 else (lambda m: None))
+        self.model.load_retriever(encoder.query_encoder.state_dict())
+
     def embedder(self) -> PassageEmbedder:
         return PassageEmbedder(self.model, self.tokenizer, self.passage_len)
 
@@ -82,8 +96,14 @@ class TrainingRetrieval:
         self.log(f"retrieval: {why}: {manifest['ntotal']} passages, {self.spec.kind} index "
                  f"version {manifest['version']} in {self.index_dir}")
 
+    def start_at(self, step: int) -> None:
+        """Before the first step of a run that has done `step` steps: is the retriever loss on yet?"""
+        self.model.learn_retriever = step >= self.cfg.retriever_delay
+
     def after_step(self, step: int) -> None:
-        """Re-index when `step` is due; every rank then searches the new version."""
+        """Switch the retriever loss on after `retriever_delay` steps; re-index when `step` is due (every rank then
+        searches the new version)."""
+        self.start_at(step)
         if not self.refresher.due(step):
             return
         manifest = self.refresher.maybe_refresh(step, self.embedder(), progress=self.rank == 0)

@@ -17,6 +17,7 @@ from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
 from hybrid_pretrain.retrieval.encoder import pad_token_lists, tokenize_padded
 from hybrid_pretrain.retrieval.passages import PassageStore
 from hybrid_pretrain.retrieval.protocol import Retriever
+from hybrid_pretrain.retrieval.source_documents import DocumentTable
 
 
 class PassageSource:
@@ -27,6 +28,8 @@ class PassageSource:
         """`retriever` None: a store read by row only (random passages in evaluation); searching it is an error."""
         self.retriever, self.store, self.tokenizer, self.passage_len = retriever, store, tokenizer, passage_len
         self._tokens: dict[int, list[int]] = {}
+        self._documents: DocumentTable | None = None  # built by the first same_document call
+        self._row_docs = np.zeros(0, np.int64)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -40,6 +43,22 @@ class PassageSource:
             for r, ids in zip(missing, self.tokenizer.encode_batch(self.store.texts(missing))):
                 self._tokens[r] = ids[: self.passage_len] or [self.tokenizer.eos_id]
         return [self._tokens[int(r)] for r in rows]
+
+    def same_document(self, windows: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+        """windows (B, L) token ids, ids (B, C) passage ids -> (B, C) bool: passage c comes from a document whose
+        text window b holds (Atlas's document-level filter; the table is built on first use)."""
+        if self._documents is None:
+            rows = range(len(self.store))
+            keys: dict[tuple[str, int], int] = {}
+            docs = np.array([keys.setdefault((p.source, p.doc), len(keys)) for p in map(self.store.__getitem__, rows)])
+            self._row_docs = docs
+            self._documents = DocumentTable(self.tokenizer.encode_batch(self.store.texts(rows)), docs)
+        cand_docs = self._row_docs[self.store.rows_of(ids.reshape(-1))].reshape(ids.shape)  # (B, C)
+        out = np.zeros(ids.shape, bool)
+        for b, window in enumerate(windows.tolist()):
+            mine = self._documents.documents_of_window(window)
+            out[b] = [d in mine for d in cand_docs[b]]
+        return torch.from_numpy(out)
 
     def candidates(self, query_emb: torch.Tensor, n: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """query_emb (B, D) -> (passage ids (B, n), token ids (B, n, P), mask (B, n, P)) of the top-n hits."""

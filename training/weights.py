@@ -90,7 +90,12 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str, trust: bool = False) -> di
 
     # DeepSpeed reports progress on stdout; keep it for results
     with contextlib.redirect_stdout(sys.stderr), restricted_unpickling(tag_dir, trust):
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
+        state = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
+    if stage <= 2:  # frozen parameters (Atlas's query-side-only passage tower) have no optimizer partition, and
+        # ZeRO-1 does not save them for zero_to_fp32; the module state holds them whole
+        state.update({k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()
+                      if k not in state})
+    return state
 
 
 def _zero_rank(path: Path) -> int:

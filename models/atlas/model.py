@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid_pretrain.base.errors import ConfigError
-from hybrid_pretrain.models.atlas import losses
+from hybrid_pretrain.models.atlas import losses, source_filter
 from hybrid_pretrain.models.atlas.reader import FiDReader
 from hybrid_pretrain.models.atlas.retriever import BiEncoder, EncoderConfig
 from hybrid_pretrain.models.config import ModelConfig
@@ -42,6 +42,9 @@ class CandidateSource(Protocol):
 
     def candidates(self, query_emb: torch.Tensor, n: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """query_emb (B, D) -> (passage ids (B, n), token ids (B, n, P), mask (B, n, P)) of the top-n hits."""
+
+    def same_document(self, windows: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+        """windows (B, L), ids (B, C) -> (B, C) bool: passage c is from the document window b was cut from."""
 
 
 class Retrieved(NamedTuple):
@@ -68,6 +71,14 @@ class AtlasOptions:
     retriever_loss_coef: float = 1.0
     query_side_only: bool = False  # freeze the passage tower (the index stays valid all run)
     rerank_factor: int = 1  # > 1: take K * factor from the index, keep the current tower's top K
+    # What a training window may not retrieve (models.atlas.source_filter): none; passage: a passage holding the
+    # window's text (Atlas's LM filter); document: any passage of the document the window was cut from (RETRO's
+    # training filter), so training sees passages as held-out text does, from other documents only.
+    exclude_source: str = "none"
+    # The retriever's learning rate (0: the run's train.lr), an optimizer hint on its parameters: Atlas trains the
+    # retriever at a fraction of the reader's rate (its retriever_lr), and at the reader's 2e-3 a query tower fed
+    # a reader that cannot read yet collapses onto a few hub passages within 300 steps (bench/RESULTS.md).
+    retriever_lr: float = 0.0
     # The reader flags each passage token that also occurs in the query (DrQA's exact-match feature): without
     # it a reader trained from scratch copies a value from any passage and never learns to check that the
     # passage names what the query asks (bench/RESULTS.md, issue 22).
@@ -87,6 +98,11 @@ class AtlasOptions:
                               f"{', '.join((*losses.RETRIEVER_LOSSES, 'none'))}, got '{self.retriever_loss}'")
         if self.retriever_loss == "loop" and self.n_passages < 2:
             raise ConfigError(f"model.options.{name}.retriever_loss 'loop' needs n_passages >= 2")
+        if self.exclude_source not in source_filter.EXCLUDE:
+            raise ConfigError(f"model.options.{name}.exclude_source must be one of {', '.join(source_filter.EXCLUDE)}, "
+                              f"got '{self.exclude_source}'")
+        if self.retriever_lr < 0:
+            raise ConfigError(f"model.options.{name}.retriever_lr must be >= 0 (0: train.lr), got {self.retriever_lr}")
         if self.temperature <= 0 or self.target_temperature <= 0 or self.retriever_loss_coef < 0:
             raise ConfigError(f"model.options.{name}: temperature and target_temperature must be > 0 and "
                               "retriever_loss_coef >= 0")
@@ -117,6 +133,7 @@ class Atlas(nn.Module):
         # trained from scratch cannot read yet and would teach the retriever noise (see models.atlas.losses).
         self.learn_retriever = True
         self.last: dict[str, float] = {}
+        self.source_found: float | None = None  # set by retrieve() with exclude_source
         self.reset_parameters()
 
     @property
@@ -132,6 +149,9 @@ class Atlas(nn.Module):
         with torch.no_grad():
             if self.frozen_passage_tower is not None:
                 self.frozen_passage_tower.load_state_dict(self.retriever.state_dict())
+        if self.opts.retriever_lr:  # attached here so a meta-built model keeps it after to_empty()
+            for p in self.retriever.parameters():
+                p._optim = {"lr": self.opts.retriever_lr}
 
     def load_retriever(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Start the retriever (and the frozen passage tower, if any) from a bi-encoder's weights, e.g.
@@ -157,15 +177,31 @@ class Atlas(nn.Module):
         """query (B, Lq) -> (B, Lq) bool, False on padding."""
         return query != self.opts.pad_id
 
-    def retrieve(self, query: torch.Tensor) -> Retrieved:
-        """query (B, Lq) -> the K passages the index and (when re-ranking) the current tower rank first."""
+    def retrieve(self, query: torch.Tensor, window: torch.Tensor | None = None) -> Retrieved:
+        """query (B, Lq) -> the K passages the index and (when re-ranking) the current tower rank first.
+
+        `window` (B, L), the whole training sequence: with ``exclude_source``, passages holding its text are
+        skipped (`models.atlas.source_filter`)."""
         if self.source is None:
             raise RuntimeError("Atlas has no passages: call attach(source) before forward "
                                "(launcher/pretrain.py does this from the run's `retrieval:` section)")
         o = self.opts
         q_emb = self.retriever(query, self.query_mask(query))  # (B, Dr)
         n = o.n_passages * o.rerank_factor
-        ids, p_ids, p_mask = self.source.candidates(q_emb, n)  # (B, n), (B, n, P)
+        if o.exclude_source != "none" and window is not None:
+            fetch = n * source_filter.OVERFETCH[o.exclude_source]
+            ids, p_ids, p_mask = self.source.candidates(q_emb, fetch)  # (B, fetch), (B, fetch, P)
+            holds = source_filter.holds_window_text(window.cpu(), p_ids, p_mask)  # (B, fetch)
+            if o.exclude_source == "document":
+                holds |= self.source.same_document(window.cpu(), ids)
+            keep = source_filter.without_source(holds, n)  # (B, n)
+            # share of windows whose own text (or document) was in the unfiltered top n
+            self.source_found = float(holds[:, :n].any(dim=1).float().mean())
+            ids = np.take_along_axis(ids, keep.numpy(), axis=1)
+            p_ids = p_ids.gather(1, keep[..., None].expand(-1, -1, p_ids.shape[2]))
+            p_mask = p_mask.gather(1, keep[..., None].expand(-1, -1, p_mask.shape[2]))
+        else:
+            ids, p_ids, p_mask = self.source.candidates(q_emb, n)  # (B, n), (B, n, P)
         B, _, P = p_ids.shape
         p_ids, p_mask = p_ids.to(query.device), p_mask.to(query.device)
         p_emb = self._embed(self.passage_tower, p_ids.view(B * n, P), p_mask.view(B * n, P)).view(B, n, -1)
@@ -233,7 +269,7 @@ class Atlas(nn.Module):
                               f"got length {input_ids.shape[1]}: raise data.seq_len")
         query, target = input_ids[:, : o.query_len], input_ids[:, o.query_len :]
         if passages is None:
-            found = self.retrieve(query)
+            found = self.retrieve(query, input_ids)
             scores, p_ids, p_mask = found.scores, found.tokens, found.mask
         else:
             scores, (p_ids, p_mask) = None, passages
@@ -250,6 +286,8 @@ class Atlas(nn.Module):
             return reader_loss
         retriever_loss = self._retriever_loss(scores, ctx, ctx_mask, target, labels, attention_mass)
         self.last = {"reader_loss": reader_loss.item(), "retriever_loss": retriever_loss.item()}
+        if self.source_found is not None:
+            self.last["source_found"] = self.source_found
         return reader_loss + o.retriever_loss_coef * retriever_loss
 
     def step_metrics(self) -> dict[str, float]:

@@ -213,3 +213,10 @@ def test_cli_finds_the_store_of_an_atlas_run_directory(model, store, tokenizer, 
     result = json.loads(captured.out.splitlines()[-1])
     assert set(result) >= {"perplexity_retrieved", "perplexity_empty", "gap_vs_empty"} and "gap_vs_random" not in result
     assert result["tag"] == "step00000001" and f"embedding {len(store)} passages" in captured.err
+
+
+def test_hub_statistics_count_distinct_first_passages():
+    spread = np.array([[1, 9], [2, 9], [3, 9], [4, 9]])  # (windows, K)
+    hubs = np.array([[7, 1], [7, 2], [7, 3], [8, 4]])
+    assert open_book.hub_statistics(spread) == {"windows": 4, "distinct_top1": 4, "commonest_top1_share": 0.25}
+    assert open_book.hub_statistics(hubs) == {"windows": 4, "distinct_top1": 2, "commonest_top1_share": 0.75}

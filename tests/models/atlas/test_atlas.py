@@ -15,6 +15,7 @@ from hybrid_pretrain.retrieval.index import read_manifest
 from hybrid_pretrain.retrieval.passages import PassageStore
 from hybrid_pretrain.tests.atlas_corpus import tiny_store, tiny_tokenizer
 from hybrid_pretrain.tests.data_pipeline.corpora import prose
+from hybrid_pretrain.training.optimizer import param_groups
 
 Q, P, K = 8, 16, 3
 
@@ -169,3 +170,21 @@ def test_options_are_checked(tokenizer):
         make_model(tokenizer, retriever_loss="kl")
     with pytest.raises(ConfigError, match="query_len \\+ passage_len"):
         make_model(tokenizer, passage_len=60)
+
+
+def test_retriever_lr_hint_and_delay(tokenizer, store, tmp_path):
+    model = make_model(tokenizer, retriever_lr=2e-4)
+    groups = param_groups(model, 2e-3, 0.1)
+    retriever = {id(p) for p in model.retriever.parameters()}
+    for group in groups:
+        in_retriever = {id(p) in retriever for p in group["params"]}
+        assert len(in_retriever) == 1 and (group["lr"] == 2e-4) == in_retriever.pop()
+    retrieval = attach(model, store, tokenizer, tmp_path, retriever_delay=3)
+    retrieval.start_at(0)
+    assert not model.learn_retriever
+    retrieval.after_step(2)
+    assert not model.learn_retriever  # step 3 is still the reader's alone
+    retrieval.after_step(3)
+    assert model.learn_retriever
+    retrieval.start_at(5)  # resuming past the delay
+    assert model.learn_retriever
