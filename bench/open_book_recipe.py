@@ -1,5 +1,8 @@
-"""Open book beats closed book on held-out documents (issue 22, item 3), with the recipe of
-``configs/pg19_atlas.yaml`` at test scale, on data every Python ships: standard-library modules.
+"""Open book vs closed book on held-out documents (issue 22, item 3), with the recipe of ``configs/pg19_atlas.yaml``
+at a small scale, on data every Python ships: standard-library modules. ``python bench/open_book_recipe.py [SEEDS]``
+trains one model per seed (~5-7 min each on one core) and prints the held-out NLL per token with retrieved, empty and
+random passages. A benchmark, not a test: too long for the CI budget (the reader needs ~1500 steps to read at all),
+while ``tests/models/atlas/test_open_book_gap.py`` guards retrieved < empty for a reader trained on gold passages.
 
 The retriever starts from the generic bi-encoder (`retrieval.contrastive`, as Atlas starts from Contriever) and
 stays fixed (query side only, no retriever loss), so the index stays exact; training windows never retrieve from
@@ -7,19 +10,20 @@ their own module (``exclude_source: document``), so training sees passages as he
 documents only. Held-out modules (not in the store) are scored as ``launcher/perplexity.py`` does.
 
 Measured (bench/RESULTS.md, "Breaking the cold start"), NLL per token, seeds 0/1/2 at 1500 steps: empty - retrieved
-+0.0455 / +0.0084 / +0.0187; random - retrieved +0.0006 / +0.0044 / -0.0013. So retrieved beats empty in every seed
-and the margin below is half the smallest gap; retrieved does NOT beat random (the reader uses passages as generic
++0.0455 / +0.0084 / +0.0187; random - retrieved +0.0006 / +0.0044 / -0.0013. So retrieved beats empty in every seed;
+retrieved does NOT beat random (the reader uses passages as generic
 in-domain text; which one the fixed retriever picks does not matter to it yet), so nothing is asserted about it.
 With ``exclude_source: passage`` (Atlas's own filter) or at 600 steps retrieved passages were worse than none.
 """
 
 from __future__ import annotations
 
+import argparse
 import random
+import tempfile
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from hybrid_pretrain.data_pipeline.embedded import stdlib_root, stdlib_sources
@@ -37,7 +41,6 @@ PACKAGES = ("asyncio", "email", "importlib", "multiprocessing", "xml", "concurre
 HELD_OUT_EVERY = 5  # every fifth module of these packages (in path order) is held out
 Q, SEQ, P, K = 16, 48, 48, 4
 STEPS, BATCH = 1500, 16  # at 600 the reader does not read yet (retrieved worse than empty)
-RETRIEVED_VS_EMPTY = 0.004
 HELD_OUT_TOKENS = 6000
 
 
@@ -92,20 +95,22 @@ def train_and_score(tmp_path: Path, seed: int, exclude_source: str = "document",
     return {mode: s.nll / s.tokens for mode, s in scores.items()}
 
 
-@pytest.mark.slow
-def test_retrieved_passages_beat_empty_ones_on_held_out_modules(tmp_path, one_thread):
-    nll = train_and_score(tmp_path, seed=0)
-    assert nll["empty"] - nll["retrieved"] > RETRIEVED_VS_EMPTY, nll
-
-
-if __name__ == "__main__":  # measure the margins over seeds: python tests/models/atlas/test_open_book_recipe.py
-    import sys
-    import tempfile
-
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("seeds", nargs="*", type=int, default=[0, 1, 2], help="one training run per seed")
+    parser.add_argument("--steps", type=int, default=STEPS, help="reader training steps")
+    parser.add_argument("--exclude-source", default="document", choices=("none", "passage", "document"),
+                        help="what a training window may not retrieve (model.options.atlas.exclude_source)")
+    args = parser.parse_args()
     torch.set_num_threads(1)
-    for seed in [int(s) for s in sys.argv[1:]] or [0, 1, 2]:
+    for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
-            nll = train_and_score(Path(tmp), seed, log=print)
+            nll = train_and_score(Path(tmp), seed, args.exclude_source, args.steps, log=print)
         print(f"seed {seed}: " + ", ".join(f"{m} {v:.4f}" for m, v in nll.items())
               + f"; empty - retrieved {nll['empty'] - nll['retrieved']:+.4f}, random - retrieved "
               f"{nll['random'] - nll['retrieved']:+.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
