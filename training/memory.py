@@ -187,10 +187,10 @@ def offload_plan(device: dict[str, float], offload, model_cfg, local_params: flo
         states = device["master_weights"] + device["optimizer_states"]
         partition = device["gradients"]
         bucket = min(REDUCE_BUCKET, local_params)
-        device["gradients"] = bucket * (elem + (4 if elem < 4 else 0))
         device["master_weights"] = device["optimizer_states"] = 0.0
         host += partition
         if offload.optimizer == "cpu":
+            device["gradients"] = bucket * (elem + (4 if elem < 4 else 0))
             host += states + (partition / elem * 4 if elem < 4 else 0)  # fp32 gradients for CPU Adam
         else:  # the fp32 gradients are swapped out with the states (measured: 18 B/param of files with bf16 weights)
             nvme += states + local_params * 4

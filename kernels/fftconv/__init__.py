@@ -9,6 +9,8 @@ fp32 island of a bf16 model (kernels/README.md, "Precision under bf16").
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from hybrid_pretrain.kernels.causal_conv.dense import causal_conv_dense, dense_pays
@@ -78,7 +80,8 @@ def ssm_conv_path(u: torch.Tensor) -> str:
 
 
 def ssm_conv(
-    u: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None
+    u: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None,
+    kernel_of: Callable[[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A diagonal SSM over the whole of u: ``x_t = exp(dtA) x_{t-1} + dB u_t, y_t = 2 Re(C x_t) + D u_t``.
 
@@ -86,6 +89,8 @@ def ssm_conv(
         u: (B, H, L) input, any float dtype.
         dtA, dB, C: complex (H, N/2) discretised parameters (N/2 conjugate-pair modes; dtA = dt * A).
         D: (H,) skip weight or None.
+        kernel_of: ``length -> ssm_kernel(dtA, dB, C, length)`` kept by the caller (``DiagonalSSM.kernel`` without
+            autograd), used where this would build the kernel; None: built here.
 
     Returns:
         y: (B, H, L) in u's dtype. Differentiable in every input.
@@ -97,7 +102,8 @@ def ssm_conv(
         )
     if ssm_conv_path(u) == "state_passing":  # chunks of 8K: the fused kernel's limit on GPU
         return ssm_conv_state_passing(u, dtA, dB, C, D, chunk=TRITON_MAX_LEN, conv=fftconv)
-    return fftconv(u, ssm_kernel(dtA, dB, C, u.shape[-1]), D)
+    L = u.shape[-1]
+    return fftconv(u, ssm_kernel(dtA, dB, C, L) if kernel_of is None else kernel_of(L), D)
 
 
 def ssm_kernel(dtA: torch.Tensor, dB: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:

@@ -9,6 +9,8 @@ Public op: ``ssm_memory(q, k, v, dtA, dB, C, D)``. Two exact algorithms, picked 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from hybrid_pretrain.kernels.ssm_memory.quadratic import ssm_memory_quadratic
@@ -26,15 +28,16 @@ def ssm_memory_path(q: torch.Tensor) -> str:
 
 
 def ssm_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor,
-               C: torch.Tensor, D: torch.Tensor | None = None, kernel: torch.Tensor | None = None) -> torch.Tensor:
+               C: torch.Tensor, D: torch.Tensor | None = None,
+               kernel_of: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
     """``out[b, h, j, t] = sum_i q[b, h, i, t] sum_{s <= t} (K_h(t - s) + D_h [s = t]) k[b, h, i, s] v[b, h, j, s]``.
 
     Args:
         q, k, v: (B, H, d, L), channel i of head h at [:, h, i]: a view of channel-major (B, H * d, L).
         dtA, dB, C: complex (H, N/2), the heads' discretised diagonal SSMs (kernel K_h = ``ssm_kernel``).
         D: (H,) skip weight or None.
-        kernel: (H, >= L) ``ssm_kernel(dtA, dB, C, ...)`` when the caller keeps it already (``DiagonalSSM.kernel``
-            without autograd), so evaluation and prefill do not rebuild it per call; computed here otherwise.
+        kernel_of: ``length -> ssm_kernel(dtA, dB, C, length)`` kept by the caller (``DiagonalSSM.kernel`` without
+            autograd), so evaluation and prefill do not rebuild the kernel per call (as ``ssm_conv``'s).
 
     Returns:
         (B, H, d, L) in q's dtype; the SSM part is computed in fp32. Differentiable in every input.
@@ -43,5 +46,5 @@ def ssm_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtA: torch.Ten
         raise ValueError(f"ssm_memory expects q, k, v (B, H, d, L) and dtA (H, N/2), got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}, dtA {tuple(dtA.shape)}")
     if ssm_memory_path(q) == "quadratic":
-        return ssm_memory_quadratic(q, k, v, dtA, dB, C, D, kernel)
-    return ssm_memory_kv(q, k, v, dtA, dB, C, D, kernel)
+        return ssm_memory_quadratic(q, k, v, dtA, dB, C, D, kernel_of)
+    return ssm_memory_kv(q, k, v, dtA, dB, C, D, kernel_of)

@@ -11,6 +11,8 @@ backward. Below a few hundred positions (H3's synthetic tasks) the quadratic for
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from hybrid_pretrain.kernels.causal_conv.dense import toeplitz_matrix
@@ -19,13 +21,13 @@ from hybrid_pretrain.kernels.fftconv import ssm_kernel
 
 def ssm_memory_quadratic(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor,
                          C: torch.Tensor, D: torch.Tensor | None = None,
-                         kernel: torch.Tensor | None = None) -> torch.Tensor:
+                         kernel_of: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
     """Same contract as ``ssm_memory_kv``; computed in fp32 (fp64 for fp64 inputs), returned in q's dtype."""
     L = q.shape[-1]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     # The fp32 island of the SSM path (kernels/README.md): no autocast inside.
     with torch.autocast(q.device.type, enabled=False):
-        K = ssm_kernel(dtA, dB, C, L) if kernel is None else kernel[:, :L]  # (H, L)
+        K = ssm_kernel(dtA, dB, C, L) if kernel_of is None else kernel_of(L)  # (H, L)
         mask = toeplitz_matrix(K, D, L, dtype)  # (H, L, L)
         # (B, H, d, L) each: the matmuls take the transposes as they are
         scores = torch.matmul(q.to(dtype).transpose(-1, -2), k.to(dtype)) * mask  # (B, H, L_t, L_s)

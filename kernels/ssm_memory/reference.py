@@ -3,24 +3,21 @@ through the head's diagonal SSM, then read out by the query. O(B d^2 H L log L) 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from hybrid_pretrain.kernels.fftconv import fftconv, ssm_conv, ssm_conv_path
+from hybrid_pretrain.kernels.fftconv import ssm_conv
 
 
 def ssm_memory_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor,
                   C: torch.Tensor, D: torch.Tensor | None = None,
-                  kernel: torch.Tensor | None = None) -> torch.Tensor:
-    """q, k, v (B, H, d, L); dtA, dB, C complex (H, N/2); D (H,); kernel (H, >= L) or None -> (B, H, d, L), see
+                  kernel_of: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+    """q, k, v (B, H, d, L); dtA, dB, C complex (H, N/2); D (H,); kernel_of as ``ssm_conv``'s -> (B, H, d, L), see
     ``ssm_memory``."""
     B, H, d, L = k.shape
     # contiguous (B, d, H, L) factors, so the (B, d, d, H, L) products come out contiguous
     q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     kv = k.unsqueeze(2) * v.unsqueeze(1)  # (B, d_i, d_j, H, L)
-    u = kv.view(B * d * d, H, L)
-    if kernel is not None and ssm_conv_path(u) == "fftconv":  # the caller's kernel: what ssm_conv would build
-        y = fftconv(u, kernel[:, :L], D)
-    else:
-        y = ssm_conv(u, dtA, dB, C, D)
-    y = y.view(B, d, d, H, L)  # each entry's memory
+    y = ssm_conv(kv.view(B * d * d, H, L), dtA, dB, C, D, kernel_of).view(B, d, d, H, L)  # each entry's memory
     return (y * q.unsqueeze(2)).sum(1).transpose(1, 2)  # sum_i q_i memory_ij: (B, H, d_j, L)

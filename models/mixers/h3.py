@@ -77,9 +77,9 @@ class H3(nn.Module):
             y = self.diag_ssm(kv) * q  # (B, H, L)
         else:
             ssm, heads = self.diag_ssm, (B, H, d, L)  # channel h * d + i: a view of (B, D, L)
-            kernel = None if torch.is_grad_enabled() else ssm.kernel(L)  # kept by the SSM while autograd is off
+            kernel_of = None if torch.is_grad_enabled() else ssm.kernel  # kept by the SSM while autograd is off
             y = ssm_memory(q.view(heads), k.view(heads), v.view(heads), *ssm.discretized(), ssm.D,
-                           kernel=kernel)  # (B, H, d_j, L)
+                           kernel_of)  # (B, H, d_j, L)
             y = y.transpose(1, 2)  # (B, d_j, H, L): the output projection reads channel j * H + h
             kv = self._split(k).unsqueeze(2) * self._split(v).unsqueeze(1) if need_kv else None  # (B, d_i, d_j, H, L)
         return y.reshape(B, self.d_model, L), k_in, kv  # (B, D, L)

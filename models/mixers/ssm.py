@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid_pretrain.kernels.causal_conv import causal_conv
-from hybrid_pretrain.kernels.fftconv import fftconv, ssm_conv, ssm_conv_path, ssm_kernel
+from hybrid_pretrain.kernels.fftconv import ssm_conv, ssm_kernel
 from hybrid_pretrain.kernels.vandermonde import transpose_tables, vandermonde_transpose
 
 SSM_OPTIM = {"weight_decay": 0.0, "lr": 1e-3}  # S4 recipe: A and dt train slowly and without decay
@@ -167,9 +167,7 @@ class DiagonalSSM(nn.Module):
         """u: (B, H, L) -> y: (B, H, L). ``ssm_conv`` takes the SSM itself, not its kernel, so that sequences
         beyond one fused convolution can be run by state passing (carrying x between chunks). Without
         autograd (prefill, evaluation) the kernel comes from ``_inference_cache``."""
-        if not torch.is_grad_enabled() and ssm_conv_path(u) == "fftconv":
-            return fftconv(u, self._inference_kernel(u.shape[-1]), self.D)
-        return ssm_conv(u, *self.discretized(), self.D)
+        return ssm_conv(u, *self.discretized(), self.D, None if torch.is_grad_enabled() else self._inference_kernel)
 
     # Distinct (length, rows) shapes whose prefill-state tables are kept: a few prompt lengths at once.
     KEPT_TABLES = 4
