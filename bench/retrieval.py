@@ -55,6 +55,9 @@ def clustered(n: int, d: int, seed: int, clusters: int = 1000, spread: float = 0
     return out
 
 
+AUTO_KINDS = ("auto", "auto-ivf", "auto-pq8", "auto-ivf-pq8")
+
+
 def specs(d: int) -> dict[str, IndexSpec]:
     return {
         "flat": IndexSpec("flat"),
@@ -68,10 +71,12 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def build_auto(x: np.ndarray, target: float, folder: Path, flat_below: int = FLAT_BELOW) -> tuple[ShardedIndex, dict]:
-    """Publish the auto index of `x` into `folder` (as the launcher does) and load it back."""
-    spec = choose_spec(len(x), x.shape[1], target, flat_below) if flat_below != FLAT_BELOW else IndexSpec(
-        "auto", target_recall=target)
+def build_auto(x: np.ndarray, target: float, folder: Path, flat_below: int = FLAT_BELOW,
+               fast_scan: bool = True) -> tuple[ShardedIndex, dict]:
+    """Publish the auto index of `x` into `folder` (as the launcher does) and load it back; `fast_scan` False
+    builds the 8-bit PQ the auto choice made before fast-scan codes, for a side-by-side comparison."""
+    spec = (choose_spec(len(x), x.shape[1], target, flat_below, fast_scan)
+            if flat_below != FLAT_BELOW or not fast_scan else IndexSpec("auto", target_recall=target))
     build_from_vectors(folder, spec, x, np.arange(len(x), dtype=np.int64), progress=True)
     return load_index(folder, use_gpu=False)
 
@@ -84,9 +89,9 @@ def bench_indexes(label: str, x: np.ndarray, q: np.ndarray, kinds: list[str], ta
     rows, truth, auto, auto_cpu, summary = [], None, None, 0.0, None
     for name in kinds:
         t0, cpu0 = time.perf_counter(), time.process_time()
-        if name in ("auto", "auto-ivf"):  # auto-ivf: the auto IVF choice even below FLAT_BELOW (small real sets)
-            flat_below = 0 if name == "auto-ivf" else FLAT_BELOW
-            index, manifest = build_auto(x, target, workdir / f"{label}_{name}", flat_below)
+        if name in AUTO_KINDS:  # auto-ivf: the auto IVF choice even below FLAT_BELOW (small real sets); -pq8: 8-bit PQ
+            flat_below = 0 if name.startswith("auto-ivf") else FLAT_BELOW
+            index, manifest = build_auto(x, target, workdir / f"{label}_{name}", flat_below, not name.endswith("-pq8"))
         else:
             spec = specs(d)[name]
             index, manifest = ShardedIndex(spec, [build_shard(spec, x, ids)], use_gpu=False), None
@@ -217,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--kinds", default="flat,auto",
-                   help="flat first; then any of auto,auto-ivf (auto's IVF choice at any size),ivfpq,ivfpq+refine,hnsw")
+                   help="flat first; then any of auto,auto-ivf (auto's IVF choice at any size),auto-pq8,auto-ivf-pq8 "
+                        "(the same with 8-bit PQ codes instead of 4-bit fast scan),ivfpq,ivfpq+refine,hnsw")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the auto index is tuned for")
     p.add_argument("--corpus", default="", help="data.path spec(s) of passages to embed with MiniLM (real vectors)")
     p.add_argument("--real-n", type=int, default=20000,

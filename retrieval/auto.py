@@ -10,9 +10,18 @@ The rules, and why:
   assignment), since flat assignment costs n * nlist * d at add time (1M x 4096 x 128: minutes on 2 cores);
   once built, searches go through exact centroid search again (retrieval.index.flat_coarse): for a batch of
   queries that is one matrix product, faster than the graph walk;
-- PQ with d / 4 sub-quantizers of 8 bits (32 bytes at 128-d, 96 at 384-d: 1/16 of fp32, plus 8-byte ids);
-- an OPQ rotation before PQ from 256 dimensions on: encoder embeddings spread variance unevenly over
-  dimensions, which OPQ balances across sub-quantizers; at 128-d its training time is not repaid;
+- PQ codes of d / 4 bytes (1/16 of fp32, plus 8-byte ids): from FAST_SCAN_FROM_DIM dimensions (encoder
+  embeddings) d / 2 four-bit sub-codes scanned by FAISS's fast scan (PQ<m>x4fs), below it d / 4 eight-bit ones.
+  Encoder embeddings spread a passage's neighbours over many lists, so tuning asks for a large nprobe and
+  scanning codes is most of a query: on 29,720 MiniLM passages, both tuned to recall 0.95, the fast-scan index
+  ran 10,110 q/s against 4,784 for the 8-bit one with OPQ (2.1x, one run) and built in 15 s instead
+  of 294 s (bench/RESULTS.md). On the clustered 128-d benchmark few lists are probed and the exact re-rank
+  dominates, where 8-bit codes, which need half the re-ranked candidates, measured faster (x19.0 vs x14.9
+  flat's q/s at 200k);
+- with 8-bit codes, an OPQ rotation before PQ from 256 dimensions on (encoder embeddings spread variance
+  unevenly over dimensions, which OPQ balances across sub-quantizers; at 128-d its training time is not
+  repaid). Not with fast scan: OPQ trains an 8-bit PQ of its own inside, 95% of a 334 s build on 29,720
+  MiniLM vectors, for ~20% more queries/s (12,673 vs 10,255 in one run);
 - exact re-ranking of the PQ candidates from full vectors memory-mapped from disk (retrieval.full_vectors):
   32-byte codes alone do not reach recall 0.95, RAM-resident full vectors would break the 1/8 memory budget.
 Search parameters (nprobe, k_factor) are then tuned to the target recall (retrieval.tuning).
@@ -28,6 +37,7 @@ from hybrid_pretrain.retrieval.index import IndexSpec
 FLAT_BELOW = 20_000
 HNSW_COARSE_FROM = 4096
 OPQ_FROM_DIM = 256
+FAST_SCAN_FROM_DIM = 256
 
 
 def auto_nlist(n: int) -> int:
@@ -38,14 +48,20 @@ def auto_nlist(n: int) -> int:
     return nlist
 
 
-def choose_spec(n: int, d: int, target_recall: float = 0.95, flat_below: int = FLAT_BELOW) -> IndexSpec:
-    """The index for `n` vectors of dimension `d`: flat when small, else IVF-PQ with on-disk re-ranking."""
+def choose_spec(n: int, d: int, target_recall: float = 0.95, flat_below: int = FLAT_BELOW,
+                fast_scan: bool = True) -> IndexSpec:
+    """The index for `n` vectors of dimension `d`: flat when small, else IVF-PQ with on-disk re-ranking
+    (4-bit fast-scan codes unless `fast_scan` is False: 8-bit PQ, the choice before, kept for comparison)."""
     if n < flat_below:
         return IndexSpec("flat", target_recall=target_recall)
     nlist = auto_nlist(n)
-    m = next(m for m in (d // 4, d // 2, d) if m and d % m == 0)
-    return IndexSpec("ivfpq", nlist=nlist, pq_m=m, pq_bits=8, coarse="hnsw" if nlist >= HNSW_COARSE_FROM else "flat",
-                     opq=d >= OPQ_FROM_DIM, rerank=True, refine_k_factor=4, nprobe=16, target_recall=target_recall)
+    if fast_scan and d >= FAST_SCAN_FROM_DIM and d % 2 == 0:  # d / 2 four-bit codes: d / 4 bytes, as 8-bit PQ d / 4
+        m, bits, opq = d // 2, 4, False
+    else:
+        m, bits, opq = next(m for m in (d // 4, d // 2, d) if m and d % m == 0), 8, d >= OPQ_FROM_DIM
+    return IndexSpec("ivfpq", nlist=nlist, pq_m=m, pq_bits=bits, fast_scan=bits == 4,
+                     coarse="hnsw" if nlist >= HNSW_COARSE_FROM else "flat", opq=opq, rerank=True,
+                     refine_k_factor=4, nprobe=16, target_recall=target_recall)
 
 
 def resolve_spec(spec: IndexSpec, n: int, d: int) -> tuple[IndexSpec, dict]:

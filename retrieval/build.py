@@ -176,7 +176,7 @@ def refresh_incremental(
 
     Passages that left the store go, new or edited ones are embedded and added, and `reembed_ids`
     (e.g. the stalest passages, see `stale_ids`) are re-embedded with `embedder`. Runs on one process;
-    needs a removable index kind (flat, or IVF-PQ without refine). Returns the new manifest.
+    needs a removable index kind (flat, or IVF-PQ without refine, rerank or fast scan). Returns the new manifest.
     """
     index_dir = Path(index_dir)
     with BuildLock(index_dir):

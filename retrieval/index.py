@@ -48,6 +48,7 @@ class IndexSpec:
     nlist: int = 0  # IVF lists; 0: about 4 * sqrt(n)
     pq_m: int = 0  # PQ sub-quantizers; 0: d / 4 (so 8 bits per 4 dims)
     pq_bits: int = 8
+    fast_scan: bool = False  # IVF-PQ with 4-bit codes scanned in SIMD registers (FAISS's PQ<m>x4fs), see factory
     nprobe: int = 32
     refine: bool = False  # IVF-PQ only: keep full vectors in RAM and re-rank candidates exactly (IndexRefineFlat)
     refine_k_factor: int = 10  # candidates per result re-ranked, for `refine` and `rerank`
@@ -71,6 +72,9 @@ class IndexSpec:
                 raise RetrievalIndexError(f"index.{name} must be positive, got {getattr(self, name)}")
         if self.coarse not in ("flat", "hnsw"):
             raise RetrievalIndexError(f"index.coarse must be flat or hnsw, got '{self.coarse}'")
+        if self.fast_scan and (self.kind != "ivfpq" or self.pq_bits != 4):
+            raise RetrievalIndexError(f"index.fast_scan needs kind ivfpq with pq_bits 4 (FAISS's 4-bit fast-scan "
+                                      f"codes), got kind '{self.kind}' with pq_bits {self.pq_bits}")
         if self.refine and self.rerank:
             raise RetrievalIndexError("index.refine (full vectors in RAM) and index.rerank (on disk) exclude "
                                       "each other")
@@ -92,13 +96,17 @@ class IndexSpec:
             return f"IDMap2,HNSW{self.hnsw_m}"
         m = self.pq_m_for(d)
         coarse = "_HNSW32" if self.coarse == "hnsw" else ""
-        ivf = f"{f'OPQ{m},' if self.opq else ''}IVF{self.nlist_for(n)}{coarse},PQ{m}x{self.pq_bits}"
+        # fast scan: 16-entry distance tables live in SIMD registers and 32 codes are scored per shuffle, where 8-bit
+        # PQ looks every sub-code up in memory; its coarser codes need a larger re-rank, which the tuning picks
+        codes = f"PQ{m}x4fs" if self.fast_scan else f"PQ{m}x{self.pq_bits}"
+        ivf = f"{f'OPQ{m},' if self.opq else ''}IVF{self.nlist_for(n)}{coarse},{codes}"
         return f"IDMap2,{ivf},RFlat" if self.refine else ivf  # IVF keeps ids itself; RFlat does not
 
     @property
     def removable(self) -> bool:
-        """Whether incremental refresh (remove_ids) works: flat and plain IVF-PQ yes; HNSW, RFlat and rerank no."""
-        return self.kind == "flat" or (self.kind == "ivfpq" and not self.refine and not self.rerank)
+        """Whether incremental refresh (remove_ids) works: flat and plain IVF-PQ yes; HNSW, RFlat, rerank and fast
+        scan no (FAISS 1.15's fast-scan lists lose vectors added after a removal: a re-added vector is never found)."""
+        return self.kind == "flat" or (self.kind == "ivfpq" and not (self.refine or self.rerank or self.fast_scan))
 
     @property
     def reranks(self) -> bool:
@@ -150,7 +158,8 @@ def _new_index(spec: IndexSpec, d: int, n_total: int) -> faiss.Index:
         ivf = faiss.extract_index_ivf(index)
         # the factory turns on polysemous training (10x the train time) for a search mode we never use
         ivf_pq = faiss.downcast_index(ivf)
-        ivf_pq.do_polysemous_training = False
+        if not spec.fast_scan:  # fast-scan indexes have no polysemous mode
+            ivf_pq.do_polysemous_training = False
         ivf.cp.niter = ivf_pq.pq.cp.niter = KMEANS_ITERATIONS
         if spec.coarse == "hnsw":  # k-means assigns through an HNSW graph too: flat assignment is n * nlist * d
             ivf.clustering_index = faiss.IndexHNSWFlat(d, 16)
@@ -287,10 +296,11 @@ class ShardedIndex:
     def remove(self, ids: np.ndarray) -> int:
         """Remove `ids` from every shard; returns how many vectors went. Only for `spec.removable` kinds."""
         if not self.spec.removable:
-            extra = " with refine" if self.spec.refine else " with rerank" if self.spec.rerank else ""
+            flags = [flag for flag in ("refine", "rerank", "fast_scan") if getattr(self.spec, flag)]
+            extra = f" with {flags[0]}" if flags else ""
             raise RetrievalIndexError(
                 f"index kind '{self.spec.kind}'{extra} cannot remove ids; "
-                "use a full refresh (or kind flat / ivfpq without refine or rerank)"
+                "use a full refresh (or kind flat / ivfpq without refine, rerank or fast_scan)"
             )
         sel = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
         removed = sum(s.remove_ids(sel) for s in self.shards)

@@ -47,18 +47,19 @@ def test_choice_by_size_and_dimension():
     big = choose_spec(1_000_000, 128)
     assert (big.kind, big.nlist, big.coarse, big.pq_m, big.opq, big.rerank) == ("ivfpq", 4096, "hnsw", 32, False, True)
     assert big.factory(128, 1_000_000) == "IVF4096_HNSW32,PQ32x8"
-    assert choose_spec(1_000_000, 384).factory(384, 1_000_000) == "OPQ96,IVF4096_HNSW32,PQ96x8"
+    assert choose_spec(1_000_000, 384).factory(384, 1_000_000) == "IVF4096_HNSW32,PQ192x4fs"  # encoder-sized
+    assert choose_spec(1_000_000, 384, fast_scan=False).factory(384, 1_000_000) == "OPQ96,IVF4096_HNSW32,PQ96x8"
     assert auto_nlist(30_000) == 512 and auto_nlist(100) == 2  # at least 39 vectors per list
 
 
 @pytest.mark.parametrize("n", [50_000, 101_454, 200_000, 400_000, 1_000_000, 4_000_000, 10_000_000])
 def test_list_count_within_faiss_guidance(n):
     """4-16 * sqrt(n) lists (FAISS's guidance) wherever 39 vectors per list allow it; real 384-d MiniLM vectors
-    at 101k passages get OPQ before PQ, 96 sub-quantizers of 8 bits and re-ranking from full vectors."""
+    at 101k passages get 192 four-bit fast-scan sub-quantizers (96 bytes) and re-ranking from full vectors."""
     assert 4 * n**0.5 <= auto_nlist(n) <= 16 * n**0.5 or auto_nlist(n) * 2 * 39 > n
     assert auto_nlist(n) * 39 <= n
     real = choose_spec(101_454, 384)
-    assert real.factory(384, 101_454) == "OPQ96,IVF2048,PQ96x8" and real.rerank
+    assert real.factory(384, 101_454) == "IVF2048,PQ192x4fs" and real.rerank and real.fast_scan
 
 
 def test_auto_choice_and_tuning_recorded_in_manifest(auto_built):
@@ -67,6 +68,20 @@ def test_auto_choice_and_tuning_recorded_in_manifest(auto_built):
     tuning = manifest["tuning"]
     assert tuning["target"] == TARGET and tuning["reached"] and tuning["recall"] >= TARGET
     assert {k: manifest["spec"][k] for k in tuning["params"]} == tuning["params"]  # the spec carries them
+
+
+def test_encoder_sized_vectors_get_fast_scan_tuned_to_the_target(tmp_path):
+    """From 256 dimensions auto builds 4-bit fast-scan codes; tuning still reaches the target (its re-rank factor
+    covers the coarser codes) and the recall holds on queries the tuning never saw."""
+    d, n = 256, 20_000
+    x, ids = clustered(n + 200, d=d, clusters=256, spread=0.6), ids_for(n)
+    x, fresh = x[:n], x[n:]  # fresh queries from the same mixture, never indexed
+    manifest = build_from_vectors(tmp_path, IndexSpec("auto", target_recall=TARGET), x, ids)
+    assert manifest["choice"]["factory"] == "IVF512,PQ128x4fs"
+    assert manifest["tuning"]["reached"] and manifest["tuning"]["recall"] >= TARGET
+    index, _ = load_index(tmp_path, use_gpu=False)
+    _, truth = exact_topk(x, ids, fresh, K)
+    assert recall_at_k(index.search(fresh, K)[1], truth) >= TARGET - 0.03
 
 
 def test_tuned_recall_holds_on_fresh_queries(auto_built):

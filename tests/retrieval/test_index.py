@@ -37,6 +37,8 @@ def test_flat_is_exact(data):
 @pytest.mark.parametrize("spec,floor", [
     (IndexSpec("ivfpq", nlist=64, pq_m=8, nprobe=16), 0.5),
     (IndexSpec("ivfpq", nlist=64, pq_m=8, nprobe=16, refine=True, refine_k_factor=10), 0.95),
+    (IndexSpec("ivfpq", nlist=64, pq_m=32, pq_bits=4, fast_scan=True, nprobe=16, refine=True, refine_k_factor=16),
+     0.95),
     (IndexSpec("hnsw", hnsw_m=32, ef_search=128), 0.9),
 ])
 def test_ann_recall_vs_flat(data, spec, floor):
@@ -59,10 +61,11 @@ def test_ivfpq_recall_rises_with_nprobe(data):
     assert recalls[1] >= 0.6
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivfpq", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "ivfpq", "ivfpq-fast-scan", "hnsw"])
 def test_sharded_save_load_equals_unsharded(tmp_path, data, kind):
     x, ids, q, _ = data
-    spec = IndexSpec(kind, nlist=16, pq_m=8, pq_bits=4, nprobe=16)
+    fast_scan = kind.endswith("fast-scan")
+    spec = IndexSpec(kind.removesuffix("-fast-scan"), nlist=16, pq_m=8, pq_bits=4, fast_scan=fast_scan, nprobe=16)
     whole = ShardedIndex(spec, [build_shard(spec, x, ids)])
     parts = np.array_split(np.arange(N), 3)
     sharded = ShardedIndex(spec, [build_shard(spec, x[p], ids[p]) for p in parts])
@@ -106,9 +109,10 @@ def test_remove_and_add(data, kind):
     np.testing.assert_array_equal(back, before)
 
 
-def test_hnsw_and_refine_refuse_removal(data):
+def test_hnsw_refine_and_fast_scan_refuse_removal(data):
     x, ids, _, _ = data
-    for spec in (IndexSpec("hnsw"), IndexSpec("ivfpq", nlist=16, pq_m=8, pq_bits=4, refine=True)):
+    for spec in (IndexSpec("hnsw"), IndexSpec("ivfpq", nlist=16, pq_m=8, pq_bits=4, refine=True),
+                 IndexSpec("ivfpq", nlist=16, pq_m=8, pq_bits=4, fast_scan=True)):
         index = ShardedIndex(spec, [build_shard(spec, x, ids)])
         with pytest.raises(RetrievalIndexError, match="cannot remove ids"):
             index.remove(ids[:1])
@@ -120,6 +124,8 @@ def test_bad_spec_and_queries(data):
         build_shard(IndexSpec("lsh"), x, ids)
     with pytest.raises(RetrievalIndexError, match="pq_m"):
         build_shard(IndexSpec("ivfpq", pq_m=5), x, ids)
+    with pytest.raises(RetrievalIndexError, match="fast_scan needs kind ivfpq with pq_bits 4"):
+        build_shard(IndexSpec("ivfpq", pq_m=8, fast_scan=True), x, ids)  # pq_bits left at 8
     index = ShardedIndex(IndexSpec("flat"), [build_shard(IndexSpec("flat"), x[:10], ids[:10])])
     with pytest.raises(RetrievalIndexError, match=r"shape \(n, 32\)"):
         index.search(np.zeros((2, 5), np.float32), 1)
