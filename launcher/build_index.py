@@ -40,9 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="recall@10 the search parameters are tuned for at build time, in (0, 1]; 0: no tuning")
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: ~4 sqrt(n))")
     p.add_argument("--pq-m", type=int, default=0, help="PQ sub-quantizers (0: dim / 4)")
-    p.add_argument("--pq-bits", type=int, default=8, help="bits per PQ sub-code (4 with --fast-scan)")
+    p.add_argument("--pq-bits", type=int, default=0, help="bits per PQ sub-code (0: 8, or 4 with --fast-scan)")
     p.add_argument("--fast-scan", action="store_true",
-                   help="IVF-PQ: 4-bit codes scored in SIMD registers (FAISS PQ<m>x4fs; needs --pq-bits 4)")
+                   help="IVF-PQ: 4-bit codes scored in SIMD registers (FAISS PQ<m>x4fs)")
     p.add_argument("--nprobe", type=int, default=32, help="with --target-recall 0")
     p.add_argument("--refine", action="store_true", help="IVF-PQ: re-rank candidates exactly (IndexRefineFlat, in RAM)")
     p.add_argument("--rerank", action="store_true", help="IVF-PQ: re-rank candidates exactly from vectors on disk")
@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     progress = not args.no_progress and rank == 0
     try:
-        spec = IndexSpec(kind=args.kind, nlist=args.nlist, pq_m=args.pq_m, pq_bits=args.pq_bits,
-                         fast_scan=args.fast_scan, nprobe=args.nprobe, refine=args.refine,
+        bits = args.pq_bits or (4 if args.fast_scan else 8)
+        spec = IndexSpec(kind=args.kind, nlist=args.nlist, pq_m=args.pq_m, pq_bits=bits, fast_scan=args.fast_scan,
+                         nprobe=args.nprobe, refine=args.refine,
                          rerank=args.rerank, hnsw_m=args.hnsw_m, ef_search=args.ef_search,
                          target_recall=args.target_recall)
         embedder = load_embedder(args.encoder, args.tokenizer)

@@ -57,6 +57,16 @@ def test_errors_are_one_line(tmp_path, corpus, capsys):
     assert "pq_m" in capsys.readouterr().err
     assert main(_args(root, tok, tmp_path / "o", "--target-recall", "1.5")) == 2
     assert "target_recall must be in (0, 1]" in capsys.readouterr().err
+    assert main(_args(root, tok, tmp_path / "o", "--kind", "ivfpq", "--fast-scan", "--pq-bits", "8")) == 2
+    assert "fast_scan needs kind ivfpq with pq_bits 4" in capsys.readouterr().err
+
+
+def test_fast_scan_flag_builds_four_bit_codes(tmp_path, corpus):
+    root, tok = corpus
+    assert main(_args(root, tok, tmp_path / "o", "--kind", "ivfpq", "--fast-scan", "--nlist", "1", "--pq-m", "8",
+                      "--target-recall", "0")) == 0
+    manifest = read_manifest(tmp_path / "o" / "index")
+    assert manifest["choice"]["factory"] == "IVF1,PQ8x4fs" and manifest["spec"]["pq_bits"] == 4
 
 
 @pytest.mark.slow
