@@ -29,6 +29,37 @@ def test_a_passage_holds_the_window_text_from_a_shared_span_of_source_ngram_toke
     assert holds_window_text(window, passages, mask).tolist() == [[True, False, False]]
 
 
+def reference_holds_window_text(windows, passages, mask, n):
+    """The filter's first, set-based form: one Python set of n-gram tuples per window and per passage."""
+    def ngrams(ids):
+        return {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}
+
+    B, C, _ = passages.shape
+    out = torch.zeros(B, C, dtype=torch.bool)
+    for b in range(B):
+        window = ngrams(windows[b].tolist())
+        for c in range(C):
+            out[b, c] = any(g in window for g in ngrams(passages[b, c][mask[b, c]].tolist()))
+    return out
+
+
+def test_vectorised_filter_matches_the_set_based_reference_on_repeated_tokens_and_masks():
+    g = torch.Generator().manual_seed(0)
+    outcomes = set()
+    for trial, (B, C, L, P, vocab, n) in enumerate([(4, 6, 24, 20, 3, 3), (3, 5, 40, 30, 2, SOURCE_NGRAM),
+                                                    (2, 3, 12, 8, 4, 2), (2, 3, 5, 30, 2, 6), (2, 3, 20, 4, 2, 6)]):
+        windows = torch.randint(vocab, (B, L), generator=g)
+        passages = torch.randint(vocab, (B, C, P), generator=g)
+        passages[:, 0, : min(P, L)] = windows[:, : min(P, L)]  # a passage cut from the window
+        mask = torch.rand(B, C, P, generator=g) < 0.8  # holes: kept tokens are read in order across them
+        lengths = torch.randint(P + 1, (B, C), generator=g)
+        mask[:, 1] = torch.arange(P) < lengths[:, 1, None]  # right padding, as PassageSource pads
+        expected = reference_holds_window_text(windows, passages, mask, n)
+        assert holds_window_text(windows, passages, mask, n).tolist() == expected.tolist(), trial
+        outcomes |= set(expected.flatten().tolist())
+    assert outcomes == {True, False}
+
+
 def test_without_source_keeps_rank_order_and_fills_with_holders_only_when_short():
     holds = torch.tensor([[True, False, False, True], [True, True, True, False]])
     assert without_source(holds, 2).tolist() == [[1, 2], [3, 0]]
