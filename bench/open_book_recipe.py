@@ -78,6 +78,8 @@ def train_and_score(tmp_path: Path, seed: int, exclude_source: str = "document",
     rng = random.Random(seed)
     with open_book.open_passages(model, tokenizer, store.path, None, IndexSpec(kind="flat"),
                                  log=lambda m: None) as source:
+        if exclude_source == "document":
+            log(f"document table in {source.build_document_table():.1f}s")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
         model.train()
         for _ in range(steps):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from hybrid_pretrain.models.atlas.model import Atlas
@@ -115,6 +116,9 @@ def test_same_document_finds_the_document_a_window_was_cut_from(tmp_path):
     store = write_store(tmp_path / "store", [("docs", d, text) for d, text in enumerate(documents)], words=30,
                         progress=False)
     source = PassageSource(None, store, tokenizer, passage_len=16)
+    with pytest.raises(RuntimeError, match="build_document_table"):  # never a silent build inside a training step
+        source.same_document(torch.zeros(1, 48, dtype=torch.long), np.asarray(store.ids)[None, :])
+    assert source.build_document_table() >= 0
     docs = np.array([store[r].doc for r in range(len(store))])
     window = torch.tensor(tokenizer.encode(documents[3])[100:148])[None]  # (1, 48): from inside document 3
     flags = source.same_document(window, np.asarray(store.ids)[None, :])  # every passage as a candidate
