@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from hybrid_pretrain.base.hashing import state_dict_sha256
+from hybrid_pretrain.base.hashing import weights_fingerprint
 from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
 from hybrid_pretrain.retrieval.encoder import pad_token_lists, tokenize_padded
 from hybrid_pretrain.retrieval.passages import PassageStore
@@ -91,7 +91,7 @@ class PassageEmbedder:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, passage_len: int, batch_size: int = 64) -> None:
         self.model, self.tokenizer, self.passage_len, self.batch_size = model, tokenizer, passage_len, batch_size
         self.dim = model.passage_tower.cfg.d_model
-        self.fingerprint = state_dict_sha256(model.passage_tower)
+        self.fingerprint = weights_fingerprint(model.passage_tower)  # hashed once while query-side-only
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> np.ndarray:
