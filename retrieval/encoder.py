@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hybrid_pretrain.base.hashing import state_dict_sha256
+from hybrid_pretrain.base.hashing import state_dict_sha256, weights_fingerprint
 from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
 from hybrid_pretrain.models.atlas.retriever import BiEncoder, EncoderConfig
 
@@ -84,7 +84,7 @@ class DualEncoder(nn.Module):
         return enc(ids.to(dev), mask.to(dev))
 
     def passage_fingerprint(self) -> str:
-        return state_dict_sha256(self.passage_encoder or self.query_encoder)
+        return weights_fingerprint(self.passage_encoder or self.query_encoder)  # hashed once while frozen
 
     def passage_embedder(self, batch_size: int = 64) -> TorchEmbedder:
         """A no-grad numpy embedder of passages with this encoder's current weights, for index builds."""

@@ -66,7 +66,11 @@ class TrainingRetrieval:
             self.index = IndexClient(cfg.service, token=read_token(cfg.token_file))
         else:
             self.index = LiveIndex(index_dir, use_gpu=torch.cuda.is_available())
-        model.attach(PassageSource(self.index, store, tokenizer, self.passage_len))
+        source = PassageSource(self.index, store, tokenizer, self.passage_len)
+        if model.opts.exclude_source == "document":  # the filter's span table, before step 1 rather than inside it
+            seconds = source.build_document_table()
+            log(f"retrieval: document table of {len(store)} passages for exclude_source=document in {seconds:.1f}s")
+        model.attach(source)
 
     @classmethod
     def open(cls, cfg: RetrievalConfig, run_dir: Path, store_dir: Path, model: torch.nn.Module, tokenizer: Tokenizer,

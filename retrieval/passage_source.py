@@ -7,12 +7,13 @@ tokenised once and cached by row, since the same passages come back step after s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from hybrid_pretrain.base.hashing import state_dict_sha256
+from hybrid_pretrain.base.hashing import weights_fingerprint
 from hybrid_pretrain.data_pipeline.tokenizer import Tokenizer
 from hybrid_pretrain.retrieval.encoder import pad_token_lists, tokenize_padded
 from hybrid_pretrain.retrieval.passages import PassageStore
@@ -28,7 +29,7 @@ class PassageSource:
         """`retriever` None: a store read by row only (random passages in evaluation); searching it is an error."""
         self.retriever, self.store, self.tokenizer, self.passage_len = retriever, store, tokenizer, passage_len
         self._tokens: dict[int, list[int]] = {}
-        self._documents: DocumentTable | None = None  # built by the first same_document call
+        self._documents: DocumentTable | None = None  # built by build_document_table
         self._row_docs = np.zeros(0, np.int64)
 
     def __len__(self) -> int:
@@ -44,15 +45,24 @@ class PassageSource:
                 self._tokens[r] = ids[: self.passage_len] or [self.tokenizer.eos_id]
         return [self._tokens[int(r)] for r in rows]
 
+    def build_document_table(self) -> float:
+        """Hash every passage's spans into the table `same_document` looks windows up in; returns the seconds it
+        took. Called where the source is set up (``exclude_source: document``), not inside the first training step:
+        it tokenises the whole store (seconds for PG-19's 25k passages)."""
+        t0 = time.perf_counter()
+        rows = range(len(self.store))
+        keys: dict[tuple[str, int], int] = {}
+        docs = np.array([keys.setdefault((p.source, p.doc), len(keys)) for p in map(self.store.__getitem__, rows)])
+        self._row_docs = docs
+        self._documents = DocumentTable(self.tokenizer.encode_batch(self.store.texts(rows)), docs)
+        return time.perf_counter() - t0
+
     def same_document(self, windows: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
         """windows (B, L) token ids, ids (B, C) passage ids -> (B, C) bool: passage c comes from a document whose
-        text window b holds (Atlas's document-level filter; the table is built on first use)."""
+        text window b holds (Atlas's document-level filter; needs `build_document_table` first)."""
         if self._documents is None:
-            rows = range(len(self.store))
-            keys: dict[tuple[str, int], int] = {}
-            docs = np.array([keys.setdefault((p.source, p.doc), len(keys)) for p in map(self.store.__getitem__, rows)])
-            self._row_docs = docs
-            self._documents = DocumentTable(self.tokenizer.encode_batch(self.store.texts(rows)), docs)
+            raise RuntimeError(f"{self} has no document table: call build_document_table() when setting it up for "
+                               "model.options.atlas.exclude_source=document (retrieval.for_training does)")
         cand_docs = self._row_docs[self.store.rows_of(ids.reshape(-1))].reshape(ids.shape)  # (B, C)
         out = np.zeros(ids.shape, bool)
         for b, window in enumerate(windows.tolist()):
@@ -81,7 +91,7 @@ class PassageEmbedder:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, passage_len: int, batch_size: int = 64) -> None:
         self.model, self.tokenizer, self.passage_len, self.batch_size = model, tokenizer, passage_len, batch_size
         self.dim = model.passage_tower.cfg.d_model
-        self.fingerprint = state_dict_sha256(model.passage_tower)
+        self.fingerprint = weights_fingerprint(model.passage_tower)  # hashed once while query-side-only
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> np.ndarray:

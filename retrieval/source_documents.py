@@ -2,9 +2,10 @@
 
 A training window is a span of the packed token stream and carries no document id, but its text is in the
 passage store (the store is the training split). A table of hashed ``NGRAM``-token spans of every passage
-(one every ``STRIDE`` tokens) maps any window that overlaps a passage by ``NGRAM + STRIDE - 1`` tokens or more
-to that passage's document. Hand-written because FAISS indexes vectors, not token spans; numpy keeps the table
-at 16 bytes per entry (~13 MB for the 25k passages of PG-19's sample).
+(one every ``STRIDE`` tokens, hashed by `base.hashing.token_span_hashes` as Atlas's source filter hashes them)
+maps any window that overlaps a passage by ``NGRAM + STRIDE - 1`` tokens or more to that passage's document.
+Hand-written because FAISS indexes vectors, not token spans; numpy keeps the table at 16 bytes per entry
+(~13 MB for the 25k passages of PG-19's sample).
 """
 
 from __future__ import annotations
@@ -13,17 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from hybrid_pretrain.base.hashing import token_span_hashes
+
 NGRAM, STRIDE = 10, 4
-
-
-def span_hashes(ids: Sequence[int], step: int = 1) -> np.ndarray:
-    """uint64 hash of each NGRAM-token span of `ids` starting every `step` tokens (empty if too short)."""
-    t = np.asarray(ids, dtype=np.uint64)
-    if len(t) < NGRAM:
-        return np.zeros(0, np.uint64)
-    spans = np.lib.stride_tricks.sliding_window_view(t, NGRAM)[::step]  # (S, NGRAM)
-    powers = np.uint64(1_000_003) ** np.arange(NGRAM, dtype=np.uint64)  # wraps mod 2^64: a hash, not a value
-    return (spans * powers).sum(axis=1, dtype=np.uint64)
 
 
 class DocumentTable:
@@ -33,7 +26,7 @@ class DocumentTable:
         """passage_tokens: every passage's full token ids, by row; passage_docs (rows,): a document key per row."""
         hashes, rows = [], []
         for row, ids in enumerate(passage_tokens):
-            h = span_hashes(ids, STRIDE)
+            h = token_span_hashes(ids, NGRAM, STRIDE)
             hashes.append(h)
             rows.append(np.full(len(h), row, np.int64))
         h, r = np.concatenate(hashes), np.concatenate(rows)
@@ -41,7 +34,7 @@ class DocumentTable:
         self.hashes, self.rows, self.docs = h[order], r[order], np.asarray(passage_docs)
 
     def documents_of_window(self, ids: Sequence[int]) -> set[int]:
-        h = span_hashes(ids)
+        h = token_span_hashes(ids, NGRAM)
         pos = np.clip(np.searchsorted(self.hashes, h), 0, max(len(self.hashes) - 1, 0))
         hit = self.hashes[pos] == h if len(self.hashes) else np.zeros(len(h), bool)
         return {int(d) for d in self.docs[self.rows[pos[hit]]]}

@@ -11,29 +11,35 @@ straddles, or a duplicate edition of the book elsewhere in the store).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from hybrid_pretrain.base.hashing import token_span_hashes
 
 EXCLUDE = ("none", "passage", "document")  # model.options.atlas.exclude_source
 OVERFETCH = {"passage": 2, "document": 8}  # candidates fetched per kept passage: a book fills a top 8 with itself
 SOURCE_NGRAM = 10  # tokens (~7 words): longer than the phrases books share, shorter than a passage overlap
 
 
-def _ngrams(ids: list[int], n: int) -> set[tuple[int, ...]]:
-    return {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}
-
-
 def holds_window_text(windows: torch.Tensor, passages: torch.Tensor, mask: torch.Tensor,
                       n: int = SOURCE_NGRAM) -> torch.Tensor:
     """windows (B, L), passages (B, C, P) with mask (B, C, P) -> (B, C) bool: passage c shares an n-gram with
-    window b."""
-    B, C, _ = passages.shape
-    out = torch.zeros(B, C, dtype=torch.bool)
-    for b in range(B):
-        window = _ngrams(windows[b].tolist(), n)
-        for c in range(C):
-            ids = passages[b, c][mask[b, c]].tolist()
-            out[b, c] = any(g in window for g in _ngrams(ids, n))
-    return out
+    window b. A passage's n-grams are those of its kept tokens (mask True) read in order; every span is hashed
+    (`base.hashing.token_span_hashes`, as the passage store's document table) and looked up in the window's sorted
+    hashes, all rows at once (a training step filters B x C candidates)."""
+    B, C, P = passages.shape
+    keep = mask.cpu().numpy()
+    order = np.argsort(~keep, axis=-1, kind="stable")  # (B, C, P): kept tokens first, in their order
+    kept = np.take_along_axis(passages.cpu().numpy(), order, axis=-1)
+    spans = token_span_hashes(kept, n).view(np.int64)  # (B, C, S); int64 keeps the bits, torch sorts it
+    if spans.shape[-1] == 0 or windows.shape[1] < n:
+        return torch.zeros(B, C, dtype=torch.bool)
+    real = np.arange(spans.shape[-1]) < (keep.sum(-1) - n + 1)[..., None]  # (B, C, S): spans of kept tokens only
+    window = torch.from_numpy(token_span_hashes(windows.cpu().numpy(), n).view(np.int64)).sort(dim=1).values  # (B, W)
+    query = torch.from_numpy(spans).reshape(B, C * spans.shape[-1])  # (B, C * S)
+    at = torch.searchsorted(window, query).clamp_max(window.shape[1] - 1)
+    found = (window.gather(1, at) == query).view(B, C, -1)  # (B, C, S)
+    return (found & torch.from_numpy(real)).any(dim=-1)
 
 
 def without_source(holds: torch.Tensor, k: int) -> torch.Tensor:

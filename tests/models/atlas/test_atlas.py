@@ -67,6 +67,22 @@ def test_retriever_learns_only_from_its_loss_and_reader_only_from_the_answer(los
             torch.testing.assert_close(train_grads[name], p.grad, msg=f"retriever loss leaked into {name}")
 
 
+def test_document_exclusion_builds_its_table_when_retrieval_is_set_up(tokenizer, store, tmp_path):
+    logs = []
+    for exclude in ("document", "passage"):
+        model = make_model(tokenizer, exclude_source=exclude)
+        TrainingRetrieval(RetrievalConfig(), tmp_path / exclude, store, model, tokenizer, rank=0, world_size=1,
+                          barrier=lambda: None, log=logs.append)
+        assert (model.source._documents is not None) == (exclude == "document")
+    assert sum("document table" in m for m in logs) == 1
+    x, y = batch(tokenizer)
+    model = make_model(tokenizer, exclude_source="document")
+    attach(model, store, tokenizer, tmp_path)
+    model.train()
+    model(x, y).backward()  # the first step filters by document without building anything
+    assert "source_found" in model.step_metrics()
+
+
 def test_eval_loss_is_the_reader_cross_entropy(tokenizer, store, tmp_path):
     model = make_model(tokenizer).eval()
     attach(model, store, tokenizer, tmp_path)

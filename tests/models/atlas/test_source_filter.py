@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from hybrid_pretrain.models.atlas.model import Atlas
@@ -27,6 +28,37 @@ def test_a_passage_holds_the_window_text_from_a_shared_span_of_source_ngram_toke
     mask = torch.ones_like(passages, dtype=torch.bool)
     mask[0, 2, SOURCE_NGRAM - 1 :] = False  # padding never completes an n-gram
     assert holds_window_text(window, passages, mask).tolist() == [[True, False, False]]
+
+
+def reference_holds_window_text(windows, passages, mask, n):
+    """The filter's first, set-based form: one Python set of n-gram tuples per window and per passage."""
+    def ngrams(ids):
+        return {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}
+
+    B, C, _ = passages.shape
+    out = torch.zeros(B, C, dtype=torch.bool)
+    for b in range(B):
+        window = ngrams(windows[b].tolist())
+        for c in range(C):
+            out[b, c] = any(g in window for g in ngrams(passages[b, c][mask[b, c]].tolist()))
+    return out
+
+
+def test_vectorised_filter_matches_the_set_based_reference_on_repeated_tokens_and_masks():
+    g = torch.Generator().manual_seed(0)
+    outcomes = set()
+    for trial, (B, C, L, P, vocab, n) in enumerate([(4, 6, 24, 20, 3, 3), (3, 5, 40, 30, 2, SOURCE_NGRAM),
+                                                    (2, 3, 12, 8, 4, 2), (2, 3, 5, 30, 2, 6), (2, 3, 20, 4, 2, 6)]):
+        windows = torch.randint(vocab, (B, L), generator=g)
+        passages = torch.randint(vocab, (B, C, P), generator=g)
+        passages[:, 0, : min(P, L)] = windows[:, : min(P, L)]  # a passage cut from the window
+        mask = torch.rand(B, C, P, generator=g) < 0.8  # holes: kept tokens are read in order across them
+        lengths = torch.randint(P + 1, (B, C), generator=g)
+        mask[:, 1] = torch.arange(P) < lengths[:, 1, None]  # right padding, as PassageSource pads
+        expected = reference_holds_window_text(windows, passages, mask, n)
+        assert holds_window_text(windows, passages, mask, n).tolist() == expected.tolist(), trial
+        outcomes |= set(expected.flatten().tolist())
+    assert outcomes == {True, False}
 
 
 def test_without_source_keeps_rank_order_and_fills_with_holders_only_when_short():
@@ -84,6 +116,9 @@ def test_same_document_finds_the_document_a_window_was_cut_from(tmp_path):
     store = write_store(tmp_path / "store", [("docs", d, text) for d, text in enumerate(documents)], words=30,
                         progress=False)
     source = PassageSource(None, store, tokenizer, passage_len=16)
+    with pytest.raises(RuntimeError, match="build_document_table"):  # never a silent build inside a training step
+        source.same_document(torch.zeros(1, 48, dtype=torch.long), np.asarray(store.ids)[None, :])
+    assert source.build_document_table() >= 0
     docs = np.array([store[r].doc for r in range(len(store))])
     window = torch.tensor(tokenizer.encode(documents[3])[100:148])[None]  # (1, 48): from inside document 3
     flags = source.same_document(window, np.asarray(store.ids)[None, :])  # every passage as a candidate
