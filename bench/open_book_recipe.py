@@ -13,8 +13,10 @@ gap is printed with the standard error of its per-window paired difference, and 
 statistic (distinct of all windows) says whether a trained retriever collapsed.
 
 Measured (bench/RESULTS.md, "Breaking the cold start" and "Retrieved vs random"), NLL per token, seeds 0/1/2, random -
-retrieved: 1500 steps +0.0006 / +0.0044 / -0.0013; 3000 steps +0.0016 / +0.0014 / +0.0008 (each about one standard
-error); PDist from step 1500 collapses the query tower onto hubs (12-16 distinct top-1 of 187) and retrieved loses to
+retrieved: 1500 steps, 6,000 tokens +0.0006 / +0.0044 / -0.0013; 3000 steps, ``--held-out-tokens 30000`` +0.0018 /
++0.0006 / +0.0017 (standard errors 0.0005 / 0.0005 / 0.0004): retrieved beats random, by ~0.05%, in all three seeds
+(two beyond 3 standard errors); at 6000 steps (seed 0) the difference is gone again (-0.0000). PDist from step 1500
+(three temperature settings) collapses the query tower onto hubs (12-41 distinct top-1) and retrieved ties or loses to
 random. With ``exclude_source: passage`` (Atlas's own filter) or at 600 steps retrieved passages were worse than none.
 """
 
