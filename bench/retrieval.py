@@ -72,11 +72,11 @@ def peak_rss_gib() -> float:
 
 
 def build_auto(x: np.ndarray, target: float, folder: Path, flat_below: int = FLAT_BELOW,
-               fast_scan: bool = True) -> tuple[ShardedIndex, dict]:
+               fast_scan: bool | None = None) -> tuple[ShardedIndex, dict]:
     """Publish the auto index of `x` into `folder` (as the launcher does) and load it back; `fast_scan` False
     builds the 8-bit PQ the auto choice made before fast-scan codes, for a side-by-side comparison."""
     spec = (choose_spec(len(x), x.shape[1], target, flat_below, fast_scan)
-            if flat_below != FLAT_BELOW or not fast_scan else IndexSpec("auto", target_recall=target))
+            if flat_below != FLAT_BELOW or fast_scan is False else IndexSpec("auto", target_recall=target))
     build_from_vectors(folder, spec, x, np.arange(len(x), dtype=np.int64), progress=True)
     return load_index(folder, use_gpu=False)
 
@@ -91,7 +91,8 @@ def bench_indexes(label: str, x: np.ndarray, q: np.ndarray, kinds: list[str], ta
         t0, cpu0 = time.perf_counter(), time.process_time()
         if name in AUTO_KINDS:  # auto-ivf: the auto IVF choice even below FLAT_BELOW (small real sets); -pq8: 8-bit PQ
             flat_below = 0 if name.startswith("auto-ivf") else FLAT_BELOW
-            index, manifest = build_auto(x, target, workdir / f"{label}_{name}", flat_below, not name.endswith("-pq8"))
+            fast_scan = False if name.endswith("-pq8") else None  # None: auto's own choice
+            index, manifest = build_auto(x, target, workdir / f"{label}_{name}", flat_below, fast_scan)
         else:
             spec = specs(d)[name]
             index, manifest = ShardedIndex(spec, [build_shard(spec, x, ids)], use_gpu=False), None

@@ -11,7 +11,8 @@ The rules, and why:
   once built, searches go through exact centroid search again (retrieval.index.flat_coarse): for a batch of
   queries that is one matrix product, faster than the graph walk;
 - PQ codes of d / 4 bytes (1/16 of fp32, plus 8-byte ids): from FAST_SCAN_FROM_DIM dimensions (encoder
-  embeddings) d / 2 four-bit sub-codes scanned by FAISS's fast scan (PQ<m>x4fs), below it d / 4 eight-bit ones.
+  embeddings) d / 2 four-bit sub-codes scanned by FAISS's fast scan (PQ<m>x4fs), below it, or where GPU FAISS is
+  installed (it has no fast scan), d / 4 eight-bit ones.
   Encoder embeddings spread a passage's neighbours over many lists, so tuning asks for a large nprobe and
   scanning codes is most of a query: on 29,720 MiniLM passages, both tuned to recall 0.95, the fast-scan index
   ran 10,110 q/s against 4,784 for the 8-bit one with OPQ (2.1x, one run) and built in 15 s instead
@@ -32,7 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from hybrid_pretrain.retrieval.index import IndexSpec
+from hybrid_pretrain.retrieval.index import IndexSpec, gpu_search_available
 
 FLAT_BELOW = 20_000
 HNSW_COARSE_FROM = 4096
@@ -49,11 +50,16 @@ def auto_nlist(n: int) -> int:
 
 
 def choose_spec(n: int, d: int, target_recall: float = 0.95, flat_below: int = FLAT_BELOW,
-                fast_scan: bool = True) -> IndexSpec:
-    """The index for `n` vectors of dimension `d`: flat when small, else IVF-PQ with on-disk re-ranking
-    (4-bit fast-scan codes unless `fast_scan` is False: 8-bit PQ, the choice before, kept for comparison)."""
+                fast_scan: bool | None = None) -> IndexSpec:
+    """The index for `n` vectors of dimension `d`: flat when small, else IVF-PQ with on-disk re-ranking.
+
+    `fast_scan` None: 4-bit fast-scan codes from FAST_SCAN_FROM_DIM dimensions when searches run on the CPU, 8-bit
+    PQ where GPU FAISS is installed (FAISS has no GPU fast scan, and the GPU scans 8-bit codes fast); False forces
+    8-bit PQ (the choice before fast scan, kept for comparison), True fast scan."""
     if n < flat_below:
         return IndexSpec("flat", target_recall=target_recall)
+    if fast_scan is None:
+        fast_scan = not gpu_search_available()
     nlist = auto_nlist(n)
     if fast_scan and d >= FAST_SCAN_FROM_DIM and d % 2 == 0:  # d / 2 four-bit codes: d / 4 bytes, as 8-bit PQ d / 4
         m, bits, opq = d // 2, 4, False

@@ -220,9 +220,15 @@ def index_bytes(index: faiss.Index) -> int:
     return int(faiss.serialize_index(index).nbytes)
 
 
+def gpu_search_available() -> bool:
+    """GPU FAISS is installed and sees a GPU: loaded indexes get a search copy there (`_to_gpu`)."""
+    return hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0
+
+
 def _to_gpu(index: faiss.Index) -> faiss.Index:
-    """Search copy on all GPUs when GPU FAISS is installed; HNSW (CPU-only in FAISS) stays on the CPU."""
-    if not hasattr(faiss, "index_cpu_to_all_gpus") or faiss.get_num_gpus() == 0:
+    """Search copy on all GPUs when GPU FAISS is installed; HNSW and fast-scan IVF-PQ (CPU-only in FAISS) stay on
+    the CPU."""
+    if not gpu_search_available():
         return index
     try:
         return faiss.index_cpu_to_all_gpus(index)

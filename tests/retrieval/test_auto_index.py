@@ -42,7 +42,8 @@ def auto_built(tmp_path_factory):
     return folder, manifest, x[:N], ids[:N], x[N:]
 
 
-def test_choice_by_size_and_dimension():
+def test_choice_by_size_and_dimension(monkeypatch):
+    monkeypatch.setattr("hybrid_pretrain.retrieval.auto.gpu_search_available", lambda: False)  # a CPU machine
     assert choose_spec(5_000, 128).kind == "flat"
     big = choose_spec(1_000_000, 128)
     assert (big.kind, big.nlist, big.coarse, big.pq_m, big.opq, big.rerank) == ("ivfpq", 4096, "hnsw", 32, False, True)
@@ -53,13 +54,21 @@ def test_choice_by_size_and_dimension():
 
 
 @pytest.mark.parametrize("n", [50_000, 101_454, 200_000, 400_000, 1_000_000, 4_000_000, 10_000_000])
-def test_list_count_within_faiss_guidance(n):
+def test_list_count_within_faiss_guidance(n, monkeypatch):
     """4-16 * sqrt(n) lists (FAISS's guidance) wherever 39 vectors per list allow it; real 384-d MiniLM vectors
     at 101k passages get 192 four-bit fast-scan sub-quantizers (96 bytes) and re-ranking from full vectors."""
+    monkeypatch.setattr("hybrid_pretrain.retrieval.auto.gpu_search_available", lambda: False)  # a CPU machine
     assert 4 * n**0.5 <= auto_nlist(n) <= 16 * n**0.5 or auto_nlist(n) * 2 * 39 > n
     assert auto_nlist(n) * 39 <= n
     real = choose_spec(101_454, 384)
     assert real.factory(384, 101_454) == "IVF2048,PQ192x4fs" and real.rerank and real.fast_scan
+
+
+def test_gpu_faiss_keeps_eight_bit_codes(monkeypatch):
+    """FAISS has no GPU fast scan: where GPU FAISS searches, encoder-sized vectors keep 8-bit PQ (with OPQ)."""
+    monkeypatch.setattr("hybrid_pretrain.retrieval.auto.gpu_search_available", lambda: True)
+    gpu = choose_spec(101_454, 384)
+    assert gpu.factory(384, 101_454) == "OPQ96,IVF2048,PQ96x8" and not gpu.fast_scan
 
 
 def test_auto_choice_and_tuning_recorded_in_manifest(auto_built):
@@ -70,9 +79,10 @@ def test_auto_choice_and_tuning_recorded_in_manifest(auto_built):
     assert {k: manifest["spec"][k] for k in tuning["params"]} == tuning["params"]  # the spec carries them
 
 
-def test_encoder_sized_vectors_get_fast_scan_tuned_to_the_target(tmp_path):
-    """From 256 dimensions auto builds 4-bit fast-scan codes; tuning still reaches the target (its re-rank factor
-    covers the coarser codes) and the recall holds on queries the tuning never saw."""
+def test_encoder_sized_vectors_get_fast_scan_tuned_to_the_target(tmp_path, monkeypatch):
+    """From 256 dimensions auto builds 4-bit fast-scan codes (searching on the CPU); tuning still reaches the target
+    (its re-rank factor covers the coarser codes) and the recall holds on queries the tuning never saw."""
+    monkeypatch.setattr("hybrid_pretrain.retrieval.auto.gpu_search_available", lambda: False)
     d, n = 256, 20_000
     x, ids = clustered(n + 200, d=d, clusters=256, spread=0.6), ids_for(n)
     x, fresh = x[:n], x[n:]  # fresh queries from the same mixture, never indexed
