@@ -75,8 +75,10 @@ def build_auto(x: np.ndarray, target: float, folder: Path, flat_below: int = FLA
                fast_scan: bool | None = None) -> tuple[ShardedIndex, dict]:
     """Publish the auto index of `x` into `folder` (as the launcher does) and load it back; `fast_scan` False
     builds the 8-bit PQ the auto choice made before fast-scan codes, for a side-by-side comparison."""
-    spec = (choose_spec(len(x), x.shape[1], target, flat_below, fast_scan)
-            if flat_below != FLAT_BELOW or fast_scan is False else IndexSpec("auto", target_recall=target))
+    if flat_below == FLAT_BELOW and fast_scan is None:  # exactly what the launcher asks for
+        spec = IndexSpec("auto", target_recall=target)
+    else:
+        spec = choose_spec(len(x), x.shape[1], target, flat_below, fast_scan)
     build_from_vectors(folder, spec, x, np.arange(len(x), dtype=np.int64), progress=True)
     return load_index(folder, use_gpu=False)
 

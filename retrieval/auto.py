@@ -55,7 +55,8 @@ def choose_spec(n: int, d: int, target_recall: float = 0.95, flat_below: int = F
 
     `fast_scan` None: 4-bit fast-scan codes from FAST_SCAN_FROM_DIM dimensions when searches run on the CPU, 8-bit
     PQ where GPU FAISS is installed (FAISS has no GPU fast scan, and the GPU scans 8-bit codes fast); False forces
-    8-bit PQ (the choice before fast scan, kept for comparison), True fast scan."""
+    8-bit PQ (the choice before fast scan, kept for comparison), True fast scan wherever the dimension rule allows it
+    (from FAST_SCAN_FROM_DIM), GPU or not."""
     if n < flat_below:
         return IndexSpec("flat", target_recall=target_recall)
     if fast_scan is None:

@@ -42,6 +42,22 @@ def holds_window_text(windows: torch.Tensor, passages: torch.Tensor, mask: torch
     return (found & torch.from_numpy(real)).any(dim=-1)
 
 
+def holds_window_text_reference(windows: torch.Tensor, passages: torch.Tensor, mask: torch.Tensor,
+                                n: int = SOURCE_NGRAM) -> torch.Tensor:
+    """`holds_window_text` in its first, set-based form (one Python set of n-gram tuples per window and per passage):
+    the reference the vectorised filter is tested and benchmarked against."""
+    def ngrams(ids: list[int]) -> set[tuple[int, ...]]:
+        return {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}
+
+    B, C, _ = passages.shape
+    out = torch.zeros(B, C, dtype=torch.bool)
+    for b in range(B):
+        window = ngrams(windows[b].tolist())
+        for c in range(C):
+            out[b, c] = any(g in window for g in ngrams(passages[b, c][mask[b, c]].tolist()))
+    return out
+
+
 def without_source(holds: torch.Tensor, k: int) -> torch.Tensor:
     """holds (B, C) from `holds_window_text`, candidates best first -> (B, k) indices of the k best candidates
     that do not hold the window's text (those that do only fill in, last, when fewer than k others exist)."""

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from hybrid_pretrain.models.atlas.model import Atlas
-from hybrid_pretrain.models.atlas.source_filter import SOURCE_NGRAM, holds_window_text, without_source
+from hybrid_pretrain.models.atlas.source_filter import (
+    SOURCE_NGRAM,
+    holds_window_text,
+    holds_window_text_reference,
+    without_source,
+)
 from hybrid_pretrain.models.config import ModelConfig
 from hybrid_pretrain.retrieval.passage_source import PassageSource
 from hybrid_pretrain.retrieval.passages import write_store
@@ -30,20 +35,6 @@ def test_a_passage_holds_the_window_text_from_a_shared_span_of_source_ngram_toke
     assert holds_window_text(window, passages, mask).tolist() == [[True, False, False]]
 
 
-def reference_holds_window_text(windows, passages, mask, n):
-    """The filter's first, set-based form: one Python set of n-gram tuples per window and per passage."""
-    def ngrams(ids):
-        return {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}
-
-    B, C, _ = passages.shape
-    out = torch.zeros(B, C, dtype=torch.bool)
-    for b in range(B):
-        window = ngrams(windows[b].tolist())
-        for c in range(C):
-            out[b, c] = any(g in window for g in ngrams(passages[b, c][mask[b, c]].tolist()))
-    return out
-
-
 def test_vectorised_filter_matches_the_set_based_reference_on_repeated_tokens_and_masks():
     g = torch.Generator().manual_seed(0)
     outcomes = set()
@@ -55,7 +46,7 @@ def test_vectorised_filter_matches_the_set_based_reference_on_repeated_tokens_an
         mask = torch.rand(B, C, P, generator=g) < 0.8  # holes: kept tokens are read in order across them
         lengths = torch.randint(P + 1, (B, C), generator=g)
         mask[:, 1] = torch.arange(P) < lengths[:, 1, None]  # right padding, as PassageSource pads
-        expected = reference_holds_window_text(windows, passages, mask, n)
+        expected = holds_window_text_reference(windows, passages, mask, n)
         assert holds_window_text(windows, passages, mask, n).tolist() == expected.tolist(), trial
         outcomes |= set(expected.flatten().tolist())
     assert outcomes == {True, False}
