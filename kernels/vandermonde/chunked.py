@@ -28,22 +28,45 @@ def chunking(length: int, rows: int = 1) -> tuple[int, int]:
     return J, -(-length // J)
 
 
-def _complex_dtype(real: torch.dtype) -> torch.dtype:
-    return torch.complex128 if real == torch.float64 else torch.complex64
+def _factors(count: int) -> tuple[int, int]:
+    """(K1, K2) with K1 K2 >= count and K2 ~ sqrt(count): an exact factorisation where one is near, so that the
+    table needs no slice (a contiguous (H, count, N/2) result saves the copy a sliced one costs its readers)."""
+    K2 = math.isqrt(max(count - 1, 0)) + 1
+    for exact in range(K2, min(count, 2 * K2) + 1):
+        if count % exact == 0:
+            return count // exact, exact
+    return -(-count // K2), K2
 
 
-def _powers(a: torch.Tensor, b: torch.Tensor, k: torch.Tensor, floor: float) -> torch.Tensor:
-    """exp((a + i b) k) for real a, b (H, N/2) and steps k (K,): complex (H, K, N/2), decay floored at exp(floor)."""
-    decay = torch.exp_((a.unsqueeze(-2) * k.unsqueeze(-1)).clamp_min_(floor))
-    angle = b.unsqueeze(-2) * k.unsqueeze(-1)
+def _powers(dtA: torch.Tensor, count: int, stride: int, real: torch.dtype) -> torch.Tensor:
+    """exp(dtA stride k) for k < count: (H, count, N/2) complex in the working precision.
+
+    The phase step Im(dtA) stride is reduced modulo 2 pi in fp64 first ((H, N/2) numbers), so phases stay as
+    exact as the working precision allows at any stride. Decays are floored at exp(log(tiny)/4) (3e-10 in
+    fp32, 1e-77 in fp64): a product of two entries and a weight then stays clear of denormals, whose
+    arithmetic (and an exp that underflows into them) ran 5-80x slower on the development CPU, at an error
+    far below the working precision.
+    """
+    base = dtA.detach().to(torch.complex128) * stride
+    turn = 2 * math.pi
+    a, b = base.real.to(real), (base.imag - turn * torch.round(base.imag / turn)).to(real)
+    k = torch.arange(count, device=dtA.device, dtype=real).unsqueeze(-1)  # (count, 1)
+    decay = torch.exp_((a.unsqueeze(-2) * k).clamp_min_(math.log(torch.finfo(real).tiny) / 4))
+    angle = b.unsqueeze(-2) * k
     return torch.complex(decay * torch.cos(angle), decay * torch.sin(angle))
 
 
-def _reduced(dtA: torch.Tensor, stride: int, real: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Re, Im) of dtA stride in the working precision, the phase reduced modulo 2 pi in fp64 first."""
-    base = dtA.detach().to(torch.complex128) * stride
-    turn = 2 * math.pi
-    return base.real.to(real), (base.imag - turn * torch.round(base.imag / turn)).to(real)
+def _outer(coarse: torch.Tensor, fine: torch.Tensor, count: int) -> torch.Tensor:
+    """(..., H, K1, N/2) x (H, K2, N/2) -> (..., H, count, N/2): entry k1 K2 + k2 is coarse[k1] fine[k2]."""
+    table = (coarse.unsqueeze(-2) * fine.unsqueeze(-3)).flatten(-3, -2)  # (..., H, K1 K2, N/2)
+    return table if table.shape[-2] == count else table[..., :count, :]
+
+
+def _table_factors(dtA: torch.Tensor, count: int, stride: int, real: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coarse, fine) factors of the power table exp(dtA stride k), k < count (``power_table`` says how)."""
+    K1, K2 = _factors(count)
+    return _powers(dtA, K1, stride * K2, real), _powers(dtA, K2, stride, real)
 
 
 def power_table(dtA: torch.Tensor, count: int, stride: int, real: torch.dtype) -> torch.Tensor:
@@ -51,18 +74,9 @@ def power_table(dtA: torch.Tensor, count: int, stride: int, real: torch.dtype) -
 
     The outer product of two tables of ~sqrt(count) entries, exp(dtA stride k1 K2) and exp(dtA stride k2)
     with k = k1 K2 + k2, so exp, cos and sin run on 2 sqrt(count) numbers per mode and the table costs one
-    complex multiply. Each phase step is reduced modulo 2 pi in fp64 ((H, N/2) numbers), so phases stay as
-    exact as the working precision allows at any length. Each factor's decay is floored at exp(log(tiny)/4)
-    (3e-10 in fp32, 1e-77 in fp64): a product of table entries and a weight then stays clear of denormals,
-    whose arithmetic (and an exp that underflows into them) ran 5-80x slower on the development CPU, at an
-    error far below the working precision.
+    complex multiply; phases exact to the working precision at any length (``_powers``).
     """
-    K2 = math.isqrt(max(count - 1, 0)) + 1
-    K1 = -(-count // K2)
-    floor = math.log(torch.finfo(real).tiny) / 4
-    fine = _powers(*_reduced(dtA, stride, real), torch.arange(K2, device=dtA.device, dtype=real), floor)
-    coarse = _powers(*_reduced(dtA, stride * K2, real), torch.arange(K1, device=dtA.device, dtype=real), floor)
-    return (coarse.unsqueeze(2) * fine.unsqueeze(1)).flatten(1, 2)[:, :count]  # (H, count, N/2)
+    return _outer(*_table_factors(dtA, count, stride, real), count)
 
 
 def _interleaved(z: torch.Tensor) -> torch.Tensor:
@@ -102,11 +116,14 @@ def vandermonde_chunked(w: torch.Tensor, dtA: torch.Tensor, length: int) -> torc
     real = dtA.real.dtype
     J, C = chunking(length, w[..., 0, 0].numel())
     steps = _interleaved(power_table(dtA, J, 1, real).contiguous())  # (H, J, N): z^j as (re, im) pairs
-    weights = w.to(_complex_dtype(real)).unsqueeze(-2) * power_table(dtA, C, J, real)  # w z^(cJ)
-    # Re(p q) = Re p Re q + (-Im p) Im q: the left factor holds conj(p) as (re, im) pairs
-    left, lead = _fold(_interleaved(weights.conj_physical()))  # (H, (...) C, N)
+    # Re(p q) = Re p Re q + (-Im p) Im q: the left factor holds conj(2 w z^(cJ)) = 2 conj(w) conj(z)^(cJ) as
+    # (re, im) pairs, the conjugate and the factor 2 folded into the small factors, not passes over the table
+    chunks_coarse, chunks_fine = _table_factors(dtA, C, J, real)
+    weighted = (2 * w.conj()).to(chunks_coarse.dtype).unsqueeze(-2) * chunks_coarse.conj()  # (..., H, K1, N/2)
+    chunk_weights = _outer(weighted, chunks_fine.conj(), C)  # (..., H, C, N/2)
+    left, lead = _fold(_interleaved(chunk_weights))  # (H, (...) C, N)
     K = _unfold(torch.matmul(left, steps.transpose(1, 2)), lead)  # (..., H, C, J)
-    return 2 * K.flatten(-2)[..., :length]
+    return K.flatten(-2)[..., :length]
 
 
 def transpose_tables(dtA: torch.Tensor, length: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +135,8 @@ def transpose_tables(dtA: torch.Tensor, length: int, rows: int) -> tuple[torch.T
     """
     real = dtA.real.dtype
     J, C = chunking(length, rows)
-    return _interleaved(power_table(dtA, J, 1, real).contiguous()), power_table(dtA, C, J, real).unsqueeze(1)
+    steps = _interleaved(power_table(dtA, J, 1, real).contiguous())  # (H, J, N)
+    return steps, power_table(dtA, C, J, real).unsqueeze(1)  # (H, 1, C, N/2)
 
 
 @_full_precision
@@ -132,23 +150,24 @@ def vandermonde_transpose_chunked(g: torch.Tensor, dtA: torch.Tensor, weighted: 
     length, half = g.shape[-1], dtA.shape[-1]
     steps, chunks = tables if tables is not None else transpose_tables(dtA, length, g[..., 0, 0].numel())
     J, C = steps.shape[1], chunks.shape[2]  # (H, J, N), (H, 1, C, N/2): z^(cJ)
-    g = torch.nn.functional.pad(g.to(real), (0, C * J - length)).unflatten(-1, (C, J))  # (..., H, C, J)
-    g, lead = _fold(g)  # (H, (...) C, J)
-
-    def within(table: torch.Tensor) -> torch.Tensor:  # (H, J, N) -> (H, (...), C, N/2) complex, contiguous
-        M = torch.view_as_complex(torch.matmul(g, table).unflatten(-1, (-1, 2)))  # (H, (...) C, N/2)
-        return M.view(M.shape[0], -1, C, half)
-
-    def across(M: torch.Tensor) -> torch.Tensor:  # sum over the chunks: (H, (...), C, N/2) -> (..., H, N/2)
-        return (M * chunks).sum(-2).movedim(0, -2).reshape(*lead, dtA.shape[0], half)
-
-    M0 = within(steps)  # sum_j g z^j per chunk
-    if not weighted:
-        return across(M0), None
-    # l = cJ + j, so sum_l l g_l z^l = sum_c z^(cJ) (cJ M0_c + M1_c), M1_c = sum_j j g z^j
-    M1 = within(steps * torch.arange(J, device=g.device, dtype=real).unsqueeze(-1))
-    offsets = (J * torch.arange(C, device=g.device, dtype=real)).unsqueeze(-1)  # (C, 1): cJ
-    return across(M0), across(torch.addcmul(M1, M0, offsets))
+    H, rows = dtA.shape[0], g[..., 0, 0].numel()
+    # the rows of g (and with `weighted` also l g_l beside each), laid out for one batched matmul over H,
+    # in chunks of J with zeros past the end: (H, rows, [2], C J)
+    seqs = g.new_empty((H, rows) + (2,) * weighted + (C * J,), dtype=real)
+    if C * J > length:
+        seqs[..., length:] = 0
+    g_rows = g.reshape(rows, H, length).transpose(0, 1)  # (H, rows, L)
+    if weighted:
+        seqs[:, :, 0, :length] = g_rows
+        torch.mul(g_rows, torch.arange(length, device=g.device, dtype=real), out=seqs[:, :, 1, :length])
+    else:
+        seqs[..., :length] = g_rows
+    M = torch.matmul(seqs.view(H, -1, J), steps)  # (H, rows [2] C, N): sum_j g z^j per chunk as (re, im) pairs
+    M = torch.view_as_complex(M.unflatten(-1, (-1, 2))).view(H, -1, C, half)  # (H, rows [2], C, N/2)
+    # the chunks' sums, each weighted by its power z^(cJ): (H, rows [2], C, N/2) -> (rows, [2], H, N/2)
+    S = (M * chunks).sum(-2).view(H, rows, -1, half).movedim(0, 2)
+    shape = (*g.shape[:-1], half)  # (..., H, N/2)
+    return (S[:, 0].reshape(shape), S[:, 1].reshape(shape)) if weighted else (S.reshape(shape), None)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
