@@ -41,10 +41,13 @@ from hybrid_pretrain.retrieval.contrastive import train_contrastive
 from hybrid_pretrain.retrieval.encoder import DualEncoder
 from hybrid_pretrain.retrieval.index import IndexSpec
 from hybrid_pretrain.retrieval.passages import write_store
+from hybrid_pretrain.training.config import TrainConfig
+from hybrid_pretrain.training.optimizer import param_groups
 
 PACKAGES = ("asyncio", "email", "importlib", "multiprocessing", "xml", "concurrent", "json", "http")
 HELD_OUT_EVERY = 5  # every fifth module of these packages (in path order) is held out
 Q, SEQ, P, K = 16, 48, 48, 4
+LR = 3e-3  # the reader's rate, constant
 STEPS, BATCH = 1500, 16  # at 600 the reader does not read yet (retrieved worse than empty)
 HELD_OUT_TOKENS = 6000
 
@@ -65,7 +68,7 @@ def train_and_score(tmp_path: Path, seed: int, exclude_source: str = "document",
                     held_out_tokens: int = HELD_OUT_TOKENS, log=lambda m: None) -> dict[str, float]:
     """NLL per token of the held-out modules with retrieved, empty and random passages, and the held-out windows'
     hub statistic (distinct top-1 passages). `retriever_loss` other than none trains the query tower from step
-    `retriever_delay` on, at `retriever_lr` (0: the reader's rate), as retrieval.retriever_delay and
+    `retriever_delay` on, at `retriever_lr` (0 or above LR: the reader's rate), as retrieval.retriever_delay and
     model.options.atlas.retriever_lr do in a launcher run."""
     t0 = time.time()
     train, held = modules()
@@ -91,11 +94,11 @@ def train_and_score(tmp_path: Path, seed: int, exclude_source: str = "document",
                                  log=lambda m: None) as source:
         if exclude_source == "document":
             log(f"document table in {source.build_document_table():.1f}s")
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        hinted = [p for p in trainable if getattr(p, "_optim", None)]  # the retriever, when retriever_lr is set
-        groups = [{"params": [p for p in trainable if not getattr(p, "_optim", None)]}]
-        groups += [{"params": hinted, "lr": retriever_lr}] if hinted else []
-        optimizer = torch.optim.AdamW(groups, lr=3e-3)
+        # The launcher's groups (launcher/pretrain.py): matrices decay at train.weight_decay, which
+        # configs/pg19_atlas.yaml leaves at the launcher's default (TrainConfig, 0.1), vectors (norms, biases) do
+        # not, and the retriever's retriever_lr hint applies, capped at the reader's rate. The rate stays this
+        # recipe's constant LR (the config's 2e-3 with warmup and cosine is for its larger model).
+        optimizer = torch.optim.AdamW(param_groups(model, LR, TrainConfig().weight_decay), lr=LR)
         model.train()
         retriever_losses: list[float] = []
         for step in range(steps):
@@ -140,7 +143,8 @@ def main() -> None:
     parser.add_argument("--retriever-delay", type=int, default=0,
                         help="reader-only steps before the retriever loss starts (retrieval.retriever_delay)")
     parser.add_argument("--retriever-lr", type=float, default=0.0,
-                        help="the retriever's learning rate, 0: the reader's 3e-3 (model.options.atlas.retriever_lr)")
+                        help="the retriever's learning rate, 0: the reader's; at most the reader's 3e-3, as "
+                             "param_groups caps it (model.options.atlas.retriever_lr)")
     parser.add_argument("--temperature", type=float, default=0.1,
                         help="the retriever's softmax temperature (model.options.atlas.temperature)")
     parser.add_argument("--target-temperature", type=float, default=0.1,
