@@ -1,8 +1,9 @@
 """Open book vs closed book on held-out documents (issue 22, item 3), with the recipe of ``configs/pg19_atlas.yaml``
 at a small scale, on data every Python ships: standard-library modules. ``python bench/open_book_recipe.py [SEEDS]``
-trains one model per seed (~5-7 min each on one core) and prints the held-out NLL per token with retrieved, empty and
-random passages. A benchmark, not a test: too long for the CI budget (the reader needs ~1500 steps to read at all),
-while ``tests/models/atlas/test_open_book_gap.py`` guards retrieved < empty for a reader trained on gold passages.
+trains one model per seed (~5-7 min each on a shared core; 3000 steps ~4 min on an unshared one) and prints the
+held-out NLL per token with retrieved, empty and random passages. A benchmark, not a test: too long for the CI
+budget (the reader needs ~1500 steps to read at all), while ``tests/models/atlas/test_open_book_gap.py`` guards
+retrieved < empty for a reader trained on gold passages.
 
 The retriever starts from the generic bi-encoder (`retrieval.contrastive`, as Atlas starts from Contriever) and
 stays fixed by default (query side only, no retriever loss), so the index stays exact; ``--retriever-loss pdist
@@ -13,11 +14,13 @@ gap is printed with the standard error of its per-window paired difference, and 
 statistic (distinct of all windows) says whether a trained retriever collapsed.
 
 Measured (bench/RESULTS.md, "Breaking the cold start" and "Retrieved vs random"), NLL per token, seeds 0/1/2, random -
-retrieved: 1500 steps, 6,000 tokens +0.0006 / +0.0044 / -0.0013; 3000 steps, ``--held-out-tokens 30000`` +0.0018 /
-+0.0006 / +0.0017 (standard errors 0.0005 / 0.0005 / 0.0004): retrieved beats random, by ~0.05%, in all three seeds
-(two beyond 3 standard errors); at 6000 steps (seed 0) the difference is gone again (-0.0000). PDist from step 1500
-(three temperature settings) collapses the query tower onto hubs (12-41 distinct top-1) and retrieved ties or loses to
-random. With ``exclude_source: passage`` (Atlas's own filter) or at 600 steps retrieved passages were worse than none.
+retrieved: 1500 steps, 6,000 tokens +0.0006 / +0.0044 / -0.0013; 3000 steps, ``--held-out-tokens 30000`` +0.0021 /
++0.0009 / +0.0022 (standard errors 0.0005 / 0.0004 / 0.0004) on the launcher's parameter groups (+0.0018 / +0.0006 /
++0.0017 with AdamW's default decay on every parameter): retrieved beats random, by 0.03-0.07%, in all three seeds
+(two beyond 3 standard errors), and empty by 1.6-2.9%. Earlier rows used the default decay: at 6000 steps (seed 0)
+the difference is gone again (-0.0000); PDist from step 1500 (three temperature settings) collapses the query tower
+onto hubs (12-41 distinct top-1) and retrieved ties or loses to random. With ``exclude_source: passage`` (Atlas's
+own filter) or at 600 steps retrieved passages were worse than none.
 """
 
 from __future__ import annotations
