@@ -4,6 +4,8 @@ For L = 1K ... 64K, one diagonal SSM as H3 runs it (B x H channels, N/2 complex 
 backward through every input. Paths:
 - ``reference``: ``ssm_conv_ref``, the full-length kernel and one torch.fft convolution of 2L;
 - ``state_passing``: chunks of ``--chunk`` through the dispatching fftconv, the SSM state carried;
+- ``fft``: the lean path of one convolution, the kernel by chunked Vandermonde matmuls then ``fftconv``;
+- ``chunked``: ``kernels.ssm_chunked`` (matmuls within chunks of J steps, a scan of states between them);
 - ``ours``: ``kernels.fftconv.ssm_conv``, whatever the dispatcher picks (its choice is printed);
 - on CUDA also ``triton`` (L <= 8K): the fused FlashConv kernel with the SSM's kernel precomputed.
 Prints time and peak memory of each and their ratios to the reference. Each (path, L) runs in its own
@@ -28,6 +30,7 @@ from tqdm import tqdm
 
 from hybrid_pretrain.kernels.fftconv import (
     TRITON_MAX_LEN,
+    fftconv,
     fftconv_triton,
     ssm_conv,
     ssm_conv_path,
@@ -35,6 +38,7 @@ from hybrid_pretrain.kernels.fftconv import (
     ssm_conv_state_passing,
     ssm_kernel,
 )
+from hybrid_pretrain.kernels.ssm_chunked import ssm_conv_chunked
 from hybrid_pretrain.models.mixers.ssm import DiagonalSSM
 
 
@@ -49,6 +53,8 @@ def build_paths(ssm: DiagonalSSM, chunk: int, device: torch.device) -> dict[str,
     paths: dict[str, Callable] = {
         "reference": lambda u: ssm_conv_ref(u, *ssm.discretize(), ssm.D),
         "state_passing": lambda u: ssm_conv_state_passing(u, *ssm.discretize(), ssm.D, chunk=chunk),
+        "fft": lambda u: fftconv(u, ssm_kernel(*ssm.discretize(), u.shape[-1]), ssm.D),
+        "chunked": lambda u: ssm_conv_chunked(u, *ssm.discretize(), ssm.D),
         "ours": lambda u: ssm_conv(u, *ssm.discretize(), ssm.D),
     }
     if device.type == "cuda":

@@ -19,12 +19,13 @@ from hybrid_pretrain.kernels.fftconv.state_passing import ssm_conv_state_passing
 from hybrid_pretrain.kernels.fftconv.torch_fft import fft_length, fftconv_torch
 from hybrid_pretrain.kernels.fftconv.triton_fftconv import MAX_LEN as TRITON_MAX_LEN
 from hybrid_pretrain.kernels.fftconv.triton_fftconv import fftconv_triton
+from hybrid_pretrain.kernels.ssm_chunked import ssm_conv_chunked
 from hybrid_pretrain.kernels.vandermonde import vandermonde
 
 __all__ = [
     "fftconv", "fftconv_path", "fftconv_ref", "fftconv_torch", "fftconv_triton", "fft_length", "ssm_conv",
     "ssm_conv_path", "ssm_conv_ref", "ssm_conv_state_passing", "ssm_kernel", "ssm_kernel_ref", "TRITON_MAX_LEN",
-    "CPU_STATE_PASSING_FROM",
+    "CPU_STATE_PASSING_FROM", "CPU_CHUNKED_FROM",
 ]
 
 
@@ -67,14 +68,21 @@ def fftconv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> 
 
 
 CPU_STATE_PASSING_FROM = 16384
+CPU_CHUNKED_FROM = 4096
 
 
 def ssm_conv_path(u: torch.Tensor) -> str:
-    """Which algorithm ``ssm_conv`` uses for u: "fftconv" (one convolution) or "state_passing"."""
+    """Which algorithm ``ssm_conv`` uses for u: "fftconv" (one convolution), "chunked" or "state_passing"."""
     # CUDA beyond 8K: chunks of 8K through the fused kernel plus an (N/2)-vector carried per chunk,
-    # instead of a full-length cuFFT. CPU beyond 16K: the reference's (H, N/2, L) Vandermonde dominates;
-    # bench/fftconv.py on a 2-core VM: state passing 0.51x the time, 0.26x the peak memory at 64K
-    # (0.9x, 0.43x at 32K), but slower at 16K and below.
+    # instead of a full-length cuFFT. CPU from 4K under autograd (training): matmuls within chunks of 64 and a
+    # scan of states between them (``kernels.ssm_chunked``), 0.54-0.68x the time of building the kernel and
+    # convolving by FFT at L 8K, no kernel of length L and nothing complex of length L kept; at L 1K it was
+    # 1.16x slower, so shorter sequences keep the FFT. CPU without autograd (prefill, evaluation) keeps the
+    # FFT with the SSM's cached kernel up to 16K; beyond, the reference's (H, N/2, L) Vandermonde dominates:
+    # bench/fftconv.py on a 2-core VM: state passing 0.51x the time, 0.26x the peak memory at 64K (0.9x,
+    # 0.43x at 32K), but slower at 16K and below.
+    if not u.is_cuda and torch.is_grad_enabled() and u.shape[-1] >= CPU_CHUNKED_FROM:
+        return "chunked"
     limit = TRITON_MAX_LEN if u.is_cuda else CPU_STATE_PASSING_FROM
     return "state_passing" if u.shape[-1] > limit else "fftconv"
 
@@ -100,7 +108,10 @@ def ssm_conv(
             f"ssm_conv expects u (B, H, L) and dtA, dB, C (H, N/2), got u {tuple(u.shape)}, dtA {tuple(dtA.shape)}, "
             f"dB {tuple(dB.shape)}, C {tuple(C.shape)}"
         )
-    if ssm_conv_path(u) == "state_passing":  # chunks of 8K: the fused kernel's limit on GPU
+    path = ssm_conv_path(u)
+    if path == "chunked":
+        return ssm_conv_chunked(u, dtA, dB, C, D)
+    if path == "state_passing":  # chunks of 8K: the fused kernel's limit on GPU
         return ssm_conv_state_passing(u, dtA, dB, C, D, chunk=TRITON_MAX_LEN, conv=fftconv)
     L = u.shape[-1]
     return fftconv(u, ssm_kernel(dtA, dB, C, L) if kernel_of is None else kernel_of(L), D)

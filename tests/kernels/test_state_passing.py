@@ -83,8 +83,9 @@ def test_diagonal_ssm_goes_through_ssm_conv() -> None:
 
 
 def test_dispatch_and_validation() -> None:
-    assert ssm_conv_path(torch.zeros(1, 1, 1 << 14)) == "fftconv"  # CPU: one pocketfft convolution up to 16K
-    assert ssm_conv_path(torch.zeros(1, 1, 1 << 15)) == "state_passing"  # beyond: less time and memory
+    with torch.no_grad():  # (with autograd, CPU sequences from 4K take the chunked path: test_ssm_chunked.py)
+        assert ssm_conv_path(torch.zeros(1, 1, 1 << 14)) == "fftconv"  # CPU: one pocketfft convolution up to 16K
+        assert ssm_conv_path(torch.zeros(1, 1, 1 << 15)) == "state_passing"  # beyond: less time and memory
     dtA, dB, C, D = _ssm(3, 8, seed=2)
     with pytest.raises(ValueError, match="dtA, dB, C \\(H, N/2\\)"):
         ssm_conv(torch.zeros(1, 2, 8, dtype=torch.float64, device=DEVICE), dtA, dB, C, D)

@@ -1,0 +1,116 @@
+"""The chunked diagonal SSM (matmuls within chunks, a scan of states between them) against the reference.
+
+Forward and every gradient (u, the complex dtA, dB, C, and D) in fp64 at lengths that leave a partial last
+chunk, fp64 gradcheck, fp32 at 8K against the exact answer (no worse than the fp32 FFT reference), the scan
+against the recurrence it stands for, and which path ``ssm_conv`` takes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybrid_pretrain.kernels.fftconv import CPU_CHUNKED_FROM, ssm_conv, ssm_conv_path, ssm_conv_ref
+from hybrid_pretrain.kernels.ssm_chunked import chunk_length, ssm_conv_chunked
+from hybrid_pretrain.kernels.ssm_chunked.scan import ChunkStates
+from hybrid_pretrain.models.mixers.ssm import DiagonalSSM
+from hybrid_pretrain.tests.kernels.device import DEVICE
+from hybrid_pretrain.tests.kernels.tolerance import assert_close_to_exact
+
+
+def _ssm(H: int, d_state: int, seed: int, real: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """Discretised S4D-Lin parameters (dtA, dB, C) and D as H3 builds them, leaves with gradients."""
+    torch.manual_seed(seed)
+    ssm = DiagonalSSM(H, d_state).double().to(DEVICE)
+    with torch.no_grad():
+        dtA, dB, C = ssm.discretize()
+    cdtype = torch.complex128 if real == torch.float64 else torch.complex64
+    return [t.to(cdtype).requires_grad_() for t in (dtA, dB, C)] + [ssm.D.detach().to(real).requires_grad_()]
+
+
+@pytest.mark.parametrize("L", [1, 5, 32, 33, 100, 4099])
+@pytest.mark.parametrize("skip", [True, False])
+def test_forward_and_gradients_equal_reference_fp64(L: int, skip: bool) -> None:
+    params = _ssm(3, 16, seed=L)
+    if not skip:
+        params[3] = None
+    u = torch.randn(2, 3, L, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    dy = torch.randn(2, 3, L, dtype=torch.float64, device=DEVICE)
+    leaves = [u, *(p for p in params if p is not None)]
+    y, y_ref = ssm_conv_chunked(u, *params), ssm_conv_ref(u, *params)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad((y * dy).sum(), leaves)
+    grads_ref = torch.autograd.grad((y_ref * dy).sum(), leaves)
+    for name, g, g_ref in zip(("du", "d dtA", "d dB", "d C", "dD"), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9, msg=f"{name} at L={L}")
+
+
+def test_channel_major_input_gives_the_same_answer() -> None:
+    """H3 hands the SSM (B, H, L) views of (H, B, L) storage; the result must not depend on the layout."""
+    params = _ssm(4, 8, seed=1)
+    storage = torch.randn(4, 3, 70, dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(ssm_conv_chunked(storage.transpose(0, 1), *params),
+                               ssm_conv_chunked(storage.transpose(0, 1).contiguous(), *params), rtol=0, atol=0)
+
+
+def test_gradcheck_fp64() -> None:
+    """Three chunks of 32 (the last partial): the scan's and the power table's own backwards, every input."""
+    dtA, dB, C, D = _ssm(2, 4, seed=2)
+    u = torch.randn(2, 2, 70, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(ssm_conv_chunked, (u, dtA, dB, C, D))
+
+
+def test_long_sequence_fp32_as_close_as_the_fft_reference() -> None:
+    L = 8192 + 3
+    params64 = _ssm(2, 16, seed=3)
+    u = torch.randn(1, 2, L, dtype=torch.float64, device=DEVICE)
+    dy = torch.randn(1, 2, L, dtype=torch.float64, device=DEVICE)
+
+    def run(fn, real):
+        cdtype = torch.complex128 if real == torch.float64 else torch.complex64
+        leaves = [u.to(real).requires_grad_()] + [p.detach().to(cdtype if p.is_complex() else real).requires_grad_()
+                                                  for p in params64]
+        y = fn(*leaves)
+        return (y, *torch.autograd.grad((y * dy.to(real)).sum(), leaves))
+
+    ours, ref32, exact = run(ssm_conv_chunked, torch.float32), run(ssm_conv_ref, torch.float32), run(ssm_conv_ref,
+                                                                                                        torch.float64)
+    assert ours[0].dtype == torch.float32
+    for name, o, t, e in zip(("y", "du", "d dtA", "d dB", "d C", "dD"), ours, ref32, exact):
+        assert_close_to_exact(o, t, e, what=name)
+
+
+def test_chunk_states_are_the_recurrence() -> None:
+    torch.manual_seed(4)
+    s = torch.randn(3, 2, 6, 4, dtype=torch.complex128, device=DEVICE)
+    zJ = 0.9 * torch.exp(1j * torch.rand(3, 1, 4, dtype=torch.float64, device=DEVICE))
+    X = torch.zeros_like(s)
+    for c in range(1, 6):
+        X[:, :, c] = zJ * X[:, :, c - 1] + s[:, :, c - 1]
+    torch.testing.assert_close(ChunkStates.apply(s, zJ), X)
+    assert torch.autograd.gradcheck(ChunkStates.apply, (s.requires_grad_(), zJ.requires_grad_()))
+
+
+def test_autocast_keeps_the_convolution_in_fp32() -> None:
+    """Under bf16 autocast (train.precision=bf16_autocast) the result is the fp32 one, in u's dtype."""
+    params = [p.detach().to(torch.complex64 if p.is_complex() else torch.float32) for p in _ssm(2, 8, seed=6)]
+    u = torch.randn(1, 2, 100, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = ssm_conv_chunked(u, *params)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ssm_conv_chunked(u, *params), rtol=0, atol=0)
+
+
+def test_chunk_length() -> None:
+    assert [chunk_length(L) for L in (1, 31, 1024, 4095, 4096, 65536)] == [1, 31, 32, 32, 64, 64]
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU dispatch")
+def test_ssm_conv_takes_the_chunked_path_for_long_training_sequences() -> None:
+    u = torch.zeros(1, 1, CPU_CHUNKED_FROM)
+    assert ssm_conv_path(u) == "chunked" and ssm_conv_path(u[..., :-1]) == "fftconv"
+    with torch.no_grad():  # prefill and evaluation keep the FFT with the SSM's cached kernel
+        assert ssm_conv_path(u) == "fftconv"
+    params = _ssm(2, 8, seed=5)
+    x = torch.randn(1, 2, CPU_CHUNKED_FROM, dtype=torch.float64)
+    torch.testing.assert_close(ssm_conv(x, *params), ssm_conv_ref(x, *params), rtol=1e-10, atol=1e-10)
