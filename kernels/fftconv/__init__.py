@@ -75,10 +75,11 @@ def ssm_conv_path(u: torch.Tensor) -> str:
     """Which algorithm ``ssm_conv`` uses for u: "fftconv" (one convolution), "chunked" or "state_passing"."""
     # CUDA beyond 8K: chunks of 8K through the fused kernel plus an (N/2)-vector carried per chunk,
     # instead of a full-length cuFFT. CPU from 4K under autograd (training): matmuls within chunks of 64 and a
-    # scan of states between them (``kernels.ssm_chunked``), 0.54-0.68x the time of building the kernel and
-    # convolving by FFT at L 8K, no kernel of length L and nothing complex of length L kept; at L 1K it was
-    # 1.16x slower, so shorter sequences keep the FFT. CPU without autograd (prefill, evaluation) keeps the
-    # FFT with the SSM's cached kernel up to 16K; beyond, the reference's (H, N/2, L) Vandermonde dominates:
+    # scan of states between them (``kernels.ssm_chunked``): 0.85x / 0.61x / 0.43x the time of building the
+    # kernel and convolving by FFT at 4K / 8K / 16K (bench/fftconv.py, 256 channels, 1 thread), less memory, no
+    # kernel of length L; at 1K no faster, so shorter sequences keep the FFT. CPU without autograd (prefill,
+    # evaluation) keeps the FFT with the SSM's cached kernel up to 16K; beyond, the reference's (H, N/2, L)
+    # Vandermonde dominates:
     # bench/fftconv.py on a 2-core VM: state passing 0.51x the time, 0.26x the peak memory at 64K (0.9x,
     # 0.43x at 32K), but slower at 16K and below.
     if not u.is_cuda and torch.is_grad_enabled() and u.shape[-1] >= CPU_CHUNKED_FROM:
