@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hybrid_pretrain.kernels.causal_conv.dense import toeplitz_matrix
 from hybrid_pretrain.kernels.ssm_chunked.scan import ChunkStates
 from hybrid_pretrain.kernels.ssm_chunked.tables import PowerTable
 
@@ -63,12 +64,8 @@ def _ssm_conv_chunked(u: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor, C: t
     # y from X: 2 Re(w z^j X) = sum over (re, im) of X's pairs times [2 Re(w z^j), -2 Im(w z^j)], i.e. 2 conj(w z^j)
     readout = torch.view_as_real(powers[:, :J].conj() * (2 * w.conj()).unsqueeze(1)).flatten(-2)  # (H, J, N)
     taps = readout.view(H, J, half, 2)[..., 0].sum(-1)  # (H, J): K[j] = 2 Re sum_n w z^j
-    if D is not None:  # the skip is one more weight on the current step: T's diagonal
-        taps = torch.cat([taps[:, :1] + D.to(real).unsqueeze(-1), taps[:, 1:]], dim=-1)
-    steps = torch.arange(J, device=u.device)
-    lag = steps.unsqueeze(0) - steps.unsqueeze(1)  # [i, j] = j - i
-    # T[i, j] = K[j - i] for j >= i, else the appended zero; index_select, whose backward is one index_add
-    toeplitz = F.pad(taps, (0, 1)).index_select(1, torch.where(lag >= 0, lag, J).flatten()).view(H, J, J)
+    # the within-chunk matrix (rows times it): T[i, j] = K[j - i] for j >= i, with D on the diagonal
+    toeplitz = toeplitz_matrix(taps, D, J, real).transpose(1, 2)  # (H, J, J)
     rows = u.transpose(0, 1).to(real)  # (H, B, L): contiguous for channel-major u (kernels/channel_major.py)
     if chunks * J != L:
         rows = F.pad(rows, (0, chunks * J - L))

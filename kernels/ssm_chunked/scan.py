@@ -5,7 +5,8 @@
 per channel and mode, where s_c is chunk c's own contribution to the state at its end and zJ = exp(dtA J)
 the decay over one chunk. A loop over the C chunks of in-place multiply-adds on (H, B, N/2) slices: C is
 L / J (128 at L 8K), and the loop keeps no per-chunk temporaries. A matmul form would need a (C, C)
-matrix per channel and mode.
+matrix per channel and mode. ``kernels.fftconv.state_passing`` carries its (few, long) chunks' states
+with the same scan.
 """
 
 from __future__ import annotations
