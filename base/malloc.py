@@ -9,7 +9,14 @@ backward with ~4,100-4,800 minor faults per call, 9.3 ms with the heap kept (~2 
 there ~5% less time (bench/RESULTS.md, "CPU allocator"). Setting the two
 thresholds once makes freed blocks stay in the heap for the next step (``mallopt``, glibc's own knob;
 what ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` would do, but from inside the process, so no
-launcher has to pass environment variables to every rank). A preloaded tcmalloc or jemalloc (PyTorch's CPU
+launcher has to pass environment variables to every rank). glibc caps the mmap threshold at 32 MiB, so blocks of
+32 MiB and up (one (B, L, d_model) fp32 activation at d_model 1024, L 8K; a long sequence's logits) would still be
+mapped and faulted in afresh each time: keeping memory also turns mmap off (``M_MMAP_MAX`` 0), so those come from
+the heap too. Measured: a 33.5 MB alloc-and-copy 18.6 ms with mmap, one H3 layer fwd + bwd at d_model 1024,
+L 8K, batch 1 1,855-1,962 ms against 2,284-2,460 ms, attention's 6,198-6,569 against 6,519-7,393 ms (one thread).
+The price is fragmentation: PyTorch asks for 64-byte aligned blocks, which do not fit the exact hole a freed block
+of the same size leaves, so the heap grows for a few steps before freed neighbours coalesce (bench/train_throughput.py
+at L 8K: peak RSS 2.06 GB against 1.77 GB with mmap on, 6-8% faster). A preloaded tcmalloc or jemalloc (PyTorch's CPU
 tuning guide recommends them) caches freed memory itself and is left alone.
 
 The cost: memory freed after a peak stays with the process (reused by the next step, not returned to the
@@ -28,9 +35,10 @@ import ctypes
 import os
 import sys
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc <malloc.h>
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc ignores a larger mmap threshold on 64-bit (HEAP_MAX_SIZE / 2)
 KEEP_ALL = 2**31 - 1  # trim threshold: never give the heap's top back
+NO_MMAP, DEFAULT_MMAP_MAX = 0, 65536  # how many blocks may be mmapped at once: none when memory is kept
 RETURN_ABOVE = 1 << 20  # mmap threshold for memory-bound runs: blocks of 1 MiB and up unmapped when freed
 RETURN_TRIM = 128 << 10  # trim threshold for memory-bound runs: glibc's default
 OPT_OUT = "HYBRID_PRETRAIN_MALLOC"
@@ -49,7 +57,7 @@ def keep_freed_memory() -> str:
     One of "tcmalloc" / "jemalloc" (preloaded, untouched), "glibc, freed memory kept", "glibc defaults"
     (``HYBRID_PRETRAIN_MALLOC=system``, or not Linux / glibc). Safe to call more than once.
     """
-    return _set_glibc(MMAP_THRESHOLD_MAX, KEEP_ALL, "glibc, freed memory kept")
+    return _set_glibc(MMAP_THRESHOLD_MAX, KEEP_ALL, NO_MMAP, "glibc, freed memory kept")
 
 
 def return_freed_memory() -> str:
@@ -57,10 +65,10 @@ def return_freed_memory() -> str:
 
     Returns "glibc, freed memory returned", or what ``keep_freed_memory`` returns when it leaves malloc alone.
     """
-    return _set_glibc(RETURN_ABOVE, RETURN_TRIM, "glibc, freed memory returned")
+    return _set_glibc(RETURN_ABOVE, RETURN_TRIM, DEFAULT_MMAP_MAX, "glibc, freed memory returned")
 
 
-def _set_glibc(mmap_threshold: int, trim_threshold: int, name: str) -> str:
+def _set_glibc(mmap_threshold: int, trim_threshold: int, mmap_max: int, name: str) -> str:
     if (preloaded := preloaded_allocator()) is not None:
         return preloaded
     if os.environ.get(OPT_OUT, "").lower() == "system" or not sys.platform.startswith("linux"):
@@ -71,6 +79,7 @@ def _set_glibc(mmap_threshold: int, trim_threshold: int, name: str) -> str:
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return "glibc defaults"
     # mallopt returns 1 on success; the mmap threshold first: setting either turns off glibc's dynamic adjustment
-    if mallopt(M_MMAP_THRESHOLD, mmap_threshold) != 1 or mallopt(M_TRIM_THRESHOLD, trim_threshold) != 1:
+    if any(mallopt(option, value) != 1 for option, value in
+           ((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold), (M_MMAP_MAX, mmap_max))):
         return "glibc defaults"
     return name
