@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybrid_pretrain.kernels.causal_conv.dense import toeplitz_matrix
 from hybrid_pretrain.kernels.ssm_chunked.scan import ChunkStates
-from hybrid_pretrain.kernels.ssm_chunked.tables import PowerTable
+from hybrid_pretrain.kernels.ssm_chunked.tables import ChunkTables
 
 __all__ = ["chunk_length", "ssm_conv_chunked"]
 
@@ -55,26 +54,20 @@ def _ssm_conv_chunked(u: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor, C: t
     half = dtA.shape[-1]
     real = torch.float64 if torch.float64 in (u.dtype, dtA.real.dtype) else torch.float32
     cdtype = torch.complex128 if real == torch.float64 else torch.complex64
-    dtA, w = dtA.to(cdtype), (C * dB).to(cdtype)
     J = chunk_length(L)
     chunks = -(-L // J)
-    powers = PowerTable.apply(dtA, J + 1)  # (H, J + 1, N/2): z^j for j <= J
-    # s_c = sum_i u_c[i] z^(J - i): the rows z^J .. z^1 as (re, im) pairs
-    into_state = torch.view_as_real(powers[:, 1:].flip(1)).flatten(-2)  # (H, J, N)
-    # y from X: 2 Re(w z^j X) = sum over (re, im) of X's pairs times [2 Re(w z^j), -2 Im(w z^j)], i.e. 2 conj(w z^j)
-    readout = torch.view_as_real(powers[:, :J].conj() * (2 * w.conj()).unsqueeze(1)).flatten(-2)  # (H, J, N)
-    taps = readout.view(H, J, half, 2)[..., 0].sum(-1)  # (H, J): K[j] = 2 Re sum_n w z^j
-    # the within-chunk matrix (rows times it): T[i, j] = K[j - i] for j >= i, with D on the diagonal
-    toeplitz = toeplitz_matrix(taps, D, J, real).transpose(1, 2)  # (H, J, J)
+    # W (H, J, N + J): [z^(J - i) as (re, im) pairs | the within-chunk matrix, D on its diagonal], R (H, J, N):
+    # 2 conj(w z^j) as pairs, so that 2 Re(w z^j X) is X's pairs times R's; zJ (H, N/2) = z^J
+    W, R, zJ = ChunkTables.apply(dtA.to(cdtype), (C * dB).to(cdtype), None if D is None else D.to(real), J)
     rows = u.transpose(0, 1).to(real)  # (H, B, L): contiguous for channel-major u (kernels/channel_major.py)
     if chunks * J != L:
         rows = F.pad(rows, (0, chunks * J - L))
     rows = rows.reshape(H, B * chunks, J)  # (H, B C, J)
     # one matmul for both products of the input chunks: [own state contribution | within-chunk output]
     # (split, not slices: the backward of two slices would zero-fill and add two full-size gradients)
-    own, within = torch.bmm(rows, torch.cat([into_state, toeplitz], dim=-1)).split([2 * half, J], dim=-1)
+    own, within = torch.bmm(rows, W).split([2 * half, J], dim=-1)
     own = own if J % 2 == 0 else own.contiguous()  # complex views need even strides (rows of N + J numbers)
     s = torch.view_as_complex(own.unflatten(-1, (half, 2)))  # (H, B C, N/2)
-    X = ChunkStates.apply(s.view(H, B, chunks, half), powers[:, J:])  # (H, B, C, N/2)
-    y = torch.baddbmm(within, torch.view_as_real(X).view(H, B * chunks, 2 * half), readout.transpose(1, 2))
+    X = ChunkStates.apply(s.view(H, B, chunks, half), zJ)  # (H, B, C, N/2), a view of chunk-major states
+    y = torch.baddbmm(within, torch.view_as_real(X).view(H, B * chunks, 2 * half), R.transpose(1, 2))
     return y.view(H, B, chunks * J)[..., :L].transpose(0, 1).to(u.dtype)  # (B, H, L)
