@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybrid_pretrain.kernels.ssm_chunked.scan import ChunkStates
+from hybrid_pretrain.kernels.ssm_chunked.core import ChunkProducts
 from hybrid_pretrain.kernels.ssm_chunked.tables import ChunkTables
 
 __all__ = ["chunk_length", "ssm_conv_chunked"]
@@ -56,18 +56,12 @@ def _ssm_conv_chunked(u: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor, C: t
     cdtype = torch.complex128 if real == torch.float64 else torch.complex64
     J = chunk_length(L)
     chunks = -(-L // J)
-    # W (H, J, N + J): [z^(J - i) as (re, im) pairs | the within-chunk matrix, D on its diagonal], R (H, J, N):
-    # 2 conj(w z^j) as pairs, so that 2 Re(w z^j X) is X's pairs times R's; zJ (H, N/2) = z^J
-    W, R, zJ = ChunkTables.apply(dtA.to(cdtype), (C * dB).to(cdtype), None if D is None else D.to(real), J)
+    # I (H, J, N): z^(J - i) as (re, im) pairs, T (H, J, J): the within-chunk matrix (D on its diagonal),
+    # R (H, J, N): 2 conj(w z^j) as pairs, so that 2 Re(w z^j X) is X's pairs times R's; zJ (H, N/2) = z^J
+    I, T, R, zJ = ChunkTables.apply(dtA.to(cdtype), (C * dB).to(cdtype), None if D is None else D.to(real), J)
     rows = u.transpose(0, 1).to(real)  # (H, B, L): contiguous for channel-major u (kernels/channel_major.py)
     if chunks * J != L:
         rows = F.pad(rows, (0, chunks * J - L))
     rows = rows.reshape(H, B * chunks, J)  # (H, B C, J)
-    # one matmul for both products of the input chunks: [own state contribution | within-chunk output]
-    # (split, not slices: the backward of two slices would zero-fill and add two full-size gradients)
-    own, within = torch.bmm(rows, W).split([2 * half, J], dim=-1)
-    own = own if J % 2 == 0 else own.contiguous()  # complex views need even strides (rows of N + J numbers)
-    s = torch.view_as_complex(own.unflatten(-1, (half, 2)))  # (H, B C, N/2)
-    X = ChunkStates.apply(s.view(H, B, chunks, half), zJ)  # (H, B, C, N/2), a view of chunk-major states
-    y = torch.baddbmm(within, torch.view_as_real(X).view(H, B * chunks, 2 * half), R.transpose(1, 2))
+    y = ChunkProducts.apply(rows, I, T, R, zJ, B)  # (H, B C, J)
     return y.view(H, B, chunks * J)[..., :L].transpose(0, 1).to(u.dtype)  # (B, H, L)
