@@ -51,17 +51,16 @@ def ssm_conv_chunked(u: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor, C: to
 def _ssm_conv_chunked(u: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor, C: torch.Tensor,
                       D: torch.Tensor | None) -> torch.Tensor:
     B, H, L = u.shape
-    half = dtA.shape[-1]
     real = torch.float64 if torch.float64 in (u.dtype, dtA.real.dtype) else torch.float32
     cdtype = torch.complex128 if real == torch.float64 else torch.complex64
     J = chunk_length(L)
     chunks = -(-L // J)
-    # I (H, J, N): z^(J - i) as (re, im) pairs, T (H, J, J): the within-chunk matrix (D on its diagonal),
+    # E (H, J, N): z^(J - i) as (re, im) pairs, T (H, J, J): the within-chunk matrix (D on its diagonal),
     # R (H, J, N): 2 conj(w z^j) as pairs, so that 2 Re(w z^j X) is X's pairs times R's; zJ (H, N/2) = z^J
-    I, T, R, zJ = ChunkTables.apply(dtA.to(cdtype), (C * dB).to(cdtype), None if D is None else D.to(real), J)
+    E, T, R, zJ = ChunkTables.apply(dtA.to(cdtype), (C * dB).to(cdtype), None if D is None else D.to(real), J)
     rows = u.transpose(0, 1).to(real)  # (H, B, L): contiguous for channel-major u (kernels/channel_major.py)
     if chunks * J != L:
         rows = F.pad(rows, (0, chunks * J - L))
     rows = rows.reshape(H, B * chunks, J)  # (H, B C, J)
-    y = ChunkProducts.apply(rows, I, T, R, zJ, B)  # (H, B C, J)
+    y = ChunkProducts.apply(rows, E, T, R, zJ, B)  # (H, B C, J)
     return y.view(H, B, chunks * J)[..., :L].transpose(0, 1).to(u.dtype)  # (B, H, L)

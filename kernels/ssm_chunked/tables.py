@@ -2,22 +2,22 @@
 
 With z = exp(dtA) per mode and P_k = z^k:
 
-    I[:, i] = P_(J-i) as (re, im) pairs          (a chunk's input i -> its state at the chunk's end)
+    E[:, i] = P_(J-i) as (re, im) pairs          (a chunk's input i -> its state at the chunk's end)
     T[:, i, j] = K[j - i] for j >= i, else 0, plus D at j = i    (input i -> within-chunk output j)
     R[:, j] = conj(2 w P_j) as pairs             (the state entering a chunk -> its output j)
     zJ = P_J,    K[l] = 2 Re sum_n w P_l = sum_n Re R[l, n]
 
 Each table is written once, contiguous: P_k = A_(k1) F_(k2) for k = k1 K2 + k2, with coarse A_(k1) = z^(k1 K2)
 and fine F_(k2) = z^(k2) (exp, cos and sin on K1 + K2 ~ 2 sqrt(J) numbers per mode,
-``vandermonde.chunked._powers``), so I and R are one outer product of two small tables each (I from the
+``vandermonde.chunked._powers``), so E and R are one outer product of two small tables each (E from the
 factors read backwards); T is a flipped unfold of [0] * J + K. Autograd through ``torch.exp``, flips, a cat
 and an index_select had cost about twice the forward again in backward (README.md).
 
-Backward, in PyTorch's convention for complex gradients (dL/dRe + i dL/dIm), with dI, dR as complex numbers:
+Backward, in PyTorch's convention for complex gradients (dL/dRe + i dL/dIm), with dE, dR as complex numbers:
 
     dK_l  = sum_i dT[i, i + l]  (diagonal sums),   dD = dK_0,   g_j = dR_j + dK_j  (the taps read Re R)
     dw    = 2 conj(sum_j P_j g_j)
-    d dtA = sum_i (J - i) conj(P_(J-i)) dI_i + conj(2 w sum_j j P_j g_j) + J conj(zJ) dzJ
+    d dtA = sum_i (J - i) conj(P_(J-i)) dE_i + conj(2 w sum_j j P_j g_j) + J conj(zJ) dzJ
 
 (every table is holomorphic in dtA, d P_k / d dtA = k P_k). The sums over j are one product with the rebuilt
 table and a (2, J) matmul of weights [1, j]; the diagonal sums a matmul with a skewed view of dT padded by J
@@ -60,7 +60,7 @@ def _as_complex(pairs: torch.Tensor) -> torch.Tensor:
 
 
 class ChunkTables(torch.autograd.Function):
-    """dtA, w (H, N/2) complex, D (H,) or None, J -> I (H, J, N), T (H, J, J), R (H, J, N) real, zJ (H, N/2) complex."""
+    """dtA, w (H, N/2) complex, D (H,) or None, J -> E (H, J, N), T (H, J, J), R (H, J, N) real, zJ (H, N/2) complex."""
 
     @staticmethod
     def forward(ctx, dtA: torch.Tensor, w: torch.Tensor, D: torch.Tensor | None, J: int
@@ -80,14 +80,14 @@ class ChunkTables(torch.autograd.Function):
             band[:, J] += D
         # windows a = 1 .. J of band are T's rows J - a: T[i, j] = band[J - i + j]
         T = band.unfold(1, J, 1)[:, 1:].flip(1)  # (H, J, J)
-        I = _pairs(coarse.flip(1), fine[:, 1:].flip(1))  # P_(J-i) = A_(K1-1-i1) F_(K2-i2) for i = i1 K2 + i2
+        E = _pairs(coarse.flip(1), fine[:, 1:].flip(1))  # P_(J-i) = A_(K1-1-i1) F_(K2-i2) for i = i1 K2 + i2
         zJ = coarse[:, -1] * fine[:, -1]
         ctx.save_for_backward(w, coarse, fine, zJ)
         ctx.has_D = D is not None
-        return I, T, R, zJ
+        return E, T, R, zJ
 
     @staticmethod
-    def backward(ctx, dI: torch.Tensor | None, dT: torch.Tensor | None, dR: torch.Tensor | None,
+    def backward(ctx, dE: torch.Tensor | None, dT: torch.Tensor | None, dR: torch.Tensor | None,
                  dzJ: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None]:
         w, coarse, fine, zJ = ctx.saved_tensors
         H, K1, half = coarse.shape
@@ -112,10 +112,10 @@ class ChunkTables(torch.autograd.Function):
                 sums += _weighted_sums(weights, torch.view_as_real(product).flatten(-2))
             dw = 2 * sums[:, 0].conj()
             d_dtA = d_dtA + (2 * w * sums[:, 1]).conj()
-        if dI is not None:
-            # sum_i (J - i) conj(P_(J-i)) dI_i, conj(P_(J-i)) rebuilt from the conjugated factors read backwards
-            conj_I = _as_complex(_pairs(coarse.flip(1).conj_physical(), fine[:, 1:].flip(1).conj_physical()))
-            product = torch.view_as_real(conj_I * _as_complex(dI)).flatten(-2)  # (H, J, N)
+        if dE is not None:
+            # sum_i (J - i) conj(P_(J-i)) dE_i, conj(P_(J-i)) rebuilt from the conjugated factors read backwards
+            conj_E = _as_complex(_pairs(coarse.flip(1).conj_physical(), fine[:, 1:].flip(1).conj_physical()))
+            product = torch.view_as_real(conj_E * _as_complex(dE)).flatten(-2)  # (H, J, N)
             d_dtA = d_dtA + _weighted_sums((J - j).unsqueeze(0), product)[:, 0]
         dD = dK[:, 0].clone() if ctx.has_D and dK is not None else None
         return d_dtA, dw, dD, None
