@@ -61,10 +61,15 @@ class ChunkProducts(torch.autograd.Function):
         ds_conj = torch.empty_like(X)
         ds_conj[:, C - 1] = 0
         torch.view_as_real(ds_conj)[:, :-1] = dX_conj[:, :, 1:].permute(1, 2, 0, 3, 4)
-        for c in range(C - 3, -1, -1):
-            ds_conj[:, c].addcmul_(zJ, ds_conj[:, c + 1])
-        # d zJ = sum_c G_c conj(X_(c-1)) = conj(sum_c conj(ds_c) X_c), c = 1 .. C - 2
-        dzJ = (ds_conj[:, 1:-1] * X[:, 1:-1]).sum((0, 1)).conj()  # (H, N/2)
+        # with d zJ = sum_c G_c conj(X_(c-1)) = conj(sum_c conj(ds_c) X_c) over c = 1 .. C - 2 summed on the way,
+        # while conj(ds_c) is in cache (a product and a sum over all chunks afterwards took 1.5x as long)
+        acc = torch.zeros(B, H, half, dtype=X.dtype, device=X.device)
+        for c in range(C - 2, -1, -1):
+            if c < C - 2:
+                ds_conj[:, c].addcmul_(zJ, ds_conj[:, c + 1])
+            if c > 0:
+                acc.addcmul_(ds_conj[:, c], X[:, c])
+        dzJ = acc.sum(0).conj()  # (H, N/2)
         ds_rows = _rows(ds_conj)  # conj(ds) as (H, B C, N) pairs
         drows = None
         if ctx.needs_input_grad[0]:  # ds E^T = conj(ds) conj(E)^T in pairs

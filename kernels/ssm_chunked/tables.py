@@ -20,16 +20,17 @@ Backward, in PyTorch's convention for complex gradients (dL/dRe + i dL/dIm), wit
     d dtA = sum_i (J - i) conj(P_(J-i)) dE_i + conj(2 w sum_j j P_j g_j) + J conj(zJ) dzJ
 
 (every table is holomorphic in dtA, d P_k / d dtA = k P_k). The sums over j are one product with the rebuilt
-table and a (2, J) matmul of weights [1, j]; the diagonal sums a matmul with a skewed view of dT padded by J
-zeros per row (no mask, no index_add).
+table and a (2, J) matmul of weights [1, j]; the diagonal sums one masked sum over a skewed view of dT (no
+index_add). The tables are computed power-major, (J, H, .), and handed over as (H, J, .) views.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import math
 
-from hybrid_pretrain.kernels.vandermonde.chunked import _factors, _powers
+import torch
+
+from hybrid_pretrain.kernels.vandermonde.chunked import _factors
 
 
 def _split(J: int) -> tuple[int, int]:
@@ -38,10 +39,28 @@ def _split(J: int) -> tuple[int, int]:
     return (K1, K2) if K1 * K2 == J else (J, 1)
 
 
+def _powers(dtA: torch.Tensor, count: int, stride: int, real: torch.dtype) -> torch.Tensor:
+    """exp(dtA stride k) for k < count, power-major: (count, H, N/2) complex.
+
+    ``vandermonde.chunked._powers`` (phases reduced modulo 2 pi in fp64, decays floored at exp(log(tiny) / 4))
+    with the power first: elementwise ops then run over H N/2 contiguous numbers per power instead of N/2
+    (3-5x faster at 1024 channels on the 2-core VM).
+    """
+    base = dtA.detach().to(torch.complex128) * stride
+    turn = 2 * math.pi
+    a, b = base.real.to(real), (base.imag - turn * torch.round(base.imag / turn)).to(real)
+    k = torch.arange(count, device=dtA.device, dtype=real).view(count, 1, 1)
+    decay = torch.exp_((a * k).clamp_min_(math.log(torch.finfo(real).tiny) / 4))
+    angle = b * k
+    return torch.complex(decay * torch.cos(angle), decay * torch.sin(angle))
+
+
 def _pairs(coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
-    """coarse (H, K1, N/2), fine (H, K2, N/2) complex -> (H, K1 K2, N) real: coarse[k1] fine[k2] as (re, im) pairs."""
-    H, K1, half = coarse.shape
-    return torch.view_as_real(coarse.unsqueeze(2) * fine.unsqueeze(1)).view(H, -1, 2 * half)
+    """coarse (K1, H, N/2), fine (K2, H, N/2) complex -> (H, K1 K2, N) real: coarse[k1] fine[k2] as (re, im) pairs,
+    a view of a power-major (K1 K2, H, N) table (a matmul operand with leading dimension H N)."""
+    K1, H, half = coarse.shape
+    table = coarse.unsqueeze(1) * fine.unsqueeze(0)  # (K1, K2, H, N/2)
+    return torch.view_as_real(table).view(-1, H, 2 * half).transpose(0, 1)
 
 
 def _weighted_sums(weights: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
@@ -68,20 +87,21 @@ class ChunkTables(torch.autograd.Function):
         H, half = dtA.shape
         N, real = 2 * half, dtA.real.dtype
         K1, K2 = _split(J)
-        coarse = _powers(dtA, K1, K2, real)  # (H, K1, N/2): z^(k1 K2)
-        fine = _powers(dtA, K2 + 1, 1, real)  # (H, K2 + 1, N/2): z^k2 for k2 <= K2
+        coarse = _powers(dtA, K1, K2, real)  # (K1, H, N/2): z^(k1 K2)
+        fine = _powers(dtA, K2 + 1, 1, real)  # (K2 + 1, H, N/2): z^k2 for k2 <= K2
         # w folded into the coarse factor; conjugates of the small factors, not of the table
-        R = _pairs((2 * w.unsqueeze(1) * coarse).conj_physical(), fine[:, :K2].conj_physical())
-        # K[l] = sum_n Re R[l, n]: R's pairs times [1, 0, 1, 0, ..]
-        taps = torch.matmul(R, torch.arange(N, device=R.device).remainder(2).eq(0).to(real))  # (H, J)
+        R = _pairs((2 * w * coarse).conj_physical(), fine[:K2].conj_physical())
+        # K[l] = sum_n Re R[l, n]: R's pairs times [1, 0, 1, 0, ..], one matrix-vector product over (J H, N)
+        even = torch.arange(N, device=R.device).remainder(2).eq(0).to(real)
+        taps = torch.mv(R.transpose(0, 1).reshape(J * H, N), even).view(J, H).t()  # (H, J)
         band = torch.zeros(H, 2 * J, dtype=real, device=R.device)
         band[:, J:] = taps
         if D is not None:
             band[:, J] += D
         # windows a = 1 .. J of band are T's rows J - a: T[i, j] = band[J - i + j]
         T = band.unfold(1, J, 1)[:, 1:].flip(1)  # (H, J, J)
-        E = _pairs(coarse.flip(1), fine[:, 1:].flip(1))  # P_(J-i) = A_(K1-1-i1) F_(K2-i2) for i = i1 K2 + i2
-        zJ = coarse[:, -1] * fine[:, -1]
+        E = _pairs(coarse.flip(0), fine[1:].flip(0))  # P_(J-i) = A_(K1-1-i1) F_(K2-i2) for i = i1 K2 + i2
+        zJ = coarse[-1] * fine[-1]
         ctx.save_for_backward(w, coarse, fine, zJ)
         ctx.has_D = D is not None
         return E, T, R, zJ
@@ -90,8 +110,8 @@ class ChunkTables(torch.autograd.Function):
     def backward(ctx, dE: torch.Tensor | None, dT: torch.Tensor | None, dR: torch.Tensor | None,
                  dzJ: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None]:
         w, coarse, fine, zJ = ctx.saved_tensors
-        H, K1, half = coarse.shape
-        K2 = fine.shape[1] - 1
+        K1, H, half = coarse.shape
+        K2 = fine.shape[0] - 1
         J, real = K1 * K2, coarse.real.dtype
         j = torch.arange(J, device=w.device, dtype=real)
         weights = torch.stack([torch.ones_like(j), j])  # (2, J): [1, j]
@@ -99,13 +119,16 @@ class ChunkTables(torch.autograd.Function):
         dw = torch.zeros_like(w)
         dK = None
         if dT is not None or dR is not None:
-            P = _pairs(coarse, fine[:, :K2])  # (H, J, N): P_j
+            P = _pairs(coarse, fine[:K2])  # (H, J, N): P_j
             sums = torch.zeros(H, 2, half, dtype=w.dtype, device=w.device)  # sum_j P_j g_j, sum_j j P_j g_j
             if dT is not None:
-                # dK_l = sum_i dT[i, i + l]: row i of [dT | 0] read from column i on, summed over i by a matmul
-                padded = F.pad(dT, (0, J))  # (H, J, 2J)
-                skew = padded.as_strided((H, J, J), (2 * J * J, 2 * J + 1, 1), padded.storage_offset())
-                dK = torch.bmm(torch.ones(1, 1, J, dtype=real, device=w.device).expand(H, 1, J), skew).view(H, J)
+                # dK_l = sum_i dT[i, i + l]: row i read from column i on (a view with row stride J + 1), rows
+                # i < J - 1 (whose overhang i + l >= J reads the next row's start, masked) and the last diagonal entry
+                dT = dT.contiguous()
+                skew = dT.as_strided((H, J - 1, J), (J * J, J + 1, 1), dT.storage_offset())
+                valid = (torch.arange(J - 1, device=w.device).unsqueeze(1) + torch.arange(J, device=w.device)) < J
+                dK = (skew * valid).sum(1)  # (H, J)
+                dK[:, 0] += dT[:, J - 1, J - 1]
                 sums += _weighted_sums(weights.unsqueeze(0) * dK.unsqueeze(1), P)
             if dR is not None:
                 product = _as_complex(P) * _as_complex(dR)  # (H, J, N/2): P_j dR_j
@@ -114,7 +137,7 @@ class ChunkTables(torch.autograd.Function):
             d_dtA = d_dtA + (2 * w * sums[:, 1]).conj()
         if dE is not None:
             # sum_i (J - i) conj(P_(J-i)) dE_i, conj(P_(J-i)) rebuilt from the conjugated factors read backwards
-            conj_E = _as_complex(_pairs(coarse.flip(1).conj_physical(), fine[:, 1:].flip(1).conj_physical()))
+            conj_E = _as_complex(_pairs(coarse.flip(0).conj_physical(), fine[1:].flip(0).conj_physical()))
             product = torch.view_as_real(conj_E * _as_complex(dE)).flatten(-2)  # (H, J, N)
             d_dtA = d_dtA + _weighted_sums((J - j).unsqueeze(0), product)[:, 0]
         dD = dK[:, 0].clone() if ctx.has_D and dK is not None else None
