@@ -39,28 +39,32 @@ def _split(J: int) -> tuple[int, int]:
     return (K1, K2) if K1 * K2 == J else (J, 1)
 
 
-def _powers(dtA: torch.Tensor, count: int, stride: int, real: torch.dtype) -> torch.Tensor:
-    """exp(dtA stride k) for k < count, power-major: (count, H, N/2) complex.
+def _factors_of(dtA: torch.Tensor, K1: int, K2: int, real: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The power table's factors, power-major: coarse z^(k1 K2) for k1 < K1 (K1, H, N/2) and fine z^k2 for
+    k2 <= K2 (K2 + 1, H, N/2), complex.
 
-    ``vandermonde.chunked._powers`` (phases reduced modulo 2 pi in fp64, decays floored at exp(log(tiny) / 4))
-    with the power first: elementwise ops then run over H N/2 contiguous numbers per power instead of N/2
-    (3-5x faster at 1024 channels on the 2-core VM).
+    ``vandermonde.chunked._powers`` for both strides at once (phases reduced modulo 2 pi in fp64, decays floored
+    at exp(log(tiny) / 4)), with the power first: elementwise ops then run over H N/2 contiguous numbers per
+    power instead of N/2 (3-5x faster at 1024 channels on the 2-core VM).
     """
-    base = dtA.detach().to(torch.complex128) * stride
+    count = max(K1, K2 + 1)
+    base = dtA.detach().to(torch.complex128) * torch.tensor([K2, 1], device=dtA.device).view(2, 1, 1)
     turn = 2 * math.pi
-    a, b = base.real.to(real), (base.imag - turn * torch.round(base.imag / turn)).to(real)
+    a, b = base.real.to(real), (base.imag - turn * torch.round(base.imag / turn)).to(real)  # (2, H, N/2)
     k = torch.arange(count, device=dtA.device, dtype=real).view(count, 1, 1)
-    decay = torch.exp_((a * k).clamp_min_(math.log(torch.finfo(real).tiny) / 4))
-    angle = b * k
-    return torch.complex(decay * torch.cos(angle), decay * torch.sin(angle))
+    decay = torch.exp_((a.unsqueeze(1) * k).clamp_min_(math.log(torch.finfo(real).tiny) / 4))
+    angle = b.unsqueeze(1) * k  # (2, count, H, N/2)
+    powers = torch.complex(decay * torch.cos(angle), decay * torch.sin(angle))
+    return powers[0, :K1], powers[1, :K2 + 1]
 
 
-def _pairs(coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
-    """coarse (K1, H, N/2), fine (K2, H, N/2) complex -> (H, K1 K2, N) real: coarse[k1] fine[k2] as (re, im) pairs,
-    a view of a power-major (K1 K2, H, N) table (a matmul operand with leading dimension H N)."""
-    K1, H, half = coarse.shape
-    table = coarse.unsqueeze(1) * fine.unsqueeze(0)  # (K1, K2, H, N/2)
-    return torch.view_as_real(table).view(-1, H, 2 * half).transpose(0, 1)
+def _pairs(coarse: torch.Tensor, fine: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """coarse (M, K1, H, N/2), fine (M, K2, H, N/2) complex -> M tables (H, K1 K2, N) real: coarse[m, k1] fine[m, k2]
+    as (re, im) pairs, views of one power-major (M, K1 K2, H, N) product (matmul operands with leading dimension
+    H N)."""
+    M, K1, H, half = coarse.shape
+    table = coarse.unsqueeze(2) * fine.unsqueeze(1)  # (M, K1, K2, H, N/2)
+    return torch.view_as_real(table).view(M, -1, H, 2 * half).transpose(1, 2).unbind(0)
 
 
 def _weighted_sums(weights: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
@@ -87,10 +91,11 @@ class ChunkTables(torch.autograd.Function):
         H, half = dtA.shape
         N, real = 2 * half, dtA.real.dtype
         K1, K2 = _split(J)
-        coarse = _powers(dtA, K1, K2, real)  # (K1, H, N/2): z^(k1 K2)
-        fine = _powers(dtA, K2 + 1, 1, real)  # (K2 + 1, H, N/2): z^k2 for k2 <= K2
-        # w folded into the coarse factor; conjugates of the small factors, not of the table
-        R = _pairs((2 * w * coarse).conj_physical(), fine[:K2].conj_physical())
+        coarse, fine = _factors_of(dtA, K1, K2, real)  # (K1, H, N/2): z^(k1 K2); (K2 + 1, H, N/2): z^k2
+        # R with w folded into the coarse factor, conjugates of the small factors, not of the table; E: P_(J-i) =
+        # A_(K1-1-i1) F_(K2-i2) for i = i1 K2 + i2. One product for both.
+        R, E = _pairs(torch.stack([(2 * w * coarse).conj_physical(), coarse.flip(0)]),
+                      torch.stack([fine[:K2].conj_physical(), fine[1:].flip(0)]))
         # K[l] = sum_n Re R[l, n]: R's pairs times [1, 0, 1, 0, ..], one matrix-vector product over (J H, N)
         even = torch.arange(N, device=R.device).remainder(2).eq(0).to(real)
         taps = torch.mv(R.transpose(0, 1).reshape(J * H, N), even).view(J, H).t()  # (H, J)
@@ -100,7 +105,6 @@ class ChunkTables(torch.autograd.Function):
             band[:, J] += D
         # windows a = 1 .. J of band are T's rows J - a: T[i, j] = band[J - i + j]
         T = band.unfold(1, J, 1)[:, 1:].flip(1)  # (H, J, J)
-        E = _pairs(coarse.flip(0), fine[1:].flip(0))  # P_(J-i) = A_(K1-1-i1) F_(K2-i2) for i = i1 K2 + i2
         zJ = coarse[-1] * fine[-1]
         ctx.save_for_backward(w, coarse, fine, zJ)
         ctx.has_D = D is not None
@@ -118,8 +122,10 @@ class ChunkTables(torch.autograd.Function):
         d_dtA = J * zJ.conj() * dzJ if dzJ is not None else torch.zeros_like(zJ)
         dw = torch.zeros_like(w)
         dK = None
+        # P_j and conj(P_(J-i)) (conj(E), from the conjugated factors read backwards), one product
+        P, conj_E = _pairs(torch.stack([coarse, coarse.flip(0).conj_physical()]),
+                           torch.stack([fine[:K2], fine[1:].flip(0).conj_physical()]))
         if dT is not None or dR is not None:
-            P = _pairs(coarse, fine[:K2])  # (H, J, N): P_j
             sums = torch.zeros(H, 2, half, dtype=w.dtype, device=w.device)  # sum_j P_j g_j, sum_j j P_j g_j
             if dT is not None:
                 # dK_l = sum_i dT[i, i + l]: row i read from column i on (a view with row stride J + 1), rows
@@ -136,9 +142,8 @@ class ChunkTables(torch.autograd.Function):
             dw = 2 * sums[:, 0].conj()
             d_dtA = d_dtA + (2 * w * sums[:, 1]).conj()
         if dE is not None:
-            # sum_i (J - i) conj(P_(J-i)) dE_i, conj(P_(J-i)) rebuilt from the conjugated factors read backwards
-            conj_E = _as_complex(_pairs(coarse.flip(0).conj_physical(), fine[1:].flip(0).conj_physical()))
-            product = torch.view_as_real(conj_E * _as_complex(dE)).flatten(-2)  # (H, J, N)
+            # sum_i (J - i) conj(P_(J-i)) dE_i
+            product = torch.view_as_real(_as_complex(conj_E) * _as_complex(dE)).flatten(-2)  # (H, J, N)
             d_dtA = d_dtA + _weighted_sums((J - j).unsqueeze(0), product)[:, 0]
         dD = dK[:, 0].clone() if ctx.has_D and dK is not None else None
         return d_dtA, dw, dD, None
