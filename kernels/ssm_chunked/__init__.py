@@ -28,12 +28,12 @@ __all__ = ["chunk_length", "ssm_conv_chunked"]
 
 
 def chunk_length(length: int) -> int:
-    """J: 64 steps per chunk (32 below 4K steps; the whole sequence when shorter).
+    """J: 64 steps per chunk from 8K steps, 32 below (the whole sequence when shorter).
 
-    The Toeplitz matmul costs L J per channel and the scan C = L / J sequential steps: 64 was fastest at
-    L 8K and 32 at L 1K (d_model 256 and 1024, one thread, the 2-core VM; README.md).
+    The Toeplitz matmul costs L J per channel and the scan C = L / J sequential steps: 32 was fastest from 1K
+    to 4K, 64 at 8K (d_model 256 and 1024, one thread, the 2-core VM; README.md).
     """
-    return min(length, 64 if length >= 4096 else 32)
+    return min(length, 64 if length >= 8192 else 32)
 
 
 def ssm_conv_chunked(u: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor, C: torch.Tensor,

@@ -102,7 +102,7 @@ def test_autocast_keeps_the_convolution_in_fp32() -> None:
 
 
 def test_chunk_length() -> None:
-    assert [chunk_length(L) for L in (1, 31, 1024, 4095, 4096, 65536)] == [1, 31, 32, 32, 64, 64]
+    assert [chunk_length(L) for L in (1, 31, 1024, 8191, 8192, 65536)] == [1, 31, 32, 32, 64, 64]
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU dispatch")
