@@ -11,9 +11,10 @@ diagonal), the second the state X_c entering the chunk read out through a (N, J)
 each chunk's own contribution s_c[n] = sum_i z_n^(J - i) u_c[i] (a (J, N) matmul) by the scan
 X_c = z^J X_(c-1) + s_(c-1) (``scan.py``). Every table has J rows, so nothing of length L exists but u and y:
 no kernel of length L (no Vandermonde product over L), no FFT and no complex spectra. Work is linear in L,
-about L (J + 2N) multiply-adds per channel forward, as batched matmuls. Autograd differentiates the matmuls
-and the tables; the scan and the power table have their own backward. ``kernels.fftconv.ssm_conv_ref`` is
-the reference. README.md has the measurements behind the choice of J and of where this path is used.
+about L (J + 2N) multiply-adds per channel forward, as batched matmuls. Two autograd Functions with
+hand-written backwards: ``tables.ChunkTables`` (dtA, w, D -> the tables) and ``core.ChunkProducts`` (the
+matmuls and the scan). ``kernels.fftconv.ssm_conv_ref`` is the reference. README.md has the measurements
+behind the choice of J and of where this path is used.
 """
 
 from __future__ import annotations
