@@ -3,7 +3,7 @@
 Tokens/s of one optimizer step (forward, backward, AdamW) at sequence lengths 1K / 2K / 4K / 8K with
 the same width, depth, FFN and vocabulary; the Transformer replaces every H3 layer by attention
 (PyTorch SDPA, the flash kernel on CPU and GPU). H3 layers cost O(L log L) (FFT convolution; O(L) by chunks
-when training on CPU from 4K steps), attention O(L^2), so the ratio grows with L.
+when training on CPU from 1K steps), attention O(L^2), so the ratio grows with L.
 
 Default shape is small (d_model 256, 4 layers, 4k vocabulary, batch 1) for a laptop CPU; on a GPU use
 e.g. ``--config configs/h3_hybrid_125m.yaml --device cuda --dtype bf16 --batch 4``.

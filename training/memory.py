@@ -73,7 +73,7 @@ def layer_activations(model_cfg, layer, tokens: int, seq_len: int, elem: int, tp
     transient = tokens * h * LAYER_TRANSIENT / tp_size * elem
     transient += max(model_cfg.ffn_dim, 3 * h) * h / tp_size * elem  # its largest weight gradient, not yet accumulated
     if layer.mixer == "h3":
-        # its (s, H) fp32 kernel, shared by the batch (the GPU and short-sequence path; CPU training from 4K steps
+        # its (s, H) fp32 kernel, shared by the batch (the GPU and short-sequence path; CPU training from 1K steps
         # runs by chunks, kernels/ssm_chunked, and keeps its chunk states instead: about u's bytes per channel)
         saved += seq_len * (h // model_cfg.h3_head_dim) / tp_size * 4
     if layer.ffn == "moe":

@@ -68,16 +68,17 @@ def fftconv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> 
 
 
 CPU_STATE_PASSING_FROM = 16384
-CPU_CHUNKED_FROM = 4096
+CPU_CHUNKED_FROM = 1024
 
 
 def ssm_conv_path(u: torch.Tensor) -> str:
     """Which algorithm ``ssm_conv`` uses for u: "fftconv" (one convolution), "chunked" or "state_passing"."""
     # CUDA beyond 8K: chunks of 8K through the fused kernel plus an (N/2)-vector carried per chunk,
-    # instead of a full-length cuFFT. CPU from 4K under autograd (training): matmuls within chunks of 64 and a
-    # scan of states between them (``kernels.ssm_chunked``): 0.85x / 0.61x / 0.43x the time of building the
-    # kernel and convolving by FFT at 4K / 8K / 16K (bench/fftconv.py, 256 channels, 1 thread), less memory, no
-    # kernel of length L; at 1K no faster, so shorter sequences keep the FFT. CPU without autograd (prefill,
+    # instead of a full-length cuFFT. CPU from 1K under autograd (training): matmuls within chunks of 32-64 and a
+    # scan of states between them (``kernels.ssm_chunked``): 0.83-0.85x / 0.62-0.65x / 0.63x the time of building
+    # the kernel and convolving by FFT at 1K / 2K / 4K (256 and 1024 channels, batch 1, 1 thread, alternating in
+    # one process; 0.93-0.96x at batch 8), no kernel of length L; at 512 even, at 256 1.35x, so shorter
+    # sequences keep the FFT (kernels/ssm_chunked/README.md). CPU without autograd (prefill,
     # evaluation) keeps the FFT with the SSM's cached kernel up to 16K; beyond, the reference's (H, N/2, L)
     # Vandermonde dominates:
     # bench/fftconv.py on a 2-core VM: state passing 0.51x the time, 0.26x the peak memory at 64K (0.9x,

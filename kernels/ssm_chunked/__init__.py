@@ -11,9 +11,10 @@ diagonal), the second the state X_c entering the chunk read out through a (N, J)
 each chunk's own contribution s_c[n] = sum_i z_n^(J - i) u_c[i] (a (J, N) matmul) by the scan
 X_c = z^J X_(c-1) + s_(c-1) (``scan.py``). Every table has J rows, so nothing of length L exists but u and y:
 no kernel of length L (no Vandermonde product over L), no FFT and no complex spectra. Work is linear in L,
-about L (J + 2N) multiply-adds per channel forward, as batched matmuls. Autograd differentiates the matmuls
-and the tables; the scan and the power table have their own backward. ``kernels.fftconv.ssm_conv_ref`` is
-the reference. README.md has the measurements behind the choice of J and of where this path is used.
+about L (J + 2N) multiply-adds per channel forward, as batched matmuls. Two autograd Functions with
+hand-written backwards: ``tables.ChunkTables`` (dtA, w, D -> the tables) and ``core.ChunkProducts`` (the
+matmuls and the scan). ``kernels.fftconv.ssm_conv_ref`` is the reference. README.md has the measurements
+behind the choice of J and of where this path is used.
 """
 
 from __future__ import annotations
@@ -21,20 +22,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybrid_pretrain.kernels.causal_conv.dense import toeplitz_matrix
-from hybrid_pretrain.kernels.ssm_chunked.scan import ChunkStates
-from hybrid_pretrain.kernels.ssm_chunked.tables import PowerTable
+from hybrid_pretrain.kernels.ssm_chunked.core import ChunkProducts
+from hybrid_pretrain.kernels.ssm_chunked.tables import ChunkTables
 
 __all__ = ["chunk_length", "ssm_conv_chunked"]
 
 
 def chunk_length(length: int) -> int:
-    """J: 64 steps per chunk (32 below 4K steps; the whole sequence when shorter).
+    """J: 64 steps per chunk from 8K steps, 32 below (the whole sequence when shorter).
 
-    The Toeplitz matmul costs L J per channel and the scan C = L / J sequential steps: 64 was fastest at
-    L 8K and 32 at L 1K (d_model 256 and 1024, one thread, the 2-core VM; README.md).
+    The Toeplitz matmul costs L J per channel and the scan C = L / J sequential steps: 32 was fastest from 1K
+    to 4K, 64 at 8K (d_model 256 and 1024, one thread, the 2-core VM; README.md).
     """
-    return min(length, 64 if length >= 4096 else 32)
+    return min(length, 64 if length >= 8192 else 32)
 
 
 def ssm_conv_chunked(u: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor, C: torch.Tensor,
@@ -52,29 +52,16 @@ def ssm_conv_chunked(u: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor, C: to
 def _ssm_conv_chunked(u: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor, C: torch.Tensor,
                       D: torch.Tensor | None) -> torch.Tensor:
     B, H, L = u.shape
-    half = dtA.shape[-1]
     real = torch.float64 if torch.float64 in (u.dtype, dtA.real.dtype) else torch.float32
     cdtype = torch.complex128 if real == torch.float64 else torch.complex64
-    dtA, w = dtA.to(cdtype), (C * dB).to(cdtype)
     J = chunk_length(L)
     chunks = -(-L // J)
-    powers = PowerTable.apply(dtA, J + 1)  # (H, J + 1, N/2): z^j for j <= J
-    # s_c = sum_i u_c[i] z^(J - i): the rows z^J .. z^1 as (re, im) pairs
-    into_state = torch.view_as_real(powers[:, 1:].flip(1)).flatten(-2)  # (H, J, N)
-    # y from X: 2 Re(w z^j X) = sum over (re, im) of X's pairs times [2 Re(w z^j), -2 Im(w z^j)], i.e. 2 conj(w z^j)
-    readout = torch.view_as_real(powers[:, :J].conj() * (2 * w.conj()).unsqueeze(1)).flatten(-2)  # (H, J, N)
-    taps = readout.view(H, J, half, 2)[..., 0].sum(-1)  # (H, J): K[j] = 2 Re sum_n w z^j
-    # the within-chunk matrix (rows times it): T[i, j] = K[j - i] for j >= i, with D on the diagonal
-    toeplitz = toeplitz_matrix(taps, D, J, real).transpose(1, 2)  # (H, J, J)
+    # E (H, J, N): z^(J - i) as (re, im) pairs, T (H, J, J): the within-chunk matrix (D on its diagonal),
+    # R (H, J, N): 2 conj(w z^j) as pairs, so that 2 Re(w z^j X) is X's pairs times R's; zJ (H, N/2) = z^J
+    E, T, R, zJ = ChunkTables.apply(dtA.to(cdtype), (C * dB).to(cdtype), None if D is None else D.to(real), J)
     rows = u.transpose(0, 1).to(real)  # (H, B, L): contiguous for channel-major u (kernels/channel_major.py)
     if chunks * J != L:
         rows = F.pad(rows, (0, chunks * J - L))
     rows = rows.reshape(H, B * chunks, J)  # (H, B C, J)
-    # one matmul for both products of the input chunks: [own state contribution | within-chunk output]
-    # (split, not slices: the backward of two slices would zero-fill and add two full-size gradients)
-    own, within = torch.bmm(rows, torch.cat([into_state, toeplitz], dim=-1)).split([2 * half, J], dim=-1)
-    own = own if J % 2 == 0 else own.contiguous()  # complex views need even strides (rows of N + J numbers)
-    s = torch.view_as_complex(own.unflatten(-1, (half, 2)))  # (H, B C, N/2)
-    X = ChunkStates.apply(s.view(H, B, chunks, half), powers[:, J:])  # (H, B, C, N/2)
-    y = torch.baddbmm(within, torch.view_as_real(X).view(H, B * chunks, 2 * half), readout.transpose(1, 2))
+    y = ChunkProducts.apply(rows, E, T, R, zJ, B)  # (H, B C, J)
     return y.view(H, B, chunks * J)[..., :L].transpose(0, 1).to(u.dtype)  # (B, H, L)

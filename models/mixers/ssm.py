@@ -10,7 +10,7 @@ independently per channel. Training evaluates them as a causal convolution with 
 - ``DiagonalSSM``: A is diagonal complex (S4D-Lin init), discretised with zero-order hold, so the
   state is an exponentially decaying, oscillating summary of the whole past (the "memory"). Its kernel
   and its state after a prompt are Vandermonde products (``kernels.vandermonde``), its convolution an
-  FFT one (``kernels.fftconv.ssm_conv``; on CPU, training sequences from 4K steps run by chunks instead,
+  FFT one (``kernels.fftconv.ssm_conv``; on CPU, training sequences from 1K steps run by chunks instead,
   ``kernels.ssm_chunked``, without the full-length kernel).
 
 Under bf16 (DeepSpeed casts the parameters too) the SSM keeps fp32 islands: ``discretize`` upcasts the

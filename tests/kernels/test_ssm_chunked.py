@@ -2,7 +2,8 @@
 
 Forward and every gradient (u, the complex dtA, dB, C, and D) in fp64 at lengths that leave a partial last
 chunk, fp64 gradcheck, fp32 at 8K against the exact answer (no worse than the fp32 FFT reference), the scan
-against the recurrence it stands for, and which path ``ssm_conv`` takes.
+against the recurrence it stands for, the tables against their definitions, fp64 gradchecks of the tables' and
+the products' own backwards (odd J, J = 1, one chunk, batch 2), and which path ``ssm_conv`` takes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import torch
 
 from hybrid_pretrain.kernels.fftconv import CPU_CHUNKED_FROM, ssm_conv, ssm_conv_path, ssm_conv_ref
 from hybrid_pretrain.kernels.ssm_chunked import chunk_length, ssm_conv_chunked
+from hybrid_pretrain.kernels.ssm_chunked.core import ChunkProducts
 from hybrid_pretrain.kernels.ssm_chunked.scan import ChunkStates
+from hybrid_pretrain.kernels.ssm_chunked.tables import ChunkTables
 from hybrid_pretrain.models.mixers.ssm import DiagonalSSM
 from hybrid_pretrain.tests.kernels.device import DEVICE
 from hybrid_pretrain.tests.kernels.tolerance import assert_close_to_exact
@@ -91,6 +94,50 @@ def test_chunk_states_are_the_recurrence() -> None:
     assert torch.autograd.gradcheck(ChunkStates.apply, (s.requires_grad_(), zJ.requires_grad_()))
 
 
+def _modes(H: int, half: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dtA (decaying, any phase), w, D in fp64 with gradients."""
+    g = torch.Generator().manual_seed(seed)
+    dtA = torch.complex(-0.05 - 0.3 * torch.rand(H, half, generator=g, dtype=torch.float64),
+                        3 * torch.randn(H, half, generator=g, dtype=torch.float64))
+    w = torch.randn(H, half, generator=g, dtype=torch.complex128)
+    D = torch.randn(H, generator=g, dtype=torch.float64)
+    return dtA.to(DEVICE).requires_grad_(), w.to(DEVICE).requires_grad_(), D.to(DEVICE).requires_grad_()
+
+
+@pytest.mark.parametrize("J", [1, 5, 6, 7, 8])
+def test_tables_are_the_powers_they_stand_for(J: int) -> None:
+    """E[i] = z^(J-i), R[j] = conj(2 w z^j) (as pairs), T[i, j] = K[j - i] (+ D on the diagonal), zJ = z^J."""
+    dtA, w, D = (t.detach() for t in _modes(3, 4, seed=J))
+    E, T, R, zJ = ChunkTables.apply(dtA, w, D, J)
+    k = torch.arange(J + 1, device=DEVICE, dtype=torch.float64).view(J + 1, 1)
+    z = torch.exp(dtA.unsqueeze(1) * k)  # (H, J + 1, N/2): z^k
+    pairs = lambda t: torch.view_as_real(t.resolve_conj()).flatten(-2)  # noqa: E731
+    torch.testing.assert_close(E, pairs(z[:, 1:].flip(1)))
+    torch.testing.assert_close(R, pairs((2 * w.unsqueeze(1) * z[:, :J]).conj()))
+    torch.testing.assert_close(zJ, z[:, J])
+    taps = 2 * (w.unsqueeze(1) * z[:, :J]).sum(-1).real  # (H, J)
+    lag = torch.arange(J, device=DEVICE) - torch.arange(J, device=DEVICE).unsqueeze(1)  # (i, j): j - i
+    expected = torch.where(lag >= 0, taps[:, lag.clamp_min(0)], 0) + torch.diag_embed(D.unsqueeze(-1).expand(-1, J))
+    torch.testing.assert_close(T, expected)
+
+
+@pytest.mark.parametrize("J", [1, 5, 6, 7, 8])
+def test_tables_gradcheck_fp64(J: int) -> None:
+    """The tables' own backward (diagonal sums, sums over the power factors) in every input, fp64."""
+    assert torch.autograd.gradcheck(lambda *a: ChunkTables.apply(*a, J), _modes(2, 3, seed=J))
+
+
+@pytest.mark.parametrize("B, C", [(1, 1), (1, 2), (2, 5)])
+def test_products_gradcheck_fp64(B: int, C: int) -> None:
+    """The matmuls and the scan with their hand-written backward (the adjoint on conj(G)) in every input, fp64."""
+    g = torch.Generator().manual_seed(B * 10 + C)
+    H, J, half = 2, 3, 2
+    rows, E, T, R = (torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+                     for shape in ((H, B * C, J), (H, J, 2 * half), (H, J, J), (H, J, 2 * half)))
+    zJ = (0.9 * torch.exp(1j * torch.rand(H, half, generator=g, dtype=torch.float64))).to(DEVICE).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: ChunkProducts.apply(*a, B), (rows, E, T, R, zJ))
+
+
 def test_autocast_keeps_the_convolution_in_fp32() -> None:
     """Under bf16 autocast (train.precision=bf16_autocast) the result is the fp32 one, in u's dtype."""
     params = [p.detach().to(torch.complex64 if p.is_complex() else torch.float32) for p in _ssm(2, 8, seed=6)]
@@ -102,7 +149,7 @@ def test_autocast_keeps_the_convolution_in_fp32() -> None:
 
 
 def test_chunk_length() -> None:
-    assert [chunk_length(L) for L in (1, 31, 1024, 4095, 4096, 65536)] == [1, 31, 32, 32, 64, 64]
+    assert [chunk_length(L) for L in (1, 31, 1024, 8191, 8192, 65536)] == [1, 31, 32, 32, 64, 64]
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU dispatch")

@@ -83,7 +83,7 @@ def test_diagonal_ssm_goes_through_ssm_conv() -> None:
 
 
 def test_dispatch_and_validation() -> None:
-    with torch.no_grad():  # (with autograd, CPU sequences from 4K take the chunked path: test_ssm_chunked.py)
+    with torch.no_grad():  # (with autograd, CPU sequences from 1K take the chunked path: test_ssm_chunked.py)
         assert ssm_conv_path(torch.zeros(1, 1, 1 << 14)) == "fftconv"  # CPU: one pocketfft convolution up to 16K
         assert ssm_conv_path(torch.zeros(1, 1, 1 << 15)) == "state_passing"  # beyond: less time and memory
     dtA, dB, C, D = _ssm(3, 8, seed=2)
