@@ -87,7 +87,8 @@ def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Calla
 def fits(d_model: int, length: int, batch: int, device: torch.device, elem: int) -> bool:
     """Both layers' estimated activations twice over, within the memory available now (RAM or GPU)."""
     cfg = ModelConfig(vocab_size=256, d_model=d_model, n_heads=d_model // 64, layers="HA", max_seq_len=length)
-    need = sum(sum(layer_activations(cfg, layer, batch * length, length, elem)) for layer in parse_pattern("HA").layers)
+    need = sum(sum(layer_activations(cfg, layer, batch * length, length, elem, cpu=device.type == "cpu"))
+               for layer in parse_pattern("HA").layers)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
     return 2 * need + 4 * batch * length * d_model * elem < free
 

@@ -186,7 +186,8 @@ def per_rank_plan(cfg, world_size: int) -> dict[str, float]:
     return estimate_memory(full_parameter_count(model_cfg), model_cfg, cfg.train, cfg.data.seq_len, vocab, dp,
                            precision, cfg.parallel.expert, tp_size=tp, pp_size=pp,
                            sequence_parallel=cfg.parallel.sequence_parallel,
-                           checkpointing=cfg.parallel.activation_checkpointing)
+                           checkpointing=cfg.parallel.activation_checkpointing,
+                           cpu=not torch.cuda.is_available())  # the plan of the run on this machine
 
 
 def free_memory(nvme_path: str = "") -> dict:

@@ -13,6 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from hybrid_pretrain.base.errors import ConfigError
 from hybrid_pretrain.base.malloc import keep_freed_memory, return_freed_memory
 from hybrid_pretrain.data_pipeline.errors import DataError
@@ -84,9 +86,12 @@ def dry_run(cfg: RunConfig, world_size: int, profile_name: str | None = None) ->
     precision = resolve_precision(cfg.train.precision, profile.default_precision if profile else None)
     ep = cfg.parallel.expert
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    # the H3 convolution keeps different tensors on CPU (training.memory.h3_convolution_saved): plan for the
+    # profile's device, or without one for this machine
+    cpu = profile.name == "cpu" if profile else not torch.cuda.is_available()
     mem = estimate_memory(n, model_cfg, cfg.train, cfg.data.seq_len, vocab, dp, precision, ep, tp_size=tp, pp_size=pp,
                           sequence_parallel=cfg.parallel.sequence_parallel,
-                          checkpointing=cfg.parallel.activation_checkpointing)
+                          checkpointing=cfg.parallel.activation_checkpointing, cpu=cpu)
     print(f"config: {cfg.name}  layers: {cfg.model.layers}  d_model: {cfg.model.d_model}  vocab: {vocab}")
     print(f"parameters: {n:,} ({n / 1e6:.1f}M)")
     experts, active_experts = expert_parameters(model_cfg)

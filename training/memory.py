@@ -8,7 +8,10 @@ Activations count what this code base's layers keep for backward, per token in u
 norms keep their inputs and outputs (4), the MLP its hidden state before and after GELU (2 ffn_dim),
 attention q, k, v and its output (4: the flash kernels keep no (L, L) matrix), H3 the key before and
 after the shift, v, q, the output and the kv its diagonal SSM reads and writes (5 + 2 head_dim). H3 also
-keeps its convolution kernel, (s, H) fp32 whatever the batch. The peak adds, once, the largest
+keeps its convolution kernel, (s, H) fp32 whatever the batch, on GPU and for short sequences; a CPU training
+run from ``CPU_CHUNKED_FROM`` steps convolves by chunks instead (``kernels.ssm_chunked``) and keeps the states
+entering each chunk, (N/2) complex numbers per channel and chunk of J steps, plus its (H, J, N + J + N) tables
+(``h3_convolution_saved``). The peak adds, once, the largest
 backward transient: a layer's (5 per token, plus its largest weight gradient before it is added to the
 accumulated one) or the loss's (two fp32 logits gradients). Activation checkpointing keeps each block's
 input instead and recomputes one block at a time. tests/training/test_memory_estimate.py holds the
@@ -32,6 +35,8 @@ from __future__ import annotations
 
 import math
 
+from hybrid_pretrain.kernels.fftconv import CPU_CHUNKED_FROM
+from hybrid_pretrain.kernels.ssm_chunked import chunk_length
 from hybrid_pretrain.models.pattern import parse_pattern
 from hybrid_pretrain.parallel.engine import NVME_SUB_GROUP
 
@@ -58,12 +63,30 @@ def mixer_saved(model_cfg, mixer: str) -> float:
     return MIXER_SAVED.get(mixer, DEFAULT_MIXER_SAVED)
 
 
+def h3_convolution_saved(model_cfg, tokens: int, seq_len: int, tp_size: int = 1, cpu: bool = False) -> float:
+    """Bytes an H3 layer's diagonal-SSM convolution keeps for backward beyond its input, on `tokens` = b * s tokens.
+
+    GPU (and CPU below ``CPU_CHUNKED_FROM`` steps): the (s, H) fp32 kernel, shared by the batch. CPU training from
+    there on (``kernels.fftconv.ssm_conv_path``): the chunk states, complex64 (N/2) per chunk of J steps for each
+    of the b d^2 sequences the heads' memories convolve, and the tables E, T, R (H, J, 2N + J) fp32.
+    """
+    heads = model_cfg.d_model // model_cfg.h3_head_dim / tp_size
+    if not cpu or seq_len < CPU_CHUNKED_FROM:
+        return seq_len * heads * 4
+    J, n = chunk_length(seq_len), model_cfg.h3_d_state
+    sequences = tokens // seq_len * model_cfg.h3_head_dim ** 2
+    states = sequences * math.ceil(seq_len / J) * heads * n / 2 * 8
+    return states + heads * J * (2 * n + J) * 4
+
+
 def layer_activations(model_cfg, layer, tokens: int, seq_len: int, elem: int, tp_size: int = 1,
-                      sequence_parallel: bool = False, residual_elem: int | None = None) -> tuple[float, float]:
+                      sequence_parallel: bool = False, residual_elem: int | None = None,
+                      cpu: bool = False) -> tuple[float, float]:
     """(bytes kept for backward, bytes of its backward's transient peak) of one block on `tokens` = b * s tokens.
 
     `elem` is the activation element size (2 bf16, 4 fp32); SSM kernels and their spectra are fp32.
     `residual_elem` is the residual stream's (the norms' inputs; default `elem`, 4 under bf16_autocast).
+    `cpu`: a CPU training run, whose H3 layers convolve long sequences by chunks (``h3_convolution_saved``).
     """
     h = model_cfg.d_model
     residual_elem = residual_elem or elem
@@ -73,9 +96,7 @@ def layer_activations(model_cfg, layer, tokens: int, seq_len: int, elem: int, tp
     transient = tokens * h * LAYER_TRANSIENT / tp_size * elem
     transient += max(model_cfg.ffn_dim, 3 * h) * h / tp_size * elem  # its largest weight gradient, not yet accumulated
     if layer.mixer == "h3":
-        # its (s, H) fp32 kernel, shared by the batch (the GPU and short-sequence path; CPU training from 1K steps
-        # runs by chunks, kernels/ssm_chunked, and keeps its chunk states instead: about u's bytes per channel)
-        saved += seq_len * (h // model_cfg.h3_head_dim) / tp_size * 4
+        saved += h3_convolution_saved(model_cfg, tokens, seq_len, tp_size, cpu)
     if layer.ffn == "moe":
         e, k = model_cfg.num_experts, model_cfg.top_k
         capacity = max(model_cfg.min_capacity, math.ceil(model_cfg.capacity_factor * k * tokens / e))
@@ -86,7 +107,7 @@ def layer_activations(model_cfg, layer, tokens: int, seq_len: int, elem: int, tp
 
 def activation_bytes(model_cfg, micro_batch: int, seq_len: int, vocab_size: int, elem: int, tp_size: int = 1,
                      sequence_parallel: bool = False, checkpointing: bool = False,
-                     residual_elem: int | None = None) -> float:
+                     residual_elem: int | None = None, cpu: bool = False) -> float:
     """Peak activation bytes of one micro-batch's forward and backward on one rank (see the module docstring).
 
     Under 1F1B the first pipeline stage holds PP micro-batches of its L/PP layers, i.e. every layer's
@@ -94,7 +115,7 @@ def activation_bytes(model_cfg, micro_batch: int, seq_len: int, vocab_size: int,
     """
     tokens = micro_batch * seq_len
     residual_elem = residual_elem or elem
-    layers = [layer_activations(model_cfg, layer, tokens, seq_len, elem, tp_size, sequence_parallel, residual_elem)
+    layers = [layer_activations(model_cfg, layer, tokens, seq_len, elem, tp_size, sequence_parallel, residual_elem, cpu)
               for layer in parse_pattern(model_cfg.layers, model_cfg.ffn).layers]
     h = model_cfg.d_model
     if checkpointing:  # each block keeps its input; backward recomputes one block at a time
@@ -121,14 +142,14 @@ PARAM_MAX_IN_CPU = 1_000_000_000  # offload_param.max_in_cpu: weight elements NV
 def estimate_memory(n_params: int, model_cfg, train_cfg, seq_len: int, vocab_size: int,
                     dp_size: int, precision: str, ep_size: int = 1, tp_size: int = 1,
                     pp_size: int = 1, sequence_parallel: bool = False,
-                    checkpointing: bool = False, offload=None) -> dict[str, float]:
+                    checkpointing: bool = False, offload=None, cpu: bool = False) -> dict[str, float]:
     """Bytes per rank by category; 'total' is what stays in device memory.
 
     Tensor and pipeline parallelism divide the weights by TP x PP (norms are replicated, a small
     overcount); activations follow ``activation_bytes``. ``offload`` (default: ``train_cfg.offload``, a
     training.config.OffloadConfig) moves categories off the device as DeepSpeed's ZeRO-Offload does;
     'offloaded_host' and 'offloaded_nvme' count what then sits in host RAM and in the NVMe swap files
-    (see ``offload_plan``).
+    (see ``offload_plan``). ``cpu``: the run trains on CPU (its H3 layers' convolutions, ``h3_convolution_saved``).
     """
     half = precision == "bf16"  # DeepSpeed bf16: bf16 weights and gradients, fp32 master copy
     autocast = precision == "bf16_autocast"  # fp32 weights and gradients, bf16 matmuls
@@ -153,7 +174,7 @@ def estimate_memory(n_params: int, model_cfg, train_cfg, seq_len: int, vocab_siz
     adam = sharded(8, stage >= 1)
     elem = 2 if half or autocast else 4
     acts = activation_bytes(model_cfg, train_cfg.micro_batch_size, seq_len, vocab_size, elem, tp_size,
-                            sequence_parallel, checkpointing, residual_elem=4 if autocast else elem)
+                            sequence_parallel, checkpointing, residual_elem=4 if autocast else elem, cpu=cpu)
     if autocast:  # the bf16 weight copies the matmuls save for backward, whole on every ZeRO-3 rank
         acts += sharded(2, False)
     out = {"weights": weights, "master_weights": master, "gradients": grads, "optimizer_states": adam,

@@ -92,7 +92,8 @@ def test_kept_heap_serves_blocks_above_the_mmap_ceiling() -> None:
     kept, returned = run_script(LARGE, "keep_freed_memory"), run_script(LARGE, "return_freed_memory")
     assert kept["mode"] == "glibc, freed memory kept" and returned["mode"] == "glibc, freed memory returned"
     assert returned["faults"] > 5000  # 48 MiB of fresh 4 KiB pages per step: ~12,300
-    assert kept["faults"] < 1000  # measured 0
+    # measured 0 in 11 runs of 12, and one step of 10 mapped afresh in the 12th (the heap still settling)
+    assert kept["faults"] < returned["faults"] / 4
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc")

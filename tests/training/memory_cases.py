@@ -56,10 +56,10 @@ def measure(case: str) -> dict:
         step()  # the first step also sets up libraries' caches (oneDNN, FFT plans)
         measured = peak_rss_growth(step)
         if autocast:  # bf16 activations, fp32 residual stream, and the bf16 weight copies the matmuls save
-            estimate = activation_bytes(model_cfg, b, s, model_cfg.vocab_size, 2, residual_elem=4)
+            estimate = activation_bytes(model_cfg, b, s, model_cfg.vocab_size, 2, residual_elem=4, cpu=True)
             estimate += 2 * sum(p.numel() for p in model.parameters())
         else:
-            estimate = activation_bytes(model_cfg, b, s, model_cfg.vocab_size, 4, checkpointing=checkpointing)
+            estimate = activation_bytes(model_cfg, b, s, model_cfg.vocab_size, 4, checkpointing=checkpointing, cpu=True)
     else:
         s, h = 2048, 768
         model_cfg = ModelConfig(vocab_size=256, d_model=h, n_heads=12, layers=LAYER_CASES[case], h3_d_state=64,
@@ -69,7 +69,7 @@ def measure(case: str) -> dict:
         x, dy = torch.randn(1, s, h, requires_grad=True), torch.randn(1, s, h)
         block(x).backward(dy)  # warm-up, as above
         measured = peak_rss_growth(lambda: block(x).backward(dy))
-        saved, transient = layer_activations(model_cfg, parse_pattern(model_cfg.layers).layers[0], s, s, 4)
+        saved, transient = layer_activations(model_cfg, parse_pattern(model_cfg.layers).layers[0], s, s, 4, cpu=True)
         estimate = saved + transient - x.numel() * 4  # the block's input exists before the step
     return {"case": case, "measured": measured, "estimate": estimate}
 
