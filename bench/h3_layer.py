@@ -5,7 +5,9 @@
   alternating, for each ``--threads`` setting; prints the H3 / attention ratio (issue 17's targets:
   <= 1.0x at L 1K, <= 0.35x at L 8K). A cell whose estimated activations do not fit the free RAM is skipped.
 - ``--saved``: bytes each layer keeps for backward (distinct storages, parameters excluded) at the 1.3B
-  shape (d_model 2048, L 2K, batch 1), the largest tensors listed (target: H3 / attention <= 2.5x).
+  shape (d_model 2048, L 2K, batch 1) (target: H3 / attention <= 2.5x); H3 twice: as CPU training runs it
+  (the diagonal SSM by chunks from ``CPU_CHUNKED_FROM`` steps, which keeps chunk states and tables) and with
+  the FFT convolution GPUs run (the kernel kept instead).
 - ``--peak``: the --dry-run activation estimate against the measured peak RSS growth (fresh processes;
   debug_hybrid with and without activation checkpointing, 125M-shape H3 and attention layers at L 2K).
 - ``--ops``: the building blocks against their alternatives (the short convolution's backends, the
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_pretrain.base.malloc import OPT_OUT, keep_freed_memory
+from hybrid_pretrain.kernels import fftconv
 from hybrid_pretrain.kernels.causal_conv import causal_conv_conv1d, causal_conv_toeplitz
 from hybrid_pretrain.kernels.fftconv import fftconv_ref, fftconv_torch, ssm_kernel, ssm_kernel_ref
 from hybrid_pretrain.models.config import ModelConfig
@@ -119,12 +122,19 @@ def layer_times(cells: list[tuple[int, int, int]], threads: list[int], repeats: 
 
 def saved(d_model: int = 2048, length: int = 2048) -> None:
     print(f"saved for backward, one layer, d_model {d_model}, L {length}, batch 1, fp32 (distinct storages)")
-    results = {}
-    for name, module in zip(("H3", "attention"), mixers(d_model, length)):
-        x = torch.randn(1, length, d_model, requires_grad=True)
-        results[name] = saved_bytes(lambda module=module, x=x: module(x), module)
-        print(f"  {name:<10} {results[name] / 2**20:8.1f} MiB")
-    print(f"  H3 / attention: {results['H3'] / results['attention']:.2f}x")
+    h3, attention = mixers(d_model, length)
+    x = torch.randn(1, length, d_model, requires_grad=True)
+    results = {"attention": saved_bytes(lambda: attention(x), attention), "H3": saved_bytes(lambda: h3(x), h3)}
+    chunked_from, fftconv.CPU_CHUNKED_FROM = fftconv.CPU_CHUNKED_FROM, length + 1  # ssm_conv_path reads it per call
+    try:
+        results["H3, FFT path"] = saved_bytes(lambda: h3(x), h3)
+    finally:
+        fftconv.CPU_CHUNKED_FROM = chunked_from
+    for name, kept in results.items():
+        print(f"  {name:<14} {kept / 2**20:8.1f} MiB")
+    print(f"  H3 / attention: {results['H3'] / results['attention']:.2f}x on this machine's path "
+          f"({fftconv.ssm_conv_path(x.transpose(1, 2))}), {results['H3, FFT path'] / results['attention']:.2f}x with "
+          f"the FFT convolution (GPU)")
 
 
 def peak() -> None:

@@ -10,13 +10,13 @@ attention q, k, v and its output (4: the flash kernels keep no (L, L) matrix), H
 after the shift, v, q, the output and the kv its diagonal SSM reads and writes (5 + 2 head_dim). H3 also
 keeps its convolution kernel, (s, H) fp32 whatever the batch, on GPU and for short sequences; a CPU training
 run from ``CPU_CHUNKED_FROM`` steps convolves by chunks instead (``kernels.ssm_chunked``) and keeps the states
-entering each chunk, (N/2) complex numbers per channel and chunk of J steps, plus its (H, J, N + J + N) tables
-(``h3_convolution_saved``). The peak adds, once, the largest
-backward transient: a layer's (5 per token, plus its largest weight gradient before it is added to the
-accumulated one) or the loss's (two fp32 logits gradients). Activation checkpointing keeps each block's
-input instead and recomputes one block at a time. tests/training/test_memory_estimate.py holds the
-estimate within 20% of the measured CPU peak (debug_hybrid with and without checkpointing, 125M-shape
-H3 and attention layers at L 2K: all within 2% when written).
+entering each chunk, (N/2) complex numbers per channel and chunk of J steps (``h3_convolution_saved``).
+The peak adds, once, the largest backward transient: a layer's (5 per token, plus its largest weight gradient
+before it is added to the accumulated one) or the loss's (two fp32 logits gradients). Activation
+checkpointing keeps each block's input instead and recomputes one block at a time.
+tests/training/test_memory_estimate.py holds the estimate within 20% of the measured CPU peak (debug_hybrid
+with and without checkpointing, 125M-shape H3 and attention layers at L 2K: all within 2% when written; the
+H3 layer 3% under since it runs by chunks).
 
 Under ``bf16_autocast`` (fp32 weights, bf16 matmuls; kernels/README.md, "Precision under bf16") the
 weights and gradients are fp32, ZeRO-1/2/3 still keep a separate fp32 master partition, activations
@@ -68,15 +68,13 @@ def h3_convolution_saved(model_cfg, tokens: int, seq_len: int, tp_size: int = 1,
 
     GPU (and CPU below ``CPU_CHUNKED_FROM`` steps): the (s, H) fp32 kernel, shared by the batch. CPU training from
     there on (``kernels.fftconv.ssm_conv_path``): the chunk states, complex64 (N/2) per chunk of J steps for each
-    of the b d^2 sequences the heads' memories convolve, and the tables E, T, R (H, J, 2N + J) fp32.
+    of the b d^2 sequences the heads' memories convolve (its tables are rebuilt in backward, not kept).
     """
     heads = model_cfg.d_model // model_cfg.h3_head_dim / tp_size
     if not cpu or seq_len < CPU_CHUNKED_FROM:
         return seq_len * heads * 4
-    J, n = chunk_length(seq_len), model_cfg.h3_d_state
     sequences = tokens // seq_len * model_cfg.h3_head_dim ** 2
-    states = sequences * math.ceil(seq_len / J) * heads * n / 2 * 8
-    return states + heads * J * (2 * n + J) * 4
+    return sequences * math.ceil(seq_len / chunk_length(seq_len)) * heads * model_cfg.h3_d_state / 2 * 8
 
 
 def layer_activations(model_cfg, layer, tokens: int, seq_len: int, elem: int, tp_size: int = 1,

@@ -58,10 +58,11 @@ def _ssm_conv_chunked(u: torch.Tensor, dtA: torch.Tensor, dB: torch.Tensor, C: t
     chunks = -(-L // J)
     # E (H, J, N): z^(J - i) as (re, im) pairs, T (H, J, J): the within-chunk matrix (D on its diagonal),
     # R (H, J, N): 2 conj(w z^j) as pairs, so that 2 Re(w z^j X) is X's pairs times R's; zJ (H, N/2) = z^J
-    E, T, R, zJ = ChunkTables.apply(dtA.to(cdtype), (C * dB).to(cdtype), None if D is None else D.to(real), J)
+    w = (C * dB).to(cdtype)
+    E, T, R, zJ, *factors = ChunkTables.apply(dtA.to(cdtype), w, None if D is None else D.to(real), J)
     rows = u.transpose(0, 1).to(real)  # (H, B, L): contiguous for channel-major u (kernels/channel_major.py)
     if chunks * J != L:
         rows = F.pad(rows, (0, chunks * J - L))
     rows = rows.reshape(H, B * chunks, J)  # (H, B C, J)
-    y = ChunkProducts.apply(rows, E, T, R, zJ, B)  # (H, B C, J)
+    y = ChunkProducts.apply(rows, E, T, R, zJ, B, (w.detach(), *factors))  # (H, B C, J); E, T, R not kept
     return y.view(H, B, chunks * J)[..., :L].transpose(0, 1).to(u.dtype)  # (B, H, L)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from hybrid_pretrain.kernels.ssm_chunked.scan import scan_states
+from hybrid_pretrain.kernels.ssm_chunked.tables import backward_tables
 
 
 def _rows(states: torch.Tensor) -> torch.Tensor:
@@ -33,11 +34,16 @@ def _conj_pairs(pairs: torch.Tensor) -> torch.Tensor:
 
 
 class ChunkProducts(torch.autograd.Function):
-    """rows (H, B C, J), E (H, J, N), T (H, J, J), R (H, J, N) real, zJ (H, N/2) complex, B -> y (H, B C, J)."""
+    """rows (H, B C, J), E (H, J, N), T (H, J, J), R (H, J, N) real, zJ (H, N/2) complex, B, factors -> y (H, B C, J).
+
+    factors: None, or (w, coarse, fine, band) of ``ChunkTables`` (w detached), from which backward rebuilds the
+    tables (``tables.backward_tables``) instead of keeping E, T and R (at d_model 2048, L 2K, batch 1 one H3
+    layer kept 215 MiB for backward with them, 181 MiB without: bench/h3_layer.py --saved).
+    """
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, E: torch.Tensor, T: torch.Tensor, R: torch.Tensor, zJ: torch.Tensor,
-                B: int) -> torch.Tensor:
+                B: int, factors: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         H, BC, J = rows.shape
         N, C = E.shape[-1], BC // B
         s = torch.bmm(rows, E).view(H, B, C, N // 2, 2)  # each chunk's own contribution to its end state
@@ -46,17 +52,23 @@ class ChunkProducts(torch.autograd.Function):
         torch.view_as_real(X)[:, 1:] = s[:, :, :-1].permute(1, 2, 0, 3, 4)
         scan_states(X, zJ)
         y = torch.bmm(rows, T).baddbmm_(_rows(X), R.transpose(1, 2))  # (H, B C, J)
-        ctx.save_for_backward(rows, E, T, R, zJ, X)
+        ctx.rebuild = factors is not None
+        ctx.save_for_backward(rows, zJ, X, *(factors if ctx.rebuild else (E, T, R)))
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor
                  ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        rows, E, T, R, zJ, X = ctx.saved_tensors
+        rows, zJ, X, *tables = ctx.saved_tensors
+        if ctx.rebuild:
+            conj_E, T, conj_R = backward_tables(*tables)
+        else:
+            E, T, R = tables
+            conj_E, conj_R = _conj_pairs(E), _conj_pairs(R)
         B, C, H, half = X.shape
         dy = dy.contiguous()
         dR = torch.bmm(dy.transpose(1, 2), _rows(X))  # (H, J, N)
-        dX_conj = torch.bmm(dy, _conj_pairs(R)).view(H, B, C, half, 2)  # conj(dX) as pairs
+        dX_conj = torch.bmm(dy, conj_R).view(H, B, C, half, 2)  # conj(dX) as pairs
         # conj(ds), chunk-major: conj(ds_c) = conj(G_(c+1)) = conj(dX_(c+1)) + zJ conj(G_(c+2)), conj(ds_(C-1)) = 0
         ds_conj = torch.empty_like(X)
         ds_conj[:, C - 1] = 0
@@ -73,7 +85,7 @@ class ChunkProducts(torch.autograd.Function):
         ds_rows = _rows(ds_conj)  # conj(ds) as (H, B C, N) pairs
         drows = None
         if ctx.needs_input_grad[0]:  # ds E^T = conj(ds) conj(E)^T in pairs
-            drows = torch.bmm(dy, T.transpose(1, 2)).baddbmm_(ds_rows, _conj_pairs(E).transpose(1, 2))
+            drows = torch.bmm(dy, T.transpose(1, 2)).baddbmm_(ds_rows, conj_E.transpose(1, 2))
         dE = _conj_pairs(torch.bmm(rows.transpose(1, 2), ds_rows))  # rows^T ds
         dT = torch.bmm(rows.transpose(1, 2), dy)
-        return drows, dE, dT, dR, dzJ, None
+        return drows, dE, dT, dR, dzJ, None, None

@@ -83,8 +83,26 @@ def _as_complex(pairs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(pairs)
 
 
+def backward_tables(w: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor, band: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``core.ChunkProducts``' backward multiplies by, rebuilt from ``ChunkTables``' small factors:
+    conj(E) (H, J, N) and conj(R) (H, J, N) as pairs, and T (H, J, J).
+
+    Keeping E, T and R for backward instead cost their bytes, H J (2N + J) fp32 per layer (42 MiB at d_model 2048,
+    J 32, N 64: more than the chunk states); the backward conjugated copies of E and R anyway, and rebuilding
+    them conjugated is one product of the factors, as those copies were.
+    """
+    K2 = fine.shape[0] - 1
+    J = coarse.shape[0] * K2
+    conj_R, conj_E = _pairs(torch.stack([2 * w * coarse, coarse.flip(0).conj_physical()]),
+                            torch.stack([fine[:K2], fine[1:].flip(0).conj_physical()]))
+    return conj_E, band.unfold(1, J, 1)[:, 1:].flip(1), conj_R
+
+
 class ChunkTables(torch.autograd.Function):
-    """dtA, w (H, N/2) complex, D (H,) or None, J -> E (H, J, N), T (H, J, J), R (H, J, N) real, zJ (H, N/2) complex."""
+    """dtA, w (H, N/2) complex, D (H,) or None, J -> E (H, J, N), T (H, J, J), R (H, J, N) real, zJ (H, N/2) complex,
+    and, not differentiable, the factors ``backward_tables`` rebuilds from: coarse (K1, H, N/2), fine (K2 + 1, H,
+    N/2) complex and the taps' band (H, 2J) real."""
 
     @staticmethod
     def forward(ctx, dtA: torch.Tensor, w: torch.Tensor, D: torch.Tensor | None, J: int
@@ -109,11 +127,13 @@ class ChunkTables(torch.autograd.Function):
         zJ = coarse[-1] * fine[-1]
         ctx.save_for_backward(w, coarse, fine, zJ)
         ctx.has_D = D is not None
-        return E, T, R, zJ
+        ctx.mark_non_differentiable(coarse, fine, band)
+        return E, T, R, zJ, coarse, fine, band
 
     @staticmethod
     def backward(ctx, dE: torch.Tensor | None, dT: torch.Tensor | None, dR: torch.Tensor | None,
-                 dzJ: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None]:
+                 dzJ: torch.Tensor | None, *_factors: None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None]:
         w, coarse, fine, zJ = ctx.saved_tensors
         K1, H, half = coarse.shape
         K2 = fine.shape[0] - 1

@@ -13,9 +13,9 @@ import torch
 
 from hybrid_pretrain.kernels.fftconv import CPU_CHUNKED_FROM, ssm_conv, ssm_conv_path, ssm_conv_ref
 from hybrid_pretrain.kernels.ssm_chunked import chunk_length, ssm_conv_chunked
-from hybrid_pretrain.kernels.ssm_chunked.core import ChunkProducts
+from hybrid_pretrain.kernels.ssm_chunked.core import ChunkProducts, _conj_pairs
 from hybrid_pretrain.kernels.ssm_chunked.scan import ChunkStates
-from hybrid_pretrain.kernels.ssm_chunked.tables import ChunkTables
+from hybrid_pretrain.kernels.ssm_chunked.tables import ChunkTables, backward_tables
 from hybrid_pretrain.models.mixers.ssm import DiagonalSSM
 from hybrid_pretrain.tests.kernels.device import DEVICE
 from hybrid_pretrain.tests.kernels.tolerance import assert_close_to_exact
@@ -108,7 +108,11 @@ def _modes(H: int, half: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, to
 def test_tables_are_the_powers_they_stand_for(J: int) -> None:
     """E[i] = z^(J-i), R[j] = conj(2 w z^j) (as pairs), T[i, j] = K[j - i] (+ D on the diagonal), zJ = z^J."""
     dtA, w, D = (t.detach() for t in _modes(3, 4, seed=J))
-    E, T, R, zJ = ChunkTables.apply(dtA, w, D, J)
+    E, T, R, zJ, *factors = ChunkTables.apply(dtA, w, D, J)
+    conj_E, T_again, conj_R = backward_tables(w, *factors)  # what ChunkProducts' backward rebuilds
+    torch.testing.assert_close(conj_E, _conj_pairs(E))
+    torch.testing.assert_close(conj_R, _conj_pairs(R))
+    torch.testing.assert_close(T_again, T)
     k = torch.arange(J + 1, device=DEVICE, dtype=torch.float64).view(J + 1, 1)
     z = torch.exp(dtA.unsqueeze(1) * k)  # (H, J + 1, N/2): z^k
     pairs = lambda t: torch.view_as_real(t.resolve_conj()).flatten(-2)  # noqa: E731
@@ -124,7 +128,7 @@ def test_tables_are_the_powers_they_stand_for(J: int) -> None:
 @pytest.mark.parametrize("J", [1, 5, 6, 7, 8])
 def test_tables_gradcheck_fp64(J: int) -> None:
     """The tables' own backward (diagonal sums, sums over the power factors) in every input, fp64."""
-    assert torch.autograd.gradcheck(lambda *a: ChunkTables.apply(*a, J), _modes(2, 3, seed=J))
+    assert torch.autograd.gradcheck(lambda *a: ChunkTables.apply(*a, J)[:4], _modes(2, 3, seed=J))
 
 
 @pytest.mark.parametrize("B, C", [(1, 1), (1, 2), (2, 5)])
@@ -136,6 +140,17 @@ def test_products_gradcheck_fp64(B: int, C: int) -> None:
                      for shape in ((H, B * C, J), (H, J, 2 * half), (H, J, J), (H, J, 2 * half)))
     zJ = (0.9 * torch.exp(1j * torch.rand(H, half, generator=g, dtype=torch.float64))).to(DEVICE).requires_grad_()
     assert torch.autograd.gradcheck(lambda *a: ChunkProducts.apply(*a, B), (rows, E, T, R, zJ))
+
+
+@pytest.mark.parametrize("B, C, J", [(1, 2, 3), (2, 5, 4)])
+def test_products_rebuilding_the_tables_gradcheck_fp64(B: int, C: int, J: int) -> None:
+    """The same with the tables rebuilt in backward from ChunkTables' factors (what ssm_conv_chunked runs)."""
+    g = torch.Generator().manual_seed(B * 10 + C)
+    dtA, w, D = (t.detach() for t in _modes(2, 2, seed=J))
+    E, T, R, zJ, *factors = ChunkTables.apply(dtA, w, D, J)
+    rows = torch.randn(2, B * C, J, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    tables = [t.detach().requires_grad_() for t in (E, T, R, zJ)]
+    assert torch.autograd.gradcheck(lambda *a: ChunkProducts.apply(*a, B, (w, *factors)), (rows, *tables))
 
 
 def test_autocast_keeps_the_convolution_in_fp32() -> None:
