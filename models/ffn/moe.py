@@ -80,18 +80,37 @@ class _ToExpertOrder(torch.autograd.Function):
         return per_token[:, 0] if ctx.k == 1 else per_token.sum(dim=1), None, None, None
 
 
-class _ToAssignmentOrder(torch.autograd.Function):
-    """rows (N, D) in expert order -> (N, D) in assignment order (``token * k + choice``); a gather both ways."""
+class _Combine(torch.autograd.Function):
+    """rows (N, D) in expert order, gates (T, k) -> tokens (T, D): ``sum_j gate[t, j] * rows[inverse[t * k + j]]``.
+
+    One function for the gather back to token order and the gate, with the backward in expert order: one gather
+    of the token gradients (row i's is token ``order[i] // k``'s), the gate gradient as a row-wise dot product
+    with the saved rows (a batched (1, D) x (D, 1) product: no (N, D) temporary), and the row gradient scaled in
+    place. Forward + backward at 2,048 tokens x 256, fp32, 1 thread on the Xeon, fastest of 300 in one process:
+    top-1 1.12 ms against 1.37 for autograd through a gather and a broadcast multiply, top-2 2.14 against 2.21.
+    """
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(order)
-        return rows.index_select(0, inverse)
+    def forward(ctx, rows: torch.Tensor, gate: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor
+                ) -> torch.Tensor:
+        t, k = gate.shape
+        ctx.save_for_backward(rows, gate, order, inverse)
+        per_token = rows.index_select(0, inverse)  # (T*k, D) in assignment order
+        if k == 1:
+            return per_token.mul_(gate)
+        return torch.bmm(gate.unsqueeze(1), per_token.view(t, k, -1)).squeeze(1)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (order,) = ctx.saved_tensors
-        return grad.index_select(0, order), None, None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
+        rows, gate, order, inverse = ctx.saved_tensors
+        t, k = gate.shape
+        grad_rows = grad.index_select(0, order if k == 1 else order // k)  # (N, D) each row's token gradient
+        grad_gate = None
+        if ctx.needs_input_grad[1]:
+            dots = torch.bmm(grad_rows.unsqueeze(1), rows.unsqueeze(2)).view(-1)  # (N,) row i's gate gradient
+            grad_gate = dots.index_select(0, inverse).view(t, k)
+        grad_rows.mul_(gate.flatten().index_select(0, order).unsqueeze(1))
+        return grad_rows, grad_gate, None, None
 
 
 def dispatch_sorted(tokens: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
@@ -109,12 +128,7 @@ def expert_mlps(rows: torch.Tensor, experts: list[Expert] | nn.ModuleList, sizes
 def combine_sorted(rows: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, routing: RoutingResult
                    ) -> torch.Tensor:
     """Expert outputs (N, D) in expert order -> tokens (T, D): each token's k outputs weighted by their gates."""
-    t, k = routing.expert_index.shape
-    per_token = _ToAssignmentOrder.apply(rows, order, inverse).view(t, k, -1)  # (T, k, D), choices in routing order
-    gate = routing.gate.to(rows.dtype)  # (T, k)
-    if k == 1:  # a view, not per_token[:, 0]: select's backward would zero-fill a (T, 1, D) buffer and copy into it
-        return per_token.view(t, -1) * gate
-    return torch.bmm(gate.unsqueeze(1), per_token).squeeze(1)
+    return _Combine.apply(rows, routing.gate.to(rows.dtype), order, inverse)
 
 
 def _kept(routing: RoutingResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -161,8 +161,11 @@ class Router(nn.Module, ABC):
             # Switch §2.4: multiplicative noise on the router input explores other experts early on.
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits = F.linear(x, self.weight.float())  # (T, E)
-        z_loss = torch.logsumexp(logits, dim=-1).square().mean()  # ST-MoE eq. 5
-        probs = torch.softmax(logits, dim=-1)  # (T, E)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (T, 1)
+        z_loss = lse.square().mean()  # ST-MoE eq. 5
+        # The softmax from the z-loss's logsumexp: torch's softmax over a last dim of E = 8 is slow on CPU (fwd +
+        # bwd of this router at 2,048 tokens x 256: 1.13 vs 1.59 ms, 1 thread, Xeon), and equal to ~1 ulp.
+        probs = torch.exp(logits - lse)  # (T, E)
         index, gate = self._assign(probs)  # (T, k), (T, k)
         # Switch eq. 4: alpha * N * sum_i f_i * P_i, with f_i the share of tokens whose first choice is expert i.
         f = torch.bincount(index[:, 0], minlength=self.num_experts).float() / index.shape[0]  # (E,)
