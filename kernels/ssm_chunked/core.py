@@ -38,7 +38,7 @@ class ChunkProducts(torch.autograd.Function):
 
     factors: None, or (w, coarse, fine, band) of ``ChunkTables`` (w detached), from which backward rebuilds the
     tables (``tables.backward_tables``) instead of keeping E, T and R (at d_model 2048, L 2K, batch 1 one H3
-    layer kept 215 MiB for backward with them, 181 MiB without: bench/h3_layer.py --saved).
+    layer kept 215.0 MiB for backward with them, 175.5 MiB without: bench/h3_layer.py --saved).
     """
 
     @staticmethod
@@ -58,7 +58,7 @@ class ChunkProducts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor
-                 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, None]:
+                 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         rows, zJ, X, *tables = ctx.saved_tensors
         if ctx.rebuild:
             conj_E, T, conj_R = backward_tables(*tables)

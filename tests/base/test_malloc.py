@@ -14,8 +14,19 @@ from hybrid_pretrain.base.malloc import OPT_OUT, keep_freed_memory, preloaded_al
 
 # An H3 SSM kernel's forward and backward, the case base/malloc.py measured: its 0.3-1 MB temporaries, made
 # and dropped every call, are trimmed off the heap's top by glibc's defaults and faulted back in each time.
+# Appended to a script that defines `mode` and `step()`: warm up, then print the minor page faults per step.
+FAULTS_PER_STEP = """
+import json, resource
+for _ in range({warm}):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range({steps}):
+    step()
+print(json.dumps({{"mode": mode, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / {steps}}}))
+"""
+
 LOOP = """
-import json, resource, torch
+import torch
 from hybrid_pretrain.base.malloc import keep_freed_memory
 from hybrid_pretrain.models.mixers.ssm import DiagonalSSM
 mode = keep_freed_memory()
@@ -24,13 +35,7 @@ ssm = DiagonalSSM(256, 64)
 def step():
     k = ssm.kernel(1024)
     k.backward(torch.ones_like(k))
-for _ in range(5):
-    step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    step()
-print(json.dumps({"mode": mode, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20}))
-"""
+""" + FAULTS_PER_STEP.format(warm=5, steps=20)
 
 
 # 200 MB of 4 MiB blocks (below glibc's 32 MiB mmap ceiling, as DeepSpeed's partition buffers of a layer are)
@@ -52,20 +57,14 @@ print(json.dumps({"mode": mode, "held_mb": (rss() - start) / 1e6}))
 # allocation unless mmap is off. The heap grows for the first few steps (PyTorch's 64-byte aligned blocks do not
 # fit the exact hole of a freed one until neighbours coalesce), then stops.
 LARGE = """
-import json, resource, sys, torch
+import sys, torch
 from hybrid_pretrain.base import malloc
 mode = getattr(malloc, sys.argv[1])()
 torch.set_num_threads(1)
 x = torch.ones(12 << 20)  # 48 MiB
 def step():
     return (x * 2).sum()
-for _ in range(10):
-    step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    step()
-print(json.dumps({"mode": mode, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10}))
-"""
+""" + FAULTS_PER_STEP.format(warm=10, steps=10)
 
 
 def run_loop(**env: str) -> dict:
