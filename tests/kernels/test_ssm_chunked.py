@@ -16,25 +16,15 @@ from hybrid_pretrain.kernels.ssm_chunked import chunk_length, ssm_conv_chunked
 from hybrid_pretrain.kernels.ssm_chunked.core import ChunkProducts, _conj_pairs
 from hybrid_pretrain.kernels.ssm_chunked.scan import ChunkStates
 from hybrid_pretrain.kernels.ssm_chunked.tables import ChunkTables, backward_tables
-from hybrid_pretrain.models.mixers.ssm import DiagonalSSM
 from hybrid_pretrain.tests.kernels.device import DEVICE
+from hybrid_pretrain.tests.kernels.ssm_params import ssm_params
 from hybrid_pretrain.tests.kernels.tolerance import assert_close_to_exact
-
-
-def _ssm(H: int, d_state: int, seed: int, real: torch.dtype = torch.float64) -> list[torch.Tensor]:
-    """Discretised S4D-Lin parameters (dtA, dB, C) and D as H3 builds them, leaves with gradients."""
-    torch.manual_seed(seed)
-    ssm = DiagonalSSM(H, d_state).double().to(DEVICE)
-    with torch.no_grad():
-        dtA, dB, C = ssm.discretize()
-    cdtype = torch.complex128 if real == torch.float64 else torch.complex64
-    return [t.to(cdtype).requires_grad_() for t in (dtA, dB, C)] + [ssm.D.detach().to(real).requires_grad_()]
 
 
 @pytest.mark.parametrize("L", [1, 5, 32, 33, 100, 4099])
 @pytest.mark.parametrize("skip", [True, False])
 def test_forward_and_gradients_equal_reference_fp64(L: int, skip: bool) -> None:
-    params = _ssm(3, 16, seed=L)
+    params = ssm_params(3, 16, seed=L, grad=True)
     if not skip:
         params[3] = None
     u = torch.randn(2, 3, L, dtype=torch.float64, device=DEVICE, requires_grad=True)
@@ -50,7 +40,7 @@ def test_forward_and_gradients_equal_reference_fp64(L: int, skip: bool) -> None:
 
 def test_channel_major_input_gives_the_same_answer() -> None:
     """H3 hands the SSM (B, H, L) views of (H, B, L) storage; the result must not depend on the layout."""
-    params = _ssm(4, 8, seed=1)
+    params = ssm_params(4, 8, seed=1, grad=True)
     storage = torch.randn(4, 3, 70, dtype=torch.float64, device=DEVICE)
     torch.testing.assert_close(ssm_conv_chunked(storage.transpose(0, 1), *params),
                                ssm_conv_chunked(storage.transpose(0, 1).contiguous(), *params), rtol=0, atol=0)
@@ -58,14 +48,14 @@ def test_channel_major_input_gives_the_same_answer() -> None:
 
 def test_gradcheck_fp64() -> None:
     """Three chunks of 32 (the last partial): the scan's and the power table's own backwards, every input."""
-    dtA, dB, C, D = _ssm(2, 4, seed=2)
+    dtA, dB, C, D = ssm_params(2, 4, seed=2, grad=True)
     u = torch.randn(2, 2, 70, dtype=torch.float64, device=DEVICE, requires_grad=True)
     assert torch.autograd.gradcheck(ssm_conv_chunked, (u, dtA, dB, C, D))
 
 
 def test_long_sequence_fp32_as_close_as_the_fft_reference() -> None:
     L = 8192 + 3
-    params64 = _ssm(2, 16, seed=3)
+    params64 = ssm_params(2, 16, seed=3, grad=True)
     u = torch.randn(1, 2, L, dtype=torch.float64, device=DEVICE)
     dy = torch.randn(1, 2, L, dtype=torch.float64, device=DEVICE)
 
@@ -155,7 +145,7 @@ def test_products_rebuilding_the_tables_gradcheck_fp64(B: int, C: int, J: int) -
 
 def test_autocast_keeps_the_convolution_in_fp32() -> None:
     """Under bf16 autocast (train.precision=bf16_autocast) the result is the fp32 one, in u's dtype."""
-    params = [p.detach().to(torch.complex64 if p.is_complex() else torch.float32) for p in _ssm(2, 8, seed=6)]
+    params = ssm_params(2, 8, seed=6, real=torch.float32)
     u = torch.randn(1, 2, 100, device=DEVICE)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         y = ssm_conv_chunked(u, *params)
@@ -173,6 +163,6 @@ def test_ssm_conv_takes_the_chunked_path_for_long_training_sequences() -> None:
     assert ssm_conv_path(u) == "chunked" and ssm_conv_path(u[..., :-1]) == "fftconv"
     with torch.no_grad():  # prefill and evaluation keep the FFT with the SSM's cached kernel
         assert ssm_conv_path(u) == "fftconv"
-    params = _ssm(2, 8, seed=5)
+    params = ssm_params(2, 8, seed=5, grad=True)
     x = torch.randn(1, 2, CPU_CHUNKED_FROM, dtype=torch.float64)
     torch.testing.assert_close(ssm_conv(x, *params), ssm_conv_ref(x, *params), rtol=1e-10, atol=1e-10)

@@ -14,26 +14,14 @@ from hybrid_pretrain.kernels.fftconv import (
 )
 from hybrid_pretrain.models.mixers.ssm import DiagonalSSM
 from hybrid_pretrain.tests.kernels.device import DEVICE
+from hybrid_pretrain.tests.kernels.ssm_params import cast, ssm_params
 from hybrid_pretrain.tests.kernels.tolerance import assert_close_to_exact
-
-
-def _ssm(H: int, d_state: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """Discretised S4D-Lin parameters (dtA, dB, C) in complex128 and D (H,) fp64, as H3 builds them."""
-    torch.manual_seed(seed)
-    ssm = DiagonalSSM(H, d_state).double().to(DEVICE)
-    with torch.no_grad():
-        return (*ssm.discretize(), ssm.D.detach().clone())
-
-
-def _cast(params: tuple[torch.Tensor, ...], real: torch.dtype) -> tuple[torch.Tensor, ...]:
-    complex_dtype = torch.complex128 if real == torch.float64 else torch.complex64
-    return tuple(p.to(complex_dtype if p.is_complex() else real) for p in params)
 
 
 @pytest.mark.parametrize("L,chunk", [(1, 4), (5, 2), (37, 8), (64, 64), (100, 7)])
 def test_forward_backward_equal_reference_fp64(L: int, chunk: int) -> None:
     """Every input's gradient, including the complex SSM parameters, equals the reference's."""
-    params = [p.requires_grad_() for p in _ssm(3, 8, seed=L)]
+    params = ssm_params(3, 8, seed=L, grad=True)
     u = torch.randn(2, 3, L, dtype=torch.float64, device=DEVICE, requires_grad=True)
     dy = torch.randn(2, 3, L, dtype=torch.float64, device=DEVICE)
     y = ssm_conv_state_passing(u, *params, chunk=chunk)
@@ -48,22 +36,22 @@ def test_forward_backward_equal_reference_fp64(L: int, chunk: int) -> None:
 @pytest.mark.parametrize("L,chunk", [(16384, 8192), (16384 + 3, 4096), (65536, 8192)])
 def test_long_sequences_match_reference_fp32(L: int, chunk: int) -> None:
     """fp32 state passing is as close to the fp64 answer as the fp32 full-length FFT convolution is."""
-    params = _ssm(2, 16, seed=0)
+    params = ssm_params(2, 16, seed=0)
     u = torch.randn(1, 2, L, dtype=torch.float64, device=DEVICE)
     exact = ssm_conv_ref(u, *params)
-    ours = ssm_conv_state_passing(u.float(), *_cast(params, torch.float32), chunk=chunk)
+    ours = ssm_conv_state_passing(u.float(), *cast(params, torch.float32), chunk=chunk)
     assert ours.dtype == torch.float32
-    assert_close_to_exact(ours, ssm_conv_ref(u.float(), *_cast(params, torch.float32)), exact, what=f"L={L}")
+    assert_close_to_exact(ours, ssm_conv_ref(u.float(), *cast(params, torch.float32)), exact, what=f"L={L}")
 
 
 def test_state_passing_with_triton_chunks() -> None:
     """The GPU composition: chunks through the fused Triton kernel (interpreted here), forward and backward."""
-    params = _ssm(2, 8, seed=1)
+    params = ssm_params(2, 8, seed=1)
     u = torch.randn(2, 2, 45, dtype=torch.float64, device=DEVICE)
     dy = torch.randn(2, 2, 45, dtype=torch.float64, device=DEVICE)
 
     def run(fn, real):
-        leaves = [t.requires_grad_() for t in (u.to(real), *_cast(params, real))]
+        leaves = [t.requires_grad_() for t in (u.to(real), *cast(params, real))]
         y = fn(*leaves)
         return (y, *torch.autograd.grad((y * dy.to(real)).sum(), leaves))
 
@@ -86,6 +74,6 @@ def test_dispatch_and_validation() -> None:
     with torch.no_grad():  # (with autograd, CPU sequences from 1K take the chunked path: test_ssm_chunked.py)
         assert ssm_conv_path(torch.zeros(1, 1, 1 << 14)) == "fftconv"  # CPU: one pocketfft convolution up to 16K
         assert ssm_conv_path(torch.zeros(1, 1, 1 << 15)) == "state_passing"  # beyond: less time and memory
-    dtA, dB, C, D = _ssm(3, 8, seed=2)
+    dtA, dB, C, D = ssm_params(3, 8, seed=2)
     with pytest.raises(ValueError, match="dtA, dB, C \\(H, N/2\\)"):
         ssm_conv(torch.zeros(1, 2, 8, dtype=torch.float64, device=DEVICE), dtA, dB, C, D)
