@@ -11,9 +11,11 @@ thresholds once makes freed blocks stay in the heap for the next step (``mallopt
 what ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` would do, but from inside the process, so no
 launcher has to pass environment variables to every rank). glibc caps the mmap threshold at 32 MiB, so blocks of
 32 MiB and up (one (B, L, d_model) fp32 activation at d_model 1024, L 8K; a long sequence's logits) would still be
-mapped and faulted in afresh each time: keeping memory also turns mmap off (``M_MMAP_MAX`` 0), so those come from
-the heap too. Measured: a 33.5 MB alloc-and-copy 18.6 ms with mmap, one H3 layer fwd + bwd at d_model 1024,
-L 8K, batch 1 1,855-1,962 ms against 2,284-2,460 ms, attention's 6,198-6,569 against 6,519-7,393 ms (one thread).
+mapped and faulted in afresh each time: on a machine without a GPU, keeping memory also turns mmap off
+(``M_MMAP_MAX`` 0), so those come from the heap too (with a GPU the activations are not in host memory, and the
+host's large blocks are staging copies, e.g. a checkpoint's, better returned when freed). Measured: a 33.5 MB
+alloc-and-copy 18.6 ms with mmap, one H3 layer fwd + bwd at d_model 1024, L 8K, batch 1 1,855-1,962 ms against
+2,284-2,460 ms, attention's 6,198-6,569 against 6,519-7,393 ms (one thread).
 The price is fragmentation: PyTorch asks for 64-byte aligned blocks, which do not fit the exact hole a freed block
 of the same size leaves, so the heap grows for a few steps before freed neighbours coalesce (bench/train_throughput.py
 at L 8K: peak RSS 2.06 GB against 1.77 GB with mmap on, 6-8% faster). A preloaded tcmalloc or jemalloc (PyTorch's CPU
@@ -34,6 +36,8 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+
+import torch
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc <malloc.h>
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc ignores a larger mmap threshold on 64-bit (HEAP_MAX_SIZE / 2)
@@ -57,7 +61,8 @@ def keep_freed_memory() -> str:
     One of "tcmalloc" / "jemalloc" (preloaded, untouched), "glibc, freed memory kept", "glibc defaults"
     (``HYBRID_PRETRAIN_MALLOC=system``, or not Linux / glibc). Safe to call more than once.
     """
-    return _set_glibc(MMAP_THRESHOLD_MAX, KEEP_ALL, NO_MMAP, "glibc, freed memory kept")
+    mmap_max = DEFAULT_MMAP_MAX if torch.cuda.is_available() else NO_MMAP  # CPU compute: large blocks kept too
+    return _set_glibc(MMAP_THRESHOLD_MAX, KEEP_ALL, mmap_max, "glibc, freed memory kept")
 
 
 def return_freed_memory() -> str:
