@@ -27,11 +27,9 @@ index_add). The tables are computed power-major, (J, H, .), and handed over as (
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from hybrid_pretrain.kernels.vandermonde.chunked import _factors
+from hybrid_pretrain.kernels.vandermonde.chunked import _factors, exp_multiples
 
 
 def _split(J: int) -> tuple[int, int]:
@@ -44,18 +42,14 @@ def _factors_of(dtA: torch.Tensor, K1: int, K2: int, real: torch.dtype) -> tuple
     """The power table's factors, power-major: coarse z^(k1 K2) for k1 < K1 (K1, H, N/2) and fine z^k2 for
     k2 <= K2 (K2 + 1, H, N/2), complex.
 
-    ``vandermonde.chunked._powers`` for both strides at once (phases reduced modulo 2 pi in fp64, decays floored
-    at exp(log(tiny) / 4)), with the power first: elementwise ops then run over H N/2 contiguous numbers per
+    ``vandermonde.chunked.exp_multiples`` (as its ``_powers``: phases reduced modulo 2 pi in fp64, decays floored)
+    for both strides at once, with the power first: elementwise ops then run over H N/2 contiguous numbers per
     power instead of N/2 at a time, and so do the products that build the tables from them.
     """
     count = max(K1, K2 + 1)
-    base = dtA.detach().to(torch.complex128) * torch.tensor([K2, 1], device=dtA.device).view(2, 1, 1)
-    turn = 2 * math.pi
-    a, b = base.real.to(real), (base.imag - turn * torch.round(base.imag / turn)).to(real)  # (2, H, N/2)
+    steps = dtA.detach().to(torch.complex128) * torch.tensor([K2, 1], device=dtA.device).view(2, 1, 1)  # (2, H, N/2)
     k = torch.arange(count, device=dtA.device, dtype=real).view(count, 1, 1)
-    decay = torch.exp_((a.unsqueeze(1) * k).clamp_min_(math.log(torch.finfo(real).tiny) / 4))
-    angle = b.unsqueeze(1) * k  # (2, count, H, N/2)
-    powers = torch.complex(decay * torch.cos(angle), decay * torch.sin(angle))
+    powers = exp_multiples(steps.unsqueeze(1), k, real)  # (2, count, H, N/2)
     return powers[0, :K1], powers[1, :K2 + 1]
 
 
@@ -83,6 +77,14 @@ def _as_complex(pairs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(pairs)
 
 
+def _with_conj_E(first: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first fine[k2] as pairs, conj(E)): the power table with the coarse factor `first` (coarse itself, or
+    2 w coarse), and conj(P_(J-i)) from the conjugated factors read backwards, in one product."""
+    K2 = fine.shape[0] - 1
+    return _pairs(torch.stack([first, coarse.flip(0).conj_physical()]),
+                  torch.stack([fine[:K2], fine[1:].flip(0).conj_physical()]))
+
+
 def backward_tables(w: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor, band: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What ``core.ChunkProducts``' backward multiplies by, rebuilt from ``ChunkTables``' small factors:
@@ -92,10 +94,8 @@ def backward_tables(w: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor, b
     J 32, N 64: more than the chunk states); the backward conjugated copies of E and R anyway, and rebuilding
     them conjugated is one product of the factors, as those copies were.
     """
-    K2 = fine.shape[0] - 1
-    J = coarse.shape[0] * K2
-    conj_R, conj_E = _pairs(torch.stack([2 * w * coarse, coarse.flip(0).conj_physical()]),
-                            torch.stack([fine[:K2], fine[1:].flip(0).conj_physical()]))
+    J = coarse.shape[0] * (fine.shape[0] - 1)
+    conj_R, conj_E = _with_conj_E(2 * w * coarse, coarse, fine)
     return conj_E, band.unfold(1, J, 1)[:, 1:].flip(1), conj_R
 
 
@@ -144,8 +144,7 @@ class ChunkTables(torch.autograd.Function):
         dw = torch.zeros_like(w)
         dK = None
         # P_j and conj(P_(J-i)) (conj(E), from the conjugated factors read backwards), one product
-        P, conj_E = _pairs(torch.stack([coarse, coarse.flip(0).conj_physical()]),
-                           torch.stack([fine[:K2], fine[1:].flip(0).conj_physical()]))
+        P, conj_E = _with_conj_E(coarse, coarse, fine)
         if dT is not None or dR is not None:
             sums = torch.zeros(H, 2, half, dtype=w.dtype, device=w.device)  # sum_j P_j g_j, sum_j j P_j g_j
             if dT is not None:

@@ -47,12 +47,17 @@ def _powers(dtA: torch.Tensor, count: int, stride: int, real: torch.dtype) -> to
     arithmetic (and an exp that underflows into them) ran 5-80x slower on the development CPU, at an error
     far below the working precision.
     """
-    base = dtA.detach().to(torch.complex128) * stride
-    turn = 2 * math.pi
-    a, b = base.real.to(real), (base.imag - turn * torch.round(base.imag / turn)).to(real)
     k = torch.arange(count, device=dtA.device, dtype=real).unsqueeze(-1)  # (count, 1)
-    decay = torch.exp_((a.unsqueeze(-2) * k).clamp_min_(math.log(torch.finfo(real).tiny) / 4))
-    angle = b.unsqueeze(-2) * k
+    return exp_multiples((dtA.detach().to(torch.complex128) * stride).unsqueeze(-2), k, real)
+
+
+def exp_multiples(step: torch.Tensor, k: torch.Tensor, real: torch.dtype) -> torch.Tensor:
+    """exp(step k) complex in `real`'s precision, step complex128 and k real broadcast against each other (the
+    caller's shapes pick the layout), with ``_powers``' phase reduction and decay floor."""
+    turn = 2 * math.pi
+    a, b = step.real.to(real), (step.imag - turn * torch.round(step.imag / turn)).to(real)
+    decay = torch.exp_((a * k).clamp_min_(math.log(torch.finfo(real).tiny) / 4))
+    angle = b * k
     return torch.complex(decay * torch.cos(angle), decay * torch.sin(angle))
 
 
